@@ -1,0 +1,120 @@
+"""Architecture hyperparameters and the named presets of every Gemma text model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+AttentionKind = Literal["global", "local"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    """Static description of one Gemma architecture (hashable, so usable as a static field)."""
+
+    name: str
+    num_layers: int
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    vocab_size: int
+    attention_kinds: tuple[AttentionKind, ...]
+    query_pre_attn_scalar: float
+    sliding_window: int | None = None
+    local_rope_base: float = 10_000.0
+    global_rope_base: float = 10_000.0
+    global_rope_scale: float = 1.0
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    use_qk_norm: bool = False
+    use_post_norms: bool = False
+    # Kaggle checkpoints store the gating weight as (2, F, D) for Gemma 2 9B/27B and Gemma 3.
+    checkpoint_gating_transposed: bool = False
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if len(self.attention_kinds) != self.num_layers:
+            raise ValueError(
+                f"config {self.name!r}: attention_kinds has {len(self.attention_kinds)} entries "
+                f"for {self.num_layers} layers"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"config {self.name!r}: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if "local" in self.attention_kinds and not self.sliding_window:
+            raise ValueError(f"config {self.name!r}: local layers need a sliding_window")
+
+    @property
+    def query_scale(self) -> float:
+        return self.query_pre_attn_scalar**-0.5
+
+    def replace(self, **changes) -> GemmaConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def gemma2_pattern(num_layers: int) -> tuple[AttentionKind, ...]:
+    """Gemma 2: local and global alternate, starting with local at layer 0."""
+    return tuple("local" if i % 2 == 0 else "global" for i in range(num_layers))
+
+
+def gemma3_pattern(num_layers: int) -> tuple[AttentionKind, ...]:
+    """Gemma 3: five local layers, then one global (layers 5, 11, 17, ... are global)."""
+    return tuple("global" if (i + 1) % 6 == 0 else "local" for i in range(num_layers))
+
+
+def _gemma1(name, layers, d, n, k, f) -> GemmaConfig:
+    return GemmaConfig(
+        name=name, num_layers=layers, embed_dim=d, num_heads=n, num_kv_heads=k, head_dim=256,
+        hidden_dim=f, vocab_size=256_128, attention_kinds=("global",) * layers,
+        query_pre_attn_scalar=256.0,
+    )
+
+
+def _gemma2(name, layers, d, n, k, h, f, scalar, transposed) -> GemmaConfig:
+    return GemmaConfig(
+        name=name, num_layers=layers, embed_dim=d, num_heads=n, num_kv_heads=k, head_dim=h,
+        hidden_dim=f, vocab_size=256_128, attention_kinds=gemma2_pattern(layers),
+        query_pre_attn_scalar=float(scalar), sliding_window=4096, attn_logit_softcap=50.0,
+        final_logit_softcap=30.0, use_post_norms=True, checkpoint_gating_transposed=transposed,
+    )
+
+
+def _gemma3(name, layers, d, n, k, h, f, scalar, window, rope_scale) -> GemmaConfig:
+    return GemmaConfig(
+        name=name, num_layers=layers, embed_dim=d, num_heads=n, num_kv_heads=k, head_dim=h,
+        hidden_dim=f, vocab_size=262_144, attention_kinds=gemma3_pattern(layers),
+        query_pre_attn_scalar=float(scalar), sliding_window=window, local_rope_base=10_000.0,
+        global_rope_base=1_000_000.0, global_rope_scale=float(rope_scale), use_qk_norm=True,
+        use_post_norms=True, checkpoint_gating_transposed=True,
+    )
+
+
+PRESETS: dict[str, GemmaConfig] = {
+    c.name: c
+    for c in [
+        _gemma1("gemma-2b", 18, 2048, 8, 1, 16_384),
+        _gemma1("gemma-7b", 28, 3072, 16, 16, 24_576),
+        _gemma2("gemma2-2b", 26, 2304, 8, 4, 256, 9216, 256, False),
+        _gemma2("gemma2-9b", 42, 3584, 16, 8, 256, 14_336, 256, True),
+        _gemma2("gemma2-27b", 46, 4608, 32, 16, 128, 36_864, 4608 // 32, True),
+        _gemma3("gemma3-270m", 18, 640, 4, 1, 256, 2048, 256, 512, 1.0),
+        _gemma3("gemma3-1b", 26, 1152, 4, 1, 256, 6912, 256, 512, 1.0),
+        _gemma3("gemma3-4b", 34, 2560, 8, 4, 256, 10_240, 256, 1024, 8.0),
+        _gemma3("gemma3-12b", 48, 3840, 16, 8, 256, 15_360, 256, 1024, 8.0),
+        _gemma3("gemma3-27b", 62, 5376, 32, 16, 128, 21_504, 5376 // 32, 1024, 8.0),
+    ]
+}
+
+
+def get_preset(name: str) -> GemmaConfig:
+    """The named preset; raises a ValueError listing the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown Gemma preset {name!r}; known presets: {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,384 @@
+"""The Gemma model family as Equinox modules.
+
+Weights keep the parameter dtype they were created or loaded with; every computation runs in
+the activation dtype of the transformer (weights are cast on use), so bf16 weights can be run
+with float32 activations for analysis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
+
+from .config import GemmaConfig
+
+# Large negative instead of -inf, so a row with every key masked (a pad query) stays finite.
+_MASKED_LOGIT = -2.3819763e38
+
+
+def _normal(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, dtype: DTypeLike) -> Array:
+    return (jax.random.normal(key, shape, jnp.float32) * fan_in**-0.5).astype(dtype)
+
+
+class RMSNorm(eqx.Module):
+    """`x * rsqrt(mean(x^2) + eps) * (1 + scale)` over the last axis; `scale` is stored raw."""
+
+    scale: Float[Array, " dim"]
+    eps: float = eqx.field(static=True, default=1e-6)
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + self.scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(eqx.Module):
+    """Token embedding, scaled by sqrt(embed) on the way in, tied unembedding on the way out."""
+
+    embedding: Float[Array, "vocab embed"]
+
+    def encode(
+        self, tokens: Int[Array, "batch seq"], dtype: DTypeLike
+    ) -> Float[Array, "batch seq embed"]:
+        # As in the official code: sqrt(D) is rounded to the parameter dtype first.
+        normalizer = jnp.asarray(math.sqrt(self.embedding.shape[1]), self.embedding.dtype)
+        return self.embedding[tokens].astype(dtype) * normalizer.astype(dtype)
+
+    def decode(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq vocab"]:
+        return jnp.einsum("bsd,vd->bsv", x, self.embedding.astype(x.dtype))
+
+
+def apply_rope(
+    x: Float[Array, "batch seq heads head_dim"],
+    positions: Int[Array, "batch seq"],
+    base: float,
+    scale: float = 1.0,
+) -> Float[Array, "batch seq heads head_dim"]:
+    """Rotary embedding, split-half: the first half of each head rotates against the second."""
+    half = x.shape[-1] // 2
+    timescale = base ** (2 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1])
+    angles = positions.astype(jnp.float32)[..., None, None] / scale / timescale
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x32 = x.astype(jnp.float32)
+    first, second = x32[..., :half], x32[..., half:]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class PatternHook(eqx.Module):
+    """What an attention layer does with its weights after the softmax.
+
+    The default passes them through and records nothing; `interp` swaps in hooks that record,
+    override or knock out heads. Returns the (possibly new) weights and an auxiliary record.
+    """
+
+    def __call__(
+        self,
+        weights: Float[Array, "batch heads query key"],
+        query_positions: Int[Array, "batch query"],
+        key_positions: Int[Array, "batch key"],
+        key_valid: Bool[Array, "batch key"],
+    ) -> tuple[Float[Array, "batch heads query key"], Any]:
+        return weights, None
+
+
+class LayerCache(eqx.Module):
+    """Keys and values of one attention layer for generation, with their positions."""
+
+    keys: Float[Array, "batch cache kv_heads head_dim"]
+    values: Float[Array, "batch cache kv_heads head_dim"]
+    positions: Int[Array, "batch cache"]
+    valid: Bool[Array, "batch cache"]
+
+
+class Attention(eqx.Module):
+    """Multi-head / multi-query / grouped-query attention with RoPE, QK-norm, soft-cap, window."""
+
+    w_q: Float[Array, "heads embed head_dim"]
+    w_k: Float[Array, "kv_heads embed head_dim"]
+    w_v: Float[Array, "kv_heads embed head_dim"]
+    w_o: Float[Array, "heads head_dim embed"]
+    query_norm: RMSNorm | None
+    key_norm: RMSNorm | None
+    hook: PatternHook
+    query_scale: float = eqx.field(static=True)
+    rope_base: float = eqx.field(static=True)
+    rope_scale: float = eqx.field(static=True)
+    sliding_window: int | None = eqx.field(static=True)
+    logit_softcap: float | None = eqx.field(static=True)
+
+    def __init__(self, config: GemmaConfig, layer: int, *, key: PRNGKeyArray, dtype: DTypeLike):
+        n, k, d, h = config.num_heads, config.num_kv_heads, config.embed_dim, config.head_dim
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        self.w_q = _normal(kq, (n, d, h), d, dtype)
+        self.w_k = _normal(kk, (k, d, h), d, dtype)
+        self.w_v = _normal(kv, (k, d, h), d, dtype)
+        self.w_o = _normal(ko, (n, h, d), n * h, dtype)
+        if config.use_qk_norm:
+            self.query_norm = RMSNorm(jnp.zeros((h,), dtype), config.norm_eps)
+            self.key_norm = RMSNorm(jnp.zeros((h,), dtype), config.norm_eps)
+        else:
+            self.query_norm = self.key_norm = None
+        self.hook = PatternHook()
+        self.query_scale = config.query_scale
+        is_local = config.attention_kinds[layer] == "local"
+        self.rope_base = config.local_rope_base if is_local else config.global_rope_base
+        self.rope_scale = 1.0 if is_local else config.global_rope_scale
+        self.sliding_window = config.sliding_window if is_local else None
+        self.logit_softcap = config.attn_logit_softcap
+
+    @property
+    def num_heads(self) -> int:
+        return self.w_q.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.w_k.shape[0]
+
+    def project_kv(
+        self, x: Float[Array, "batch seq embed"], positions: Int[Array, "batch seq"]
+    ) -> tuple[Float[Array, "batch seq kv_heads head_dim"], Float[Array, "batch seq kv_heads head_dim"]]:  # noqa: E501
+        keys = jnp.einsum("bsd,kdh->bskh", x, self.w_k.astype(x.dtype))
+        values = jnp.einsum("bsd,kdh->bskh", x, self.w_v.astype(x.dtype))
+        if self.key_norm is not None:
+            keys = self.key_norm(keys)
+        return apply_rope(keys, positions, self.rope_base, self.rope_scale), values
+
+    def mask(
+        self,
+        query_positions: Int[Array, "batch query"],
+        key_positions: Int[Array, "batch key"],
+        key_valid: Bool[Array, "batch key"],
+    ) -> Bool[Array, "batch query key"]:
+        """Which keys each query may read: valid, causal by position, inside the window."""
+        delta = query_positions[:, :, None] - key_positions[:, None, :]
+        allowed = (delta >= 0) & key_valid[:, None, :]
+        if self.sliding_window is not None:
+            allowed &= delta < self.sliding_window
+        return allowed
+
+    def __call__(
+        self,
+        x: Float[Array, "batch query embed"],
+        positions: Int[Array, "batch query"],
+        valid: Bool[Array, "batch query"],
+        cache: LayerCache | None = None,
+        cache_index: Int[Array, ""] | None = None,
+    ) -> tuple[Float[Array, "batch query embed"], Any, LayerCache | None]:
+        """Attend over `x` itself, or over the cache after writing `x`'s keys at `cache_index`."""
+        queries = jnp.einsum("bsd,ndh->bsnh", x, self.w_q.astype(x.dtype))
+        if self.query_norm is not None:
+            queries = self.query_norm(queries)
+        queries = apply_rope(queries, positions, self.rope_base, self.rope_scale) * jnp.asarray(
+            self.query_scale, x.dtype
+        )
+        keys, values = self.project_kv(x, positions)
+        key_positions, key_valid = positions, valid
+        if cache is not None:
+            write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                buf, new.astype(buf.dtype), cache_index, axis=1
+            )
+            cache = LayerCache(
+                write(cache.keys, keys),
+                write(cache.values, values),
+                write(cache.positions, positions),
+                write(cache.valid, valid),
+            )
+            keys, values = cache.keys.astype(x.dtype), cache.values.astype(x.dtype)
+            key_positions, key_valid = cache.positions, cache.valid
+
+        b, s, n, h = queries.shape
+        kv = self.num_kv_heads
+        grouped = queries.reshape(b, s, kv, n // kv, h)
+        logits = jnp.einsum("bskgh,btkh->bkgst", grouped, keys).reshape(b, n, s, keys.shape[1])
+        if self.logit_softcap is not None:
+            logits = jnp.tanh(logits / self.logit_softcap) * self.logit_softcap
+        allowed = self.mask(positions, key_positions, key_valid)
+        logits = jnp.where(allowed[:, None], logits.astype(jnp.float32), _MASKED_LOGIT)
+        weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+        weights, record = self.hook(weights, positions, key_positions, key_valid)
+
+        grouped_weights = weights.reshape(b, kv, n // kv, s, keys.shape[1])
+        heads = jnp.einsum("bkgst,btkh->bskgh", grouped_weights, values).reshape(b, s, n, h)
+        out = jnp.einsum("bsnh,nhd->bsd", heads, self.w_o.astype(x.dtype))
+        return out, record, cache
+
+
+class MLP(eqx.Module):
+    """GeGLU: `gelu_tanh(x @ W_gate[0]) * (x @ W_gate[1]) @ W_linear`."""
+
+    w_gating: Float[Array, "2 embed mlp"]
+    w_linear: Float[Array, "mlp embed"]
+
+    def __init__(self, config: GemmaConfig, *, key: PRNGKeyArray, dtype: DTypeLike):
+        d, f = config.embed_dim, config.hidden_dim
+        kg, kl = jax.random.split(key)
+        self.w_gating = _normal(kg, (2, d, f), d, dtype)
+        self.w_linear = _normal(kl, (f, d), f, dtype)
+
+    def __call__(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq embed"]:
+        w = self.w_gating.astype(x.dtype)
+        gate = jnp.einsum("bsd,df->bsf", x, w[0])
+        up = jnp.einsum("bsd,df->bsf", x, w[1])
+        return jnp.einsum("bsf,fd->bsd", jax.nn.gelu(gate, approximate=True) * up,
+                          self.w_linear.astype(x.dtype))
+
+
+class Block(eqx.Module):
+    """Pre-norm residual block; Gemma 2 and 3 also normalise each sublayer's output."""
+
+    pre_attention_norm: RMSNorm
+    attn: Attention
+    post_attention_norm: RMSNorm | None
+    pre_ffw_norm: RMSNorm
+    mlp: MLP
+    post_ffw_norm: RMSNorm | None
+
+    def __init__(self, config: GemmaConfig, layer: int, *, key: PRNGKeyArray, dtype: DTypeLike):
+        ka, km = jax.random.split(key)
+        norm = lambda: RMSNorm(jnp.zeros((config.embed_dim,), dtype), config.norm_eps)  # noqa: E731
+        self.pre_attention_norm = norm()
+        self.attn = Attention(config, layer, key=ka, dtype=dtype)
+        self.post_attention_norm = norm() if config.use_post_norms else None
+        self.pre_ffw_norm = norm()
+        self.mlp = MLP(config, key=km, dtype=dtype)
+        self.post_ffw_norm = norm() if config.use_post_norms else None
+
+    def __call__(
+        self,
+        x: Float[Array, "batch seq embed"],
+        positions: Int[Array, "batch seq"],
+        valid: Bool[Array, "batch seq"],
+        cache: LayerCache | None = None,
+        cache_index: Int[Array, ""] | None = None,
+    ) -> tuple[Float[Array, "batch seq embed"], Any, LayerCache | None]:
+        attended, record, cache = self.attn(
+            self.pre_attention_norm(x), positions, valid, cache, cache_index
+        )
+        if self.post_attention_norm is not None:
+            attended = self.post_attention_norm(attended)
+        x = x + attended
+        update = self.mlp(self.pre_ffw_norm(x))
+        if self.post_ffw_norm is not None:
+            update = self.post_ffw_norm(update)
+        return x + update, record, cache
+
+
+class ForwardOutput(NamedTuple):
+    logits: Float[Array, "batch seq vocab"]
+    records: tuple[Any, ...]  # one entry per layer: what that layer's PatternHook recorded
+    cache: tuple[LayerCache, ...] | None
+
+
+def _check_tokens(tokens: Any, vocab_size: int) -> None:
+    if not hasattr(tokens, "ndim") or tokens.ndim != 2:
+        raise ValueError(
+            f"tokens must be a 2-D integer array [batch, seq]; got "
+            f"{'shape ' + str(tuple(tokens.shape)) if hasattr(tokens, 'shape') else type(tokens)}"
+        )
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must have an integer dtype; got {tokens.dtype}")
+    if not isinstance(tokens, jax.core.Tracer):
+        host = np.asarray(tokens)
+        bad = np.argwhere((host < 0) | (host >= vocab_size))
+        if bad.size:
+            b, s = bad[0]
+            raise ValueError(
+                f"token id {int(host[b, s])} at [batch {b}, position {s}] is outside the "
+                f"vocabulary [0, {vocab_size})"
+            )
+
+
+class Transformer(eqx.Module):
+    """A Gemma decoder: `model(tokens)` maps `[batch, seq]` token ids to `[batch, seq, vocab]`."""
+
+    config: GemmaConfig = eqx.field(static=True)
+    embedder: Embedder
+    blocks: tuple[Block, ...]
+    final_norm: RMSNorm
+    activation_dtype: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        config: GemmaConfig,
+        *,
+        key: PRNGKeyArray,
+        dtype: DTypeLike = jnp.float32,
+        activation_dtype: DTypeLike | None = None,
+    ):
+        """Randomly initialised weights in `dtype`; activations default to the same dtype."""
+        ke, *kb = jax.random.split(key, config.num_layers + 1)
+        self.config = config
+        self.embedder = Embedder(
+            _normal(ke, (config.vocab_size, config.embed_dim), config.embed_dim, dtype)
+        )
+        self.blocks = tuple(
+            Block(config, i, key=k, dtype=dtype) for i, k in enumerate(kb)
+        )
+        self.final_norm = RMSNorm(jnp.zeros((config.embed_dim,), dtype), config.norm_eps)
+        self.activation_dtype = jnp.dtype(activation_dtype or dtype)
+
+    def with_activation_dtype(self, dtype: DTypeLike) -> Transformer:
+        """The same weights (shared, not copied), computing in `dtype`."""
+        return eqx.tree_at(lambda m: m.activation_dtype, self, jnp.dtype(dtype))
+
+    def forward(
+        self,
+        tokens: Int[Array, "batch seq"],
+        *,
+        positions: Int[Array, "batch seq"] | None = None,
+        padding_mask: Bool[Array, "batch seq"] | None = None,
+        cache: tuple[LayerCache, ...] | None = None,
+        cache_index: Int[Array, ""] | None = None,
+    ) -> ForwardOutput:
+        """Logits, each layer's hook record and the updated cache.
+
+        `padding_mask` marks real tokens (True) against padding; without `positions`, positions
+        count real tokens only, so a left-padded sequence gets the positions it has unpadded.
+        """
+        _check_tokens(tokens, self.config.vocab_size)
+        if not isinstance(tokens, jax.core.Tracer):
+            tokens = jnp.asarray(tokens)
+        else:
+            tokens = eqx.error_if(
+                tokens,
+                (tokens < 0) | (tokens >= self.config.vocab_size),
+                f"a token id is outside the vocabulary [0, {self.config.vocab_size})",
+            )
+        if padding_mask is None:
+            padding_mask = jnp.ones(tokens.shape, bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(padding_mask, axis=1) - 1, 0)
+        x = self.embedder.encode(tokens, self.activation_dtype)
+        records, new_cache = [], []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache[i]
+            x, record, layer_cache = block(x, positions, padding_mask, layer_cache, cache_index)
+            records.append(record)
+            new_cache.append(layer_cache)
+        logits = self.embedder.decode(self.final_norm(x))
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return ForwardOutput(logits, tuple(records), None if cache is None else tuple(new_cache))
+
+    def __call__(
+        self,
+        tokens: Int[Array, "batch seq"],
+        *,
+        positions: Int[Array, "batch seq"] | None = None,
+        padding_mask: Bool[Array, "batch seq"] | None = None,
+    ) -> Float[Array, "batch seq vocab"]:
+        return self.forward(tokens, positions=positions, padding_mask=padding_mask).logits
+
+
+def count_params(model: Transformer) -> int:
+    """Number of parameters; works on abstract models from `eqx.filter_eval_shape` too."""
+    leaves = [x for x in jax.tree_util.tree_leaves(model) if hasattr(x, "shape")]
+    return int(sum(np.prod(x.shape) for x in leaves))
