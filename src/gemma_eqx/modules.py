@@ -7,6 +7,7 @@ with float32 activations for analysis.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, NamedTuple
 
@@ -22,6 +23,12 @@ from .config import GemmaConfig
 _MASKED_LOGIT = -2.3819763e38
 
 
+def _at_least_f32(x: Array) -> Array:
+    """`x` in float32, or kept in float64: precision-sensitive steps never run below float32
+    and never throw away the extra bits of a float64 model."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _normal(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, dtype: DTypeLike) -> Array:
     return (jax.random.normal(key, shape, jnp.float32) * fan_in**-0.5).astype(dtype)
 
@@ -33,9 +40,9 @@ class RMSNorm(eqx.Module):
     eps: float = eqx.field(static=True, default=1e-6)
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
-        x32 = x.astype(jnp.float32)
+        x32 = _at_least_f32(x)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (1.0 + self.scale.astype(jnp.float32))).astype(x.dtype)
+        return (normed * (1.0 + self.scale.astype(x32.dtype))).astype(x.dtype)
 
 
 class Embedder(eqx.Module):
@@ -62,10 +69,10 @@ def apply_rope(
 ) -> Float[Array, "batch seq heads head_dim"]:
     """Rotary embedding, split-half: the first half of each head rotates against the second."""
     half = x.shape[-1] // 2
-    timescale = base ** (2 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1])
-    angles = positions.astype(jnp.float32)[..., None, None] / scale / timescale
+    x32 = _at_least_f32(x)
+    timescale = base ** (2 * jnp.arange(half, dtype=x32.dtype) / x.shape[-1])
+    angles = positions.astype(x32.dtype)[..., None, None] / scale / timescale
     sin, cos = jnp.sin(angles), jnp.cos(angles)
-    x32 = x.astype(jnp.float32)
     first, second = x32[..., :half], x32[..., half:]
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -200,7 +207,7 @@ class Attention(eqx.Module):
         if self.logit_softcap is not None:
             logits = jnp.tanh(logits / self.logit_softcap) * self.logit_softcap
         allowed = self.mask(positions, key_positions, key_valid)
-        logits = jnp.where(allowed[:, None], logits.astype(jnp.float32), _MASKED_LOGIT)
+        logits = jnp.where(allowed[:, None], _at_least_f32(logits), _MASKED_LOGIT)
         weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
         weights, record = self.hook(weights, positions, key_positions, key_valid)
 
@@ -326,7 +333,9 @@ class Transformer(eqx.Module):
 
     def with_activation_dtype(self, dtype: DTypeLike) -> Transformer:
         """The same weights (shared, not copied), computing in `dtype`."""
-        return eqx.tree_at(lambda m: m.activation_dtype, self, jnp.dtype(dtype))
+        model = copy.copy(self)  # a static field: tree_at cannot replace it
+        object.__setattr__(model, "activation_dtype", jnp.dtype(dtype))
+        return model
 
     def forward(
         self,

@@ -1,0 +1,100 @@
+"""Logical axes of every parameter, and rule tables that map them onto a device mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .weights import map_leaves_with_path
+
+LogicalAxes = tuple[str | None, ...]
+
+# The last two components of a leaf's path name its logical axes.
+_AXES_BY_NAME: dict[str, LogicalAxes] = {
+    "embedding": ("vocab", "embed"),
+    "query_norm.scale": ("head_dim",),
+    "key_norm.scale": ("head_dim",),
+    "scale": ("embed",),
+    "w_q": ("heads", "embed", "head_dim"),
+    "w_k": ("kv_heads", "embed", "head_dim"),
+    "w_v": ("kv_heads", "embed", "head_dim"),
+    "w_o": ("heads", "head_dim", "embed"),
+    "w_gating": (None, "embed", "mlp"),
+    "w_linear": ("mlp", "embed"),
+}
+
+
+def logical_axes(path: str, ndim: int) -> LogicalAxes:
+    """Logical axis names of the leaf at `path` (e.g. `blocks.0.attn.w_q`); unknown leaves,
+    such as intervention masks, get no names and so stay replicated."""
+    parts = path.split(".")
+    for name in (".".join(parts[-2:]), parts[-1]):
+        axes = _AXES_BY_NAME.get(name)
+        if axes is not None and len(axes) == ndim:
+            return axes
+    return (None,) * ndim
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Which mesh axis each logical axis is split over.
+
+    `axes` maps logical axis names to mesh axis names. `last_axis`, if set, instead splits
+    every leaf over its last axis on that mesh axis (Penzai's Gemma tutorial does this).
+    An axis whose size the mesh axis does not divide stays whole (replicated).
+    """
+
+    axes: tuple[tuple[str, str | None], ...] = ()
+    last_axis: str | None = None
+
+    def spec(self, axes: LogicalAxes, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+        if self.last_axis is not None:
+            names: list[str | None] = [None] * len(shape)
+            if shape and shape[-1] % mesh.shape[self.last_axis] == 0:
+                names[-1] = self.last_axis
+            return PartitionSpec(*names)
+        table, used, names = dict(self.axes), set(), []
+        for axis, size in zip(axes, shape, strict=True):
+            mesh_axis = table.get(axis) if axis is not None else None
+            if mesh_axis is None or mesh_axis in used or size % mesh.shape[mesh_axis]:
+                names.append(None)
+            else:
+                names.append(mesh_axis)
+                used.add(mesh_axis)
+        return PartitionSpec(*names)
+
+
+DEFAULT_RULES = ShardingRules(
+    axes=(("vocab", "model"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"))
+)
+LAST_AXIS_RULES = ShardingRules(last_axis="model")
+
+
+def default_mesh(devices: Any = None) -> Mesh:
+    """A one-axis `("model",)` mesh over all local devices (or the given ones)."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), ("model",))
+
+
+def leaf_sharding(
+    path: str, shape: tuple[int, ...], mesh: Mesh, rules: ShardingRules | None = None
+) -> NamedSharding:
+    """The sharding of the leaf at `path` under `rules` (default: `DEFAULT_RULES`)."""
+    rules = DEFAULT_RULES if rules is None else rules
+    return NamedSharding(mesh, rules.spec(logical_axes(path, len(shape)), tuple(shape), mesh))
+
+
+def model_shardings(model: Any, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
+    """A pytree like `model` (concrete or abstract) with a `NamedSharding` at every leaf."""
+    return map_leaves_with_path(lambda p, x: leaf_sharding(p, x.shape, mesh, rules), model)
+
+
+def shard_model(model: Any, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
+    """Place every array leaf of an in-memory model in the sharding its rule names."""
+    return map_leaves_with_path(
+        lambda p, x: jax.device_put(x, leaf_sharding(p, x.shape, mesh, rules)), model
+    )
