@@ -218,7 +218,8 @@ def gguf_cache_entry(gguf_path: str | os.PathLike) -> Path:
         arrays = {p: jnp.asarray(a) for p, a in contents.arrays.items()}
         model = model_from_arrays(contents.config, arrays, source=str(gguf_path))
         save_checkpoint(model, staging / "checkpoint", dtype=None)
-        Tokenizer.from_gguf(gguf_path).save(staging / "tokenizer.model")
+        tokenizer = Tokenizer.from_gguf_metadata(contents.metadata, source=str(gguf_path))
+        tokenizer.save(staging / "tokenizer.model")
         manifest = {
             "format": _CACHE_FORMAT,
             "source": str(gguf_path),
