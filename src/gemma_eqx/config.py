@@ -33,6 +33,7 @@ class GemmaConfig:
     # Kaggle checkpoints store the gating weight as (2, F, D) for Gemma 2 9B/27B and Gemma 3.
     checkpoint_gating_transposed: bool = False
     norm_eps: float = 1e-6
+    context_length: int = 8192  # the longest sequence the model was trained for
 
     def __post_init__(self):
         if len(self.attention_kinds) != self.num_layers:
@@ -83,13 +84,13 @@ def _gemma2(name, layers, d, n, k, h, f, scalar, transposed) -> GemmaConfig:
     )
 
 
-def _gemma3(name, layers, d, n, k, h, f, scalar, window, rope_scale) -> GemmaConfig:
+def _gemma3(name, layers, d, n, k, h, f, scalar, window, rope_scale, context) -> GemmaConfig:
     return GemmaConfig(
         name=name, num_layers=layers, embed_dim=d, num_heads=n, num_kv_heads=k, head_dim=h,
         hidden_dim=f, vocab_size=262_144, attention_kinds=gemma3_pattern(layers),
         query_pre_attn_scalar=float(scalar), sliding_window=window, local_rope_base=10_000.0,
         global_rope_base=1_000_000.0, global_rope_scale=float(rope_scale), use_qk_norm=True,
-        use_post_norms=True, checkpoint_gating_transposed=True,
+        use_post_norms=True, checkpoint_gating_transposed=True, context_length=context,
     )
 
 
@@ -101,11 +102,11 @@ PRESETS: dict[str, GemmaConfig] = {
         _gemma2("gemma2-2b", 26, 2304, 8, 4, 256, 9216, 256, False),
         _gemma2("gemma2-9b", 42, 3584, 16, 8, 256, 14_336, 256, True),
         _gemma2("gemma2-27b", 46, 4608, 32, 16, 128, 36_864, 4608 // 32, True),
-        _gemma3("gemma3-270m", 18, 640, 4, 1, 256, 2048, 256, 512, 1.0),
-        _gemma3("gemma3-1b", 26, 1152, 4, 1, 256, 6912, 256, 512, 1.0),
-        _gemma3("gemma3-4b", 34, 2560, 8, 4, 256, 10_240, 256, 1024, 8.0),
-        _gemma3("gemma3-12b", 48, 3840, 16, 8, 256, 15_360, 256, 1024, 8.0),
-        _gemma3("gemma3-27b", 62, 5376, 32, 16, 128, 21_504, 5376 // 32, 1024, 8.0),
+        _gemma3("gemma3-270m", 18, 640, 4, 1, 256, 2048, 256, 512, 1.0, 32_768),
+        _gemma3("gemma3-1b", 26, 1152, 4, 1, 256, 6912, 256, 512, 1.0, 32_768),
+        _gemma3("gemma3-4b", 34, 2560, 8, 4, 256, 10_240, 256, 1024, 8.0, 131_072),
+        _gemma3("gemma3-12b", 48, 3840, 16, 8, 256, 15_360, 256, 1024, 8.0, 131_072),
+        _gemma3("gemma3-27b", 62, 5376, 32, 16, 128, 21_504, 5376 // 32, 1024, 8.0, 131_072),
     ]
 }
 

@@ -23,6 +23,7 @@ def config_from_hf(hf_config: Any, name: str = "hf") -> GemmaConfig:
         name=name, num_layers=layers, embed_dim=c.hidden_size, num_heads=c.num_attention_heads,
         num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_dim=c.intermediate_size,
         vocab_size=c.vocab_size, norm_eps=c.rms_norm_eps,
+        context_length=int(c.max_position_embeddings),
     )
     layer_types = getattr(c, "layer_types", None)
     if layer_types is not None:
