@@ -39,3 +39,16 @@ def gemma270m(gguf_path, gemma_cache):
     from gemma_eqx.pretrained import from_pretrained
 
     return from_pretrained(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def hf270m(gguf_path):
+    """Hugging Face transformers' own GGUF loading of the same file: float32, eager attention."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32,
+        attn_implementation="eager",
+    )
+    return model.eval()
