@@ -1,0 +1,58 @@
+"""Interpretability for `gemma_eqx` models: attention surgery and the induction-head study."""
+
+from .analyses import (
+    BreakingSet,
+    KnockoutResult,
+    RepetitionStats,
+    attribution_gradient,
+    correct_token_hits,
+    correct_token_logprobs,
+    digit_ids,
+    duplicate_token_pattern,
+    duplicate_token_scores,
+    expected_pattern_mass,
+    induction_pattern,
+    induction_scores,
+    knockout_eval,
+    knockout_sweep,
+    minimal_breaking_set,
+    previous_token_pattern,
+    previous_token_scores,
+    rank_heads,
+    repeated_digits,
+    repeated_random_tokens,
+    repetition_stats,
+    single_head_masks,
+)
+from .examples import Example, ExampleBatch, study_examples, tokenize_examples
+from .surgery import (
+    Compose,
+    KnockOut,
+    OverridePattern,
+    RecordPattern,
+    add_hooks,
+    attention_patterns,
+    bos_onehot,
+    clear_hooks,
+    forward_with_records,
+    knock_out,
+    knockout_mask,
+    override_attention,
+    record_attention,
+    select_layers,
+    set_hooks,
+    set_knockout_mask,
+)
+
+__all__ = [
+    "BreakingSet", "KnockoutResult", "RepetitionStats", "attribution_gradient",
+    "correct_token_hits", "correct_token_logprobs", "digit_ids", "duplicate_token_pattern",
+    "duplicate_token_scores", "expected_pattern_mass", "induction_pattern", "induction_scores",
+    "knockout_eval", "knockout_sweep", "minimal_breaking_set", "previous_token_pattern",
+    "previous_token_scores", "rank_heads", "repeated_digits", "repeated_random_tokens",
+    "repetition_stats", "single_head_masks",
+    "Example", "ExampleBatch", "study_examples", "tokenize_examples",
+    "Compose", "KnockOut", "OverridePattern", "RecordPattern", "add_hooks", "attention_patterns",
+    "bos_onehot", "clear_hooks", "forward_with_records", "knock_out", "knockout_mask",
+    "override_attention", "record_attention", "select_layers", "set_hooks", "set_knockout_mask",
+]

@@ -1,0 +1,88 @@
+"""`gemma-eqx induction`: run the induction-head study and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_induction_command(commands: Any) -> None:
+    cmd = commands.add_parser(
+        "induction", help="run the induction-head study and write a report",
+        description="Run the induction-head study (behaviour, attention, head scores, "
+        "knock-out, attribution, minimal head set) and write report.json, figures and "
+        "report.html into --out.",
+    )
+    cmd.add_argument("--model", default="gemma3-270m",
+                     help="preset name, Kaggle handle, .gguf file or checkpoint directory")
+    cmd.add_argument("--text", default=None, metavar="DIGITS",
+                     help="the digit string to repeat (default: random, see --period/--seed)")
+    cmd.add_argument("--period", type=int, default=20, help="length of random digit strings")
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--top", type=int, default=10, metavar="K", help="heads to knock out")
+    cmd.add_argument("--strings", type=int, default=8,
+                     help="how many digit strings to score (the first is shown)")
+    cmd.add_argument("--out", default="induction-report", metavar="DIR")
+    cmd.set_defaults(run=run_induction)
+
+
+def _check_out(out: Path) -> None:
+    """Fail before any work if the report could not be written there."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise PermissionError(f"--out {out} is not writable ({e.strerror or e})") from None
+
+
+def run_induction(args: argparse.Namespace) -> int:
+    from gemma_eqx.pretrained import from_pretrained
+
+    from .report import summary_rows, write_report
+    from .study import check_digits, run_study
+
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    if args.text is not None:
+        check_digits(args.text, 1 << 30)
+    if args.period < 2 or args.top < 1 or args.strings < 1:
+        raise ValueError("--period must be >= 2, --top and --strings >= 1")
+    out = Path(args.out)
+    _check_out(out)
+    say(f"loading {args.model}")
+    model, tokenizer = from_pretrained(args.model)
+    if args.text is not None:
+        check_digits(args.text, model.config.context_length)
+    result = run_study(
+        model, tokenizer, digits=args.text, period=args.period, seed=args.seed, top=args.top,
+        strings=args.strings, model_name=os.fspath(args.model), progress=say,
+    )
+    say("writing the report")
+    path = write_report(result, out)
+    rep = result.repetitions
+    print(f"\nInduction heads in {result.preset} ({args.model})")
+    print(f"  copying accuracy, repetition 1 -> 2: {rep['original']['accuracy'][0]:.2f} -> "
+          f"{rep['original']['accuracy'][1]:.2f}; top {args.top} heads knocked out: "
+          f"{rep['knocked']['accuracy'][1]:.2f}")
+    print("  top heads (layer, head, induction score): " + ", ".join(
+        f"({h['layer']}, {h['head']}, {h['score']:.2f})" for h in result.top_heads[:5]))
+    minimal = result.minimal_set
+    verdict = "broken" if minimal["broken"] else "not broken"
+    print(f"  smallest breaking set: {[tuple(h) for h in minimal['heads']]} "
+          f"(accuracy {minimal['accuracy']:.2f}, {verdict})")
+    print(f"  {'example':<20} {'original':>9} {'top out':>9} {'control':>9}")
+    for name, *cells in summary_rows(result):
+        print(f"  {name:<20} " + " ".join(f"{c:>9}" for c in cells))
+    print(f"  report: {path / 'report.html'}  ({time.perf_counter() - start:.1f}s in all)")
+    return 0

@@ -1,0 +1,239 @@
+"""The study's report: `report.json`, PNG figures and one self-contained `report.html`.
+
+`write_report` builds everything in a temporary sibling directory and renames it into place,
+so the output directory holds either a whole report or nothing new.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .study import StudyResult
+
+FIGURES = {
+    "attention_top_heads.png": "Attention patterns of the top induction heads on the first "
+    "sequence (rows: query token, columns: key token; grey cells are hidden by the causal "
+    "mask). An induction head lights up the diagonal stripe one token right of the earlier "
+    "occurrence of each query token.",
+    "induction_scores.png": "Induction score of every head (layers down, heads across): the "
+    "mean attention from the second repetition to the token after the earlier occurrence.",
+    "token_probabilities.png": "Probability of the correct next token at each position, for "
+    "the original model (top) and with the top heads knocked out (bottom); the dashed line "
+    "marks the start of the second repetition.",
+    "attribution.png": "Gradient of the mean correct-digit log-prob in the second repetition "
+    "with respect to each head's knock-out mask, at all heads on (left) and at the top heads "
+    "knocked out (right). Blue: removing the head hurts copying.",
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(piece: str) -> str:
+    return piece.replace("\u2581", " ") or "?"
+
+
+def plot_attention(result: StudyResult, path: Path) -> None:
+    plt = _plt()
+    heads = result.top_heads[: len(result.top_patterns)]
+    cols = min(3, len(heads))
+    rows = -(-len(heads) // cols)
+    seq = result.top_patterns.shape[-1]
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 5.0 * rows), squeeze=False)
+    labels = [_label(p) for p in result.token_pieces]
+    causal = np.triu(np.ones((seq, seq), bool), 1)
+    for ax, pattern, head in zip(axes.flat, result.top_patterns, heads, strict=False):
+        shown = np.ma.masked_array(pattern, causal)
+        cmap = plt.get_cmap("viridis").copy()
+        cmap.set_bad("#d0d0d0")
+        ax.imshow(shown, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"layer {head['layer']}, head {head['head']}  (score {head['score']:.2f})")
+        ax.set_xticks(range(seq), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(seq), labels, fontsize=6)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    for ax in list(axes.flat)[len(heads):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _heatmap(ax, values: np.ndarray, title: str, cmap: str, symmetric: bool, fig) -> None:
+    limit = float(np.abs(values).max()) or 1.0
+    im = ax.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest",
+                   vmin=-limit if symmetric else 0, vmax=limit)
+    ax.set_title(title)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_yticks(range(values.shape[0]))
+    fig.colorbar(im, ax=ax, shrink=0.85)
+
+
+def plot_scores(result: StudyResult, path: Path) -> None:
+    plt = _plt()
+    scores = np.asarray(result.induction_scores)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.6 * scores.shape[1], 1.5 + 0.3 * scores.shape[0]))
+    _heatmap(ax, scores, "induction score", "magma", False, fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_token_probabilities(result: StudyResult, path: Path) -> None:
+    plt = _plt()
+    probs = np.exp([result.logprobs[0], result.knocked_logprobs[0]])
+    targets = [_label(p) for p in result.token_pieces[1:]]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.32 * len(targets)), 2.8), sharex=True)
+    for ax, row, name in zip(axes, probs, ["original", "top heads knocked out"], strict=True):
+        ax.imshow(row[None], cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.axvline(result.period - 0.5, color="k", ls="--", lw=1)
+        ax.set_yticks([0], [name])
+        for i, p in enumerate(row):
+            ax.text(i, 0, f"{p:.2f}".lstrip("0"), ha="center", va="center", fontsize=5)
+    axes[-1].set_xticks(range(len(targets)), targets, fontsize=7)
+    axes[-1].set_xlabel("correct next token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_attribution(result: StudyResult, path: Path) -> None:
+    plt = _plt()
+    a, b = np.asarray(result.attribution_all_ones), np.asarray(result.attribution_knocked)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (2.0 + 0.6 * a.shape[1]), 1.5 + 0.3 * a.shape[0]))
+    _heatmap(axes[0], a, "gradient at all heads on", "RdBu", True, fig)
+    _heatmap(axes[1], b, "gradient at top heads knocked out", "RdBu", True, fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def summary_rows(result: StudyResult) -> list[list[str]]:
+    """Per example: accuracy original / top heads knocked out / control knocked out."""
+    return [
+        [row["name"], f"{row['original']['accuracy']:.2f}", f"{row['knocked']['accuracy']:.2f}",
+         f"{row['control']['accuracy']:.2f}"]
+        for row in result.knockout_examples
+    ]
+
+
+_CSS = """
+body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45;color:#222}
+table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #bbb;padding:.25em .6em;text-align:right}
+td:first-child,th:first-child{text-align:left}
+img{max-width:100%}
+figcaption{color:#555;font-size:.92em}
+code{background:#f2f2f2;padding:0 .2em}
+"""
+
+
+def render_html(result: StudyResult, directory: Path) -> str:
+    def img(name: str) -> str:
+        data = base64.b64encode((directory / name).read_bytes()).decode()
+        return (f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(FIGURES[name])}</figcaption></figure>")
+
+    rep = result.repetitions
+    top = ", ".join(f"({layer}, {head})" for layer, head in result.knocked_heads)
+    minimal = result.minimal_set
+    minimal_text = ", ".join(f"({layer}, {head})" for layer, head in minimal["heads"])
+    trail = [[s["step"], f"({s['layer']}, {s['head']})", f"{s['accuracy']:.2f}"]
+             for s in minimal["trail"]]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Induction heads in {html.escape(result.preset)}</title><style>{_CSS}</style></head><body>
+<h1>Induction heads in {html.escape(result.preset)}</h1>
+<p>Model <code>{html.escape(result.model_name)}</code> (preset {html.escape(result.preset)}) read
+BOS followed by {len(result.tokens)} random strings of {result.period} digits, each repeated twice
+(the first is shown below). An induction head, at a digit seen before, attends to the digit that
+followed its earlier occurrence and copies it.</p>
+<h2>1. Behaviour</h2>
+<p>Accuracy of the correct next digit: <b>{rep['original']['accuracy'][0]:.2f}</b> in the first
+repetition, <b>{rep['original']['accuracy'][1]:.2f}</b> in the second. With the top
+{len(result.knocked_heads)} induction heads knocked out (attention sent to BOS):
+{rep['knocked']['accuracy'][0]:.2f} and <b>{rep['knocked']['accuracy'][1]:.2f}</b>.</p>
+{img("token_probabilities.png")}
+<h2>2-3. Attention patterns and induction scores</h2>
+<p>Top heads by induction score (layer, head): {top}.</p>
+{img("induction_scores.png")}
+{img("attention_top_heads.png")}
+<h2>4. Knock-out on other examples</h2>
+<p>Accuracy on the scored (second-occurrence) tokens of each example, for the original model,
+with the top heads knocked out, and with as many lowest-ranked heads knocked out (control).</p>
+{_table(["example", "original", "top heads out", "control heads out"], summary_rows(result))}
+<h2>5. Attribution patching and the smallest breaking set</h2>
+{img("attribution.png")}
+<p>Smallest set found whose knock-out brings second-repetition accuracy to within 0.1 of chance
+({minimal['chance']:.1f}): <b>{minimal_text or "none"}</b> (accuracy {minimal['accuracy']:.2f},
+from {minimal['baseline']:.2f}; {"broken" if minimal['broken'] else "not broken"}).
+Search trail:</p>
+{_table(["step", "head", "accuracy"], trail)}
+<h2>Timings</h2>
+{_table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in result.timings.items()])}
+<p>The numbers behind every figure are in <code>report.json</code>.</p>
+<script>
+// Lets a headless browser confirm that every figure decoded (see the report's tests).
+window.addEventListener("load", () => {{
+  const images = [...document.images];
+  document.body.dataset.figuresLoaded = images.filter(i => i.naturalWidth > 0).length;
+  document.body.dataset.figures = images.length;
+}});
+</script>
+</body></html>
+"""
+
+
+def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
+    """Write report.json, the figures and report.html into `out` (replacing an older report
+    there); nothing partial is ever left at `out`."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as e:
+        raise PermissionError(f"cannot write the report to {out}: {e.strerror}") from None
+    try:
+        (staging / "report.json").write_text(json.dumps(result.to_json(), indent=1))
+        plot_attention(result, staging / "attention_top_heads.png")
+        plot_scores(result, staging / "induction_scores.png")
+        plot_token_probabilities(result, staging / "token_probabilities.png")
+        plot_attribution(result, staging / "attribution.png")
+        (staging / "report.html").write_text(render_html(result, staging))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=parent))
+            out.rename(old / "report")
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

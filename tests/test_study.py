@@ -1,0 +1,147 @@
+"""The study as a function and as `gemma-eqx induction`, on the real Gemma 3 270M."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_eqx.cli import main
+from interp import analyses
+from interp.examples import study_examples, tokenize_examples
+from interp.study import run_study
+from interp.surgery import attention_patterns, knockout_mask
+
+
+@pytest.fixture(scope="module")
+def study(gemma270m):
+    model, tokenizer = gemma270m
+    return run_study(model, tokenizer, model_name="gemma3-270m", seed=0)
+
+
+def test_study_finds_heads_whose_knockout_breaks_copying(study):
+    rep = study.repetitions
+    assert rep["original"]["accuracy"][1] > 0.8 > 0.3 > rep["original"]["accuracy"][0]
+    assert rep["knocked"]["accuracy"][1] < 0.35
+    assert study.minimal_set["broken"] and 1 <= len(study.minimal_set["heads"]) <= 10
+    assert study.minimal_set["accuracy"] <= study.minimal_set["chance"] + 0.1
+    digits = next(r for r in study.knockout_examples if r["name"] == "random digits")
+    assert digits["knocked"]["accuracy"] < digits["original"]["accuracy"] - 0.4
+    assert digits["control"]["accuracy"] > digits["original"]["accuracy"] - 0.15
+
+
+def test_study_numbers_equal_the_library_functions(study, gemma270m):
+    model, tokenizer = gemma270m
+    tokens = jnp.asarray(study.tokens)
+    period = study.period
+    patterns = attention_patterns(model, tokens)
+    np.testing.assert_allclose(
+        study.induction_scores, analyses.induction_scores(patterns, period), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        study.previous_token_scores, analyses.previous_token_scores(patterns), atol=1e-6
+    )
+    ranked = analyses.rank_heads(analyses.induction_scores(patterns, period))
+    assert [(h["layer"], h["head"]) for h in study.top_heads[:10]] == [
+        (layer, head) for layer, head, _ in ranked[:10]
+    ]
+    logits = model(tokens)
+    np.testing.assert_allclose(
+        study.logprobs, analyses.correct_token_logprobs(logits, tokens), atol=1e-5
+    )
+    batch = tokenize_examples(study_examples(0), tokenizer)
+    knocked = analyses.knockout_eval(model, batch.tokens, batch.padding_mask,
+                                     knockout_mask(model, study.knocked_heads), batch.eval_mask)
+    for i, row in enumerate(study.knockout_examples):
+        assert row["name"] == batch.names[i]
+        assert row["knocked"]["accuracy"] == pytest.approx(float(knocked.accuracy[i]), abs=1e-6)
+        assert row["knocked"]["logprob"] == pytest.approx(float(knocked.logprob[i]), abs=1e-5)
+    eval_mask = np.zeros(tokens.shape, bool)
+    eval_mask[:, period + 2:] = True
+    grad = analyses.attribution_gradient(model, tokens, jnp.asarray(eval_mask),
+                                         knockout_mask(model, study.knocked_heads))
+    np.testing.assert_allclose(study.attribution_knocked, grad, atol=1e-5)
+
+
+def test_command_writes_the_report(tmp_path, gemma270m, capsys):
+    out = tmp_path / "report"
+    code = main(["induction", "--model", "gemma3-270m", "--text", "01976954310149754605",
+                 "--out", str(out), "--strings", "4"])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert "smallest breaking set" in printed.out and "capturing attention" in printed.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["preset"] == "gemma3-270m" and report["period"] == 20
+    assert len(report["tokens"][0]) == 41
+    assert np.asarray(report["induction_scores"]).shape == (18, 4)
+    for key in ("top_heads", "knockout_examples", "attribution_all_ones", "minimal_set",
+                "timings", "repetitions", "knocked_logprobs"):
+        assert report[key], key
+    assert sorted(p.name for p in out.iterdir()) == [
+        "attention_top_heads.png", "attribution.png", "induction_scores.png", "report.html",
+        "report.json", "token_probabilities.png",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "gemma5-1t"], "gemma5-1t"),
+        (["--text", ""], "--text is empty"),
+        (["--text", "12a4"], "only the digits"),
+        (["--text", "7" * 20000], "more than the model's context of 32768"),
+    ],
+)
+def test_bad_arguments_exit_2_without_partial_report(tmp_path, gemma270m, capsys, args, message):
+    out = tmp_path / "report"
+    assert main(["induction", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_out_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["induction", "--out", str(blocker / "report")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    assert main(["induction", "--out", str(blocker)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _chromium() -> str | None:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") is None:
+        return None
+    # Debian's package; this machine may reach Debian's mirrors.
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        subprocess.run(command, capture_output=True, timeout=600, check=False,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return shutil.which("chromium")
+
+
+def test_html_renders_in_headless_chromium(tmp_path, study):
+    from interp.report import write_report
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Debian's chromium package is absent and could not be installed here")
+    out = write_report(study, tmp_path / "report")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=10000"]
+    dom = subprocess.run([*flags, "--dump-dom", (out / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert 'data-figures="4"' in dom and 'data-figures-loaded="4"' in dom, dom[-500:]
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,3000",
+                    (out / "report.html").as_uri()], capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 50_000
