@@ -13,7 +13,7 @@ from gemma_eqx.cli import main
 from interp import analyses
 from interp.examples import study_examples, tokenize_examples
 from interp.study import run_study
-from interp.surgery import attention_patterns, knockout_mask
+from interp.surgery import attention_patterns, forward_with_records, knockout_mask
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +48,21 @@ def test_study_numbers_equal_the_library_functions(study, gemma270m):
     assert [(h["layer"], h["head"]) for h in study.top_heads[:10]] == [
         (layer, head) for layer, head, _ in ranked[:10]
     ]
-    logits = model(tokens)
+    logits, _ = forward_with_records(model, tokens)
     np.testing.assert_allclose(
         study.logprobs, analyses.correct_token_logprobs(logits, tokens), atol=1e-5
     )
+    top_mask = knockout_mask(model, [tuple(h) for h in study.knocked_heads])
     batch = tokenize_examples(study_examples(0), tokenizer)
-    knocked = analyses.knockout_eval(model, batch.tokens, batch.padding_mask,
-                                     knockout_mask(model, study.knocked_heads), batch.eval_mask)
+    knocked = analyses.knockout_eval(model, batch.tokens, batch.padding_mask, top_mask,
+                                     batch.eval_mask)
     for i, row in enumerate(study.knockout_examples):
         assert row["name"] == batch.names[i]
         assert row["knocked"]["accuracy"] == pytest.approx(float(knocked.accuracy[i]), abs=1e-6)
         assert row["knocked"]["logprob"] == pytest.approx(float(knocked.logprob[i]), abs=1e-5)
     eval_mask = np.zeros(tokens.shape, bool)
     eval_mask[:, period + 2:] = True
-    grad = analyses.attribution_gradient(model, tokens, jnp.asarray(eval_mask),
-                                         knockout_mask(model, study.knocked_heads))
+    grad = analyses.attribution_gradient(model, tokens, jnp.asarray(eval_mask), top_mask)
     np.testing.assert_allclose(study.attribution_knocked, grad, atol=1e-5)
 
 

@@ -58,8 +58,7 @@ def plot_attention(result: StudyResult, path: Path) -> None:
     causal = np.triu(np.ones((seq, seq), bool), 1)
     for ax, pattern, head in zip(axes.flat, result.top_patterns, heads, strict=False):
         shown = np.ma.masked_array(pattern, causal)
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("#d0d0d0")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")
         ax.imshow(shown, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"layer {head['layer']}, head {head['head']}  (score {head['score']:.2f})")
         ax.set_xticks(range(seq), labels, rotation=90, fontsize=6)
@@ -184,7 +183,9 @@ repetition, <b>{rep['original']['accuracy'][1]:.2f}</b> in the second. With the 
 {img("attention_top_heads.png")}
 <h2>4. Knock-out on other examples</h2>
 <p>Accuracy on the scored (second-occurrence) tokens of each example, for the original model,
-with the top heads knocked out, and with as many lowest-ranked heads knocked out (control).</p>
+with the top heads knocked out, and with as many control heads knocked out: those scoring lowest
+on the induction, previous-token and duplicate-token patterns alike (the lowest induction scores
+alone include previous-token heads, the other half of the induction circuit).</p>
 {_table(["example", "original", "top heads out", "control heads out"], summary_rows(result))}
 <h2>5. Attribution patching and the smallest breaking set</h2>
 {img("attribution.png")}

@@ -2,8 +2,8 @@
 
 `run_study(model, tokenizer)` does what `gemma-eqx induction` reports: behaviour on repeated
 random digits, attention capture, head scores, knock-out of the top heads (and of as many
-bottom-ranked heads as a control) on the study's examples, attribution gradients at two mask
-points, and the smallest set of heads whose knock-out breaks copying.
+heads that score low on every pattern, as a control) on the study's examples, attribution
+gradients at two mask points, and the smallest set of heads whose knock-out breaks copying.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class StudyResult:
     duplicate_token_scores: list[list[float]]
     top_heads: list[dict[str, Any]]  # [{"layer", "head", "score"}] sorted by score
     knocked_heads: list[list[int]]  # the top `top` heads, knocked out together
-    control_heads: list[list[int]]  # as many lowest-ranked heads
+    control_heads: list[list[int]]  # as many heads scoring lowest on all three patterns
     knockout_examples: list[dict[str, Any]]  # per example: original / knocked / control
     attribution_all_ones: list[list[float]]
     attribution_knocked: list[list[float]]
@@ -99,7 +99,8 @@ def run_study(
 
     `digits` fixes the first string (its length sets the period); `strings` random strings in
     all are scored so head rankings and accuracies are not one sample's. Heads are ranked by
-    induction score; the top `top` are knocked out, and as many lowest-ranked as a control.
+    induction score; the top `top` are knocked out, and as a control as many heads that score
+    lowest on all three patterns (induction, previous-token, duplicate-token).
     """
     say = progress or (lambda _: None)
     timings: dict[str, float] = {}
@@ -134,13 +135,16 @@ def run_study(
     duplicate = analyses.duplicate_token_scores(patterns, period)
     ranked = analyses.rank_heads(induction)
     knocked = [(layer, head) for layer, head, _ in ranked[:top]]
-    control = [(layer, head) for layer, head, _ in ranked[-top:]]
+    # Control: the heads scoring lowest on every pattern. The lowest induction scores alone
+    # include previous-token heads, the other half of the induction circuit.
+    quiet = analyses.rank_heads(-jnp.maximum(jnp.maximum(induction, previous), duplicate))
+    control = [(layer, head) for layer, head, _ in quiet[:top]]
     shown = [(layer, head) for layer, head, _ in ranked[:shown_heads]]
     top_patterns = np.stack([np.asarray(patterns[layer, 0, head]) for layer, head in shown])
     del patterns
     lap("scores")
 
-    say(f"knocking out the top {top} heads (and {top} bottom-ranked heads as a control)")
+    say(f"knocking out the top {top} heads (and {top} low-scoring heads as a control)")
     knocked_model = knock_out(model, knockout_mask(model, knocked))
     knocked_logits, _ = forward_with_records(knocked_model, tokens)
     knocked_logprobs = analyses.correct_token_logprobs(knocked_logits, tokens)
