@@ -43,6 +43,19 @@ def _check_out(out: Path) -> None:
         raise PermissionError(f"--out {out} is not writable ({e.strerror or e})") from None
 
 
+def _enable_compilation_cache() -> None:
+    """Keep XLA's compiled programs next to the converted models, so a second run skips most
+    compilation (set GEMMA_EQX_NO_COMPILE_CACHE=1 to turn this off)."""
+    if os.environ.get("GEMMA_EQX_NO_COMPILE_CACHE"):
+        return
+    import jax
+
+    from gemma_eqx.pretrained import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run_induction(args: argparse.Namespace) -> int:
     from gemma_eqx.pretrained import from_pretrained
 
@@ -60,6 +73,7 @@ def run_induction(args: argparse.Namespace) -> int:
         raise ValueError("--period must be >= 2, --top and --strings >= 1")
     out = Path(args.out)
     _check_out(out)
+    _enable_compilation_cache()
     say(f"loading {args.model}")
     model, tokenizer = from_pretrained(args.model)
     if args.text is not None:

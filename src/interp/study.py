@@ -19,7 +19,7 @@ import numpy as np
 from gemma_eqx.modules import Transformer
 
 from . import analyses, examples
-from .surgery import attention_patterns, forward_with_records, knock_out, knockout_mask
+from .surgery import forward_with_records, knock_out, knockout_mask, record_attention
 
 Progress = Callable[[str], None]
 
@@ -123,8 +123,9 @@ def run_study(
     chance = 0.1  # ten digits
 
     say(f"capturing attention of {len(model.blocks)} layers on {strings} sequences of {seq}")
-    patterns = attention_patterns(model, tokens)  # [layers, batch, heads, q, k]
-    logits, _ = forward_with_records(model, tokens)
+    # One forward gives the logits and every layer's pattern [layers, batch, heads, q, k].
+    logits, records = forward_with_records(record_attention(model), tokens)
+    patterns = jnp.stack([records[i] for i in range(len(model.blocks))])
     logprobs = analyses.correct_token_logprobs(logits, tokens)
     original = analyses.repetition_stats(logprobs, logits, tokens, period, 2)
     lap("capture")
