@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+# The CLI keeps a persistent XLA cache; in-process CLI tests must not turn it on for the rest.
+os.environ["GEMMA_EQX_NO_COMPILE_CACHE"] = "1"
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
