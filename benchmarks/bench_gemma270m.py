@@ -53,12 +53,12 @@ def main() -> None:
 
     prompt = tokens[:, :32]
     new = args.new_tokens
-    t_gen = timed(lambda: generate(model, prompt, max_new_tokens=new), repeats=3)
+    t_gen = timed(lambda: generate(model, prompt, max_new_tokens=new), repeats=2)
     with torch.inference_mode():
         t_hf_gen = timed(lambda: hf.generate(
             torch.as_tensor(prompt, dtype=torch.long), do_sample=False, max_new_tokens=new,
             min_new_tokens=new, attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-        ), repeats=3)
+        ), repeats=2)
 
     n_fwd = args.batch * args.prompt_len
     n_gen = args.batch * new
