@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
-from .modules import LayerCache, Transformer
+from .modules import LayerCache, Transformer, check_tokens
 
 __all__ = [
     "init_cache",
@@ -266,13 +266,7 @@ def generate(
     if batch == 0 or seq == 0:
         raise ValueError(f"generate: empty prompt batch (tokens of shape {host_tokens.shape})")
     vocab = model.config.vocab_size
-    bad = np.argwhere((host_tokens < 0) | (host_tokens >= vocab))
-    if bad.size:
-        b, s = bad[0]
-        raise ValueError(
-            f"generate: token id {int(host_tokens[b, s])} at [batch {b}, position {s}] is "
-            f"outside the vocabulary [0, {vocab})"
-        )
+    check_tokens(host_tokens, vocab)
     if padding_mask is None:
         padding_mask = jnp.ones((batch, seq), bool)
     host_mask = _host_int_array("padding_mask", padding_mask)

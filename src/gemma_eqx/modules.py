@@ -283,7 +283,9 @@ class ForwardOutput(NamedTuple):
     cache: tuple[LayerCache, ...] | None
 
 
-def _check_tokens(tokens: Any, vocab_size: int) -> None:
+def check_tokens(tokens: Any, vocab_size: int) -> None:
+    """A clear error for tokens that are not `[batch, seq]` integer ids inside the vocabulary
+    (ids are checked when concrete; traced ids are checked by `eqx.error_if` in the model)."""
     if not hasattr(tokens, "ndim") or tokens.ndim != 2:
         raise ValueError(
             f"tokens must be a 2-D integer array [batch, seq]; got "
@@ -351,7 +353,7 @@ class Transformer(eqx.Module):
         `padding_mask` marks real tokens (True) against padding; without `positions`, positions
         count real tokens only, so a left-padded sequence gets the positions it has unpadded.
         """
-        _check_tokens(tokens, self.config.vocab_size)
+        check_tokens(tokens, self.config.vocab_size)
         if not isinstance(tokens, jax.core.Tracer):
             tokens = jnp.asarray(tokens)
         else:

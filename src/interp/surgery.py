@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from gemma_eqx.modules import Attention, PatternHook, Transformer
+from gemma_eqx.modules import Attention, PatternHook, Transformer, check_tokens
 
 LayerSelector = Sequence[int] | Callable[[int, Attention], bool] | None
 HeadSelector = Sequence[int] | None
@@ -343,9 +343,7 @@ def _forward(
 def _as_inputs(
     model: Transformer, tokens: Any, padding_mask: Any
 ) -> tuple[Int[Array, "batch seq"], Bool[Array, "batch seq"]]:
-    from gemma_eqx.modules import _check_tokens
-
-    _check_tokens(tokens, model.config.vocab_size)  # eagerly, with the position of a bad id
+    check_tokens(tokens, model.config.vocab_size)  # eagerly, with the position of a bad id
     tokens = jnp.asarray(tokens)
     if padding_mask is None:
         padding_mask = jnp.ones(tokens.shape, bool)
