@@ -36,12 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_generate)
-    try:
-        from interp.cli import add_induction_command
-    except ImportError:
-        pass
-    else:
-        add_induction_command(commands)
+    from interp.cli import add_induction_command  # interp ships in the same distribution
+
+    add_induction_command(commands)
     return parser
 
 
