@@ -416,3 +416,20 @@ def test_unknown_preset():
     with pytest.raises(ValueError, match=r"unknown Gemma preset 'gemma4-1b'.*gemma3-270m"):
         get_preset("gemma4-1b")
     assert get_preset("gemma3-270m") is gemma_eqx.PRESETS["gemma3-270m"]
+
+
+def test_logits_at_selected_positions_equal_the_full_logits():
+    import gemma_eqx
+
+    config = gemma_eqx.get_preset("gemma2-2b").replace(
+        num_layers=2, attention_kinds=("local", "global"), embed_dim=32, hidden_dim=64,
+        head_dim=16, num_heads=4, num_kv_heads=2, vocab_size=64, sliding_window=4,
+    )
+    model = gemma_eqx.Transformer(config, key=jax.random.key(3))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
+    at = jnp.asarray([[8, 0, 3], [5, 5, 1]], jnp.int32)
+    full = model.forward(tokens).logits
+    picked = model.forward(tokens, logits_at=at).logits
+    assert picked.shape == (2, 3, 64)
+    np.testing.assert_allclose(picked, jnp.take_along_axis(full, at[:, :, None], axis=1),
+                               atol=1e-6)

@@ -79,13 +79,13 @@ def _prefill(
     padding_mask: Bool[Array, "batch seq"],
     cache: tuple[LayerCache, ...],
 ) -> tuple[Float[Array, "batch vocab"], tuple[LayerCache, ...]]:
-    out = model.forward(
-        tokens, padding_mask=padding_mask, cache=cache, cache_index=jnp.zeros((), jnp.int32)
-    )
     # Each row predicts from its last real token, wherever the padding sits.
     last = tokens.shape[1] - 1 - jnp.argmax(padding_mask[:, ::-1], axis=1)
-    logits = out.logits[jnp.arange(tokens.shape[0]), last]
-    return logits.astype(jnp.float32), out.cache
+    out = model.forward(
+        tokens, padding_mask=padding_mask, cache=cache, cache_index=jnp.zeros((), jnp.int32),
+        logits_at=last[:, None],
+    )
+    return out.logits[:, 0].astype(jnp.float32), out.cache
 
 
 def prefill(

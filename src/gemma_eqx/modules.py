@@ -347,11 +347,14 @@ class Transformer(eqx.Module):
         padding_mask: Bool[Array, "batch seq"] | None = None,
         cache: tuple[LayerCache, ...] | None = None,
         cache_index: Int[Array, ""] | None = None,
+        logits_at: Int[Array, "batch k"] | None = None,
     ) -> ForwardOutput:
         """Logits, each layer's hook record and the updated cache.
 
         `padding_mask` marks real tokens (True) against padding; without `positions`, positions
         count real tokens only, so a left-padded sequence gets the positions it has unpadded.
+        `logits_at` (indices into seq) computes logits `[batch, k, vocab]` at those positions
+        only: the vocabulary projection is most of a small model's cost.
         """
         check_tokens(tokens, self.config.vocab_size)
         if not isinstance(tokens, jax.core.Tracer):
@@ -373,6 +376,8 @@ class Transformer(eqx.Module):
             x, record, layer_cache = block(x, positions, padding_mask, layer_cache, cache_index)
             records.append(record)
             new_cache.append(layer_cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         logits = self.embedder.decode(self.final_norm(x))
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
