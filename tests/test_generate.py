@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import equinox as eqx
 import jax
@@ -11,49 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_eqx.config import get_preset
+from factories import VOCAB, WINDOW, CharTokenizer, random_model
 from gemma_eqx.generate import decode_step, generate, generate_text, init_cache, prefill
-from gemma_eqx.modules import Transformer
 
-VOCAB, WINDOW = 128, 8
 SEQ, NEW = 12, 20  # prompt length and new tokens of most tests
-
-
-def tiny_config(family: str):
-    """Tiny random configs of each generation, small enough to compile in a second or two."""
-    shared = dict(
-        embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=16, hidden_dim=64, vocab_size=VOCAB,
-        query_pre_attn_scalar=16.0,
-    )
-    if family == "gemma1":
-        return get_preset("gemma-2b").replace(
-            name="tiny1", num_layers=2, attention_kinds=("global",) * 2, **shared
-        )
-    if family == "gemma2":
-        return get_preset("gemma2-2b").replace(
-            name="tiny2", num_layers=2, attention_kinds=("local", "global"),
-            sliding_window=WINDOW, **shared,
-        )
-    return get_preset("gemma3-270m").replace(
-        name="tiny3", num_layers=3, attention_kinds=("local", "local", "global"),
-        sliding_window=WINDOW, **shared,
-    )
-
-
-@functools.cache
-def random_model(family: str, seed: int = 0) -> Transformer:
-    """Random weights, norms included. With the default init the residual stream is all
-    embedding and greedy decoding repeats one token; a smaller embedding and random norm scales
-    make the output vary (checked where it matters)."""
-    model = Transformer(tiny_config(family), key=jax.random.key(seed))
-    model = eqx.tree_at(lambda m: m.embedder.embedding, model, 0.3 * model.embedder.embedding)
-    leaves, treedef = jax.tree_util.tree_flatten(model)
-    keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
-    leaves = [
-        x + jax.random.normal(k, x.shape, x.dtype) if x.ndim == 1 else x
-        for x, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 @eqx.filter_jit
@@ -274,35 +234,13 @@ def test_empty_prompts_raise():
     with pytest.raises(ValueError, match="empty"):
         generate(model, jnp.zeros((2, 0), jnp.int32), max_new_tokens=3)
     tokens, mask = padded_batch([4, 6])
-    with pytest.raises(ValueError, match="prompt 1 .* empty"):
+    with pytest.raises(ValueError, match="padding_mask row 1 marks no real token"):
         generate(model, tokens, mask.at[1].set(False), max_new_tokens=3)
     with pytest.raises(ValueError, match="token id 500"):
         generate(model, tokens.at[0, 3].set(500), mask, max_new_tokens=3)
 
 
 # --- text API --------------------------------------------------------------------------------
-
-
-class CharTokenizer:
-    """Stand-in with the Tokenizer interface: one token per ASCII character."""
-
-    bos_id, eos_id, pad_id = 2, 1, 0
-
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def encode_batch(self, texts, add_bos=True, pad_side="left"):
-        assert pad_side == "left"
-        rows = [[self.bos_id] * add_bos + self.encode(t) for t in texts]
-        s = max(map(len, rows))
-        tokens = np.full((len(rows), s), self.pad_id, np.int32)
-        mask = np.zeros((len(rows), s), bool)
-        for i, r in enumerate(rows):
-            tokens[i, s - len(r):], mask[i, s - len(r):] = r, True
-        return jnp.asarray(tokens), jnp.asarray(mask)
 
 
 def test_generate_text_decodes_up_to_eos():

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import equinox as eqx
 import gguf as gguf_pkg
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGUFReader
 
 import gemma_eqx.gguf as G
-from gemma_eqx.config import PRESETS, GemmaConfig, gemma2_pattern, gemma3_pattern
-from gemma_eqx.modules import Transformer
+from factories import gguf_config, random_arrays, write_tiny_gguf
+from gemma_eqx.config import PRESETS, GemmaConfig
 from gemma_eqx.tokenizer import Tokenizer
 from gemma_eqx.weights import leaf_paths
 
@@ -26,136 +25,14 @@ DIGITS = "01976954310149754605"
 # ----------------------------------------------------------------------------- tiny files
 
 
-def _tiny_config(arch: str) -> GemmaConfig:
-    """Small, but with head_dim 256 (transformers' default query scale for Gemma 2 and 3 GGUFs,
-    which carry none), six layers and a 4-token window so local and global layers differ."""
-    layers = 6
-    common = dict(
-        name="tiny", num_layers=layers, embed_dim=64, num_heads=2, num_kv_heads=1, head_dim=256,
-        hidden_dim=96, vocab_size=300, query_pre_attn_scalar=256.0,
-    )
-    if arch == "gemma":
-        return GemmaConfig(**common, attention_kinds=("global",) * layers)
-    if arch == "gemma2":
-        return GemmaConfig(
-            **common, attention_kinds=gemma2_pattern(layers), sliding_window=4,
-            attn_logit_softcap=50.0, final_logit_softcap=30.0, use_post_norms=True,
-        )
-    return GemmaConfig(
-        **common, attention_kinds=gemma3_pattern(layers), sliding_window=4,
-        global_rope_base=1_000_000.0, use_qk_norm=True, use_post_norms=True,
-        checkpoint_gating_transposed=True,
-    )
-
-
-def _tiny_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-like vocabulary: specials, the 256 byte pieces, then letters."""
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [3, 3, 3, 3] + [6] * 256
-    letters = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    while len(tokens) < size:
-        tokens.append(letters[(len(tokens) - 260) % len(letters)] * (1 + (len(tokens) - 260) // 27))
-        types.append(1)
-    scores = [-1000.0] * 4 + [0.0] * 256 + [-float(i) for i in range(size - 260)]
-    return tokens[:size], scores[:size], types[:size]
-
-
-def _gguf_tensors(config: GemmaConfig, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """llama.cpp's names and layouts for our arrays: norms hold 1 + scale, matrices [out, in]."""
-    n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.embed_dim
-    out = {"token_embd.weight": arrays["embedder.embedding"],
-           "output_norm.weight": arrays["final_norm.scale"] + 1}
-    norms = {"pre_attention_norm": "attn_norm", "pre_ffw_norm": "ffn_norm",
-             "post_attention_norm": "post_attention_norm", "post_ffw_norm": "post_ffw_norm",
-             "attn.query_norm": "attn_q_norm", "attn.key_norm": "attn_k_norm"}
-    for i in range(config.num_layers):
-        a = lambda p: arrays[f"blocks.{i}.{p}"]  # noqa: B023, E731
-        b = f"blk.{i}."
-        out[b + "attn_q.weight"] = a("attn.w_q").transpose(0, 2, 1).reshape(n * h, d)
-        out[b + "attn_k.weight"] = a("attn.w_k").transpose(0, 2, 1).reshape(k * h, d)
-        out[b + "attn_v.weight"] = a("attn.w_v").transpose(0, 2, 1).reshape(k * h, d)
-        out[b + "attn_output.weight"] = a("attn.w_o").transpose(2, 0, 1).reshape(d, n * h)
-        out[b + "ffn_gate.weight"] = a("mlp.w_gating")[0].T
-        out[b + "ffn_up.weight"] = a("mlp.w_gating")[1].T
-        out[b + "ffn_down.weight"] = a("mlp.w_linear").T
-        for ours, theirs in norms.items():
-            if f"blocks.{i}.{ours}.scale" in arrays:
-                out[f"{b}{theirs}.weight"] = a(f"{ours}.scale") + 1
-    return {name: np.ascontiguousarray(x, np.float32) for name, x in out.items()}
-
-
-def write_tiny_gguf(
-    path: Path,
-    config: GemmaConfig,
-    arrays: dict[str, np.ndarray],
-    *,
-    arch: str,
-    quantized: tuple[str, ...] = (),
-    drop: tuple[str, ...] = (),
-    vocab: bool = True,
-) -> Path:
-    """Our arrays written as llama.cpp would; tensors named in `quantized` as Q8_0."""
-    w = GGUFWriter(str(path), arch)
-    w.add_name("tiny test model")
-    w.add_block_count(config.num_layers)
-    w.add_context_length(config.context_length)
-    w.add_embedding_length(config.embed_dim)
-    w.add_feed_forward_length(config.hidden_dim)
-    w.add_head_count(config.num_heads)
-    w.add_head_count_kv(config.num_kv_heads)
-    w.add_key_length(config.head_dim)
-    w.add_value_length(config.head_dim)
-    w.add_layer_norm_rms_eps(config.norm_eps)
-    w.add_rope_freq_base(config.global_rope_base)
-    if config.sliding_window:
-        w.add_sliding_window(config.sliding_window)
-    if config.attn_logit_softcap:
-        w.add_attn_logit_softcapping(config.attn_logit_softcap)
-        w.add_final_logit_softcapping(config.final_logit_softcap)
-    if vocab:
-        tokens, scores, types = _tiny_vocab(config.vocab_size)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(2)
-        w.add_eos_token_id(1)
-        w.add_unk_token_id(3)
-        w.add_pad_token_id(0)
-    for name, x in _gguf_tensors(config, arrays).items():
-        if name in drop:
-            continue
-        if name in quantized:
-            q = gguf_pkg.quants.quantize(x, GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_dtype=GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(name, x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def _random_arrays(config: GemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random model's arrays, norms included (they start at zero otherwise)."""
-    model = Transformer(config, key=jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, leaf in leaf_paths(model).items():
-        x = np.asarray(leaf, np.float32)
-        out[path] = rng.normal(0, 0.3, x.shape).astype(np.float32) if "norm" in path else x
-    return out
-
-
 _TINY: dict[str, tuple] = {}
 
 
 def _tiny(arch: str, tmp_path_factory) -> tuple[str, GemmaConfig, dict[str, np.ndarray], Path]:
     """(arch, config, arrays, path) of a tiny float32 GGUF, written once per architecture."""
     if arch not in _TINY:
-        config = _tiny_config(arch)
-        arrays = _random_arrays(config)
+        config = gguf_config(arch)
+        arrays = random_arrays(config)
         path = tmp_path_factory.mktemp(f"tiny-{arch}") / "tiny.gguf"
         _TINY[arch] = arch, config, arrays, write_tiny_gguf(path, config, arrays, arch=arch)
     return _TINY[arch]
@@ -278,8 +155,8 @@ def test_preset_needs_every_field_to_match():
 
 @pytest.fixture(scope="module")
 def tiny3(tmp_path_factory):
-    config = _tiny_config("gemma3")
-    return config, _random_arrays(config), tmp_path_factory.mktemp("bad")
+    config = gguf_config("gemma3")
+    return config, random_arrays(config), tmp_path_factory.mktemp("bad")
 
 
 def _raises(path: Path, match: str) -> None:

@@ -94,6 +94,7 @@ def test_command_writes_the_report(tmp_path, gemma270m, capsys):
         (["--text", ""], "--text is empty"),
         (["--text", "12a4"], "only the digits"),
         (["--text", "7" * 20000], "more than the model's context of 32768"),
+        (["--period", "20000"], "--period 20000 (BOS and two repetitions) needs 40001 positions"),
     ],
 )
 def test_bad_arguments_exit_2_without_partial_report(tmp_path, gemma270m, capsys, args, message):

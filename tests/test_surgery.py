@@ -257,7 +257,7 @@ def test_bad_masks_and_layers_are_named(model):
         record_attention(model, layers=[5])
     with pytest.raises(ValueError, match="head index 4 is out of range"):
         record_attention(model, heads=[4])
-    with pytest.raises(ValueError, match="outside the model"):
+    with pytest.raises(ValueError, match="layer index 3 is out of range for 3 layers"):
         knockout_mask(model, [(3, 0)])
     with pytest.raises(ValueError, match="exactly one of"):
         override_attention(model, [0])

@@ -6,11 +6,17 @@ temporary directory and rename it into place when complete.
 
 from __future__ import annotations
 
+import errno
+import functools
+import gc
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jaxtyping import DTypeLike
 
+from .atomic import StorageError
 from .config import PRESETS, GemmaConfig, get_preset
 from .modules import Transformer
 from .sharding import LogicalAxes, ShardingRules
@@ -28,6 +35,83 @@ from .weights import leaf_paths, model_from_arrays
 _VISION_MARKERS = ("SigLiP", "mm_input_projection", "mm_soft_embedding_norm")
 
 Shapes = dict[str, dict[str, tuple[int, ...]]]
+
+
+class CheckpointError(StorageError):
+    """A checkpoint could not be read or written; the message names the file or leaf."""
+
+
+_TENSORSTORE_LEAF = re.compile(r'Error (?:reading|writing) "([^"]+)\.([^./"]+)/[^"]*"')
+
+
+def _innermost(e: BaseException) -> BaseException:
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _checkpoint_error(e: Exception, path: Path, action: str) -> CheckpointError:
+    cause = _innermost(e)
+    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    code = getattr(cause, "errno", None)
+    if code == errno.ENOSPC or "No space left on device" in text:
+        return CheckpointError(errno.ENOSPC, f"cannot write the checkpoint {path}: no space "
+                               f"left on the device; free some space or write it elsewhere")
+    if isinstance(cause, OSError) and code is not None:
+        return CheckpointError(code, f"cannot {action} the checkpoint {path}: {cause.strerror}")
+    leaf = _TENSORSTORE_LEAF.search(text)
+    where = f" leaf {leaf[1]}/{leaf[2]}" if leaf else ""
+    if action == "read":
+        return CheckpointError(
+            errno.EIO, f"{path}: cannot read{where}: the checkpoint's data files are missing, "
+            f"truncated or corrupted ({text}); download or save the checkpoint again"
+        )
+    return CheckpointError(errno.EIO, f"cannot {action} the checkpoint {path}{where}: {text}")
+
+
+class _OrbaxNoise(logging.Filter):
+    """Drops the log records orbax's worker threads and abandoned futures write after a
+    failure that `_run_orbax` has already raised as one `CheckpointError`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("_SignalingThread.run() raised an exception" in text
+                    or ("exception was never retrieved" in text
+                        and ("OCDBT" in text or "TensorStore" in text)))
+
+
+@functools.cache
+def _silence_orbax_aftermath() -> None:
+    """Once per process: after a failed read or write, orbax's abandoned coroutines and
+    tensorstore's late callbacks print dozens of "Event loop is closed" tracebacks, some of
+    them long after the failure; drop exactly those, and pass everything else on."""
+    hook = sys.unraisablehook
+
+    def quiet(unraisable: Any) -> None:
+        error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        orbax_coroutine = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or orbax_coroutine):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_OrbaxNoise())
+
+
+def _run_orbax(operation: Callable[[], Any], path: Path, action: str) -> Any:
+    """`operation()`, with any orbax/tensorstore failure turned into one `CheckpointError`."""
+    _silence_orbax_aftermath()
+    try:
+        return operation()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        failure = _checkpoint_error(e, path, action)
+    # Out of the handler, the failed operation's frames are free: collect its abandoned
+    # futures and coroutines now rather than at some later moment.
+    gc.collect()
+    raise failure
 
 
 class KaggleLeaf(NamedTuple):
@@ -248,12 +332,15 @@ def load_checkpoint(
     rules: ShardingRules | None = None,
     dtype: DTypeLike | None = None,
     activation_dtype: DTypeLike | None = None,
+    check_finite: bool = True,
 ) -> Transformer:
     """Restore a Kaggle Flax (orbax, flat) Gemma checkpoint.
 
     The preset is detected from leaf shapes unless given. With a `mesh`, orbax reads every leaf
     straight into the sharding that `rules` names for it; otherwise onto the default device.
     `dtype` casts parameters on restore (default: as stored); activations default to float32.
+    Every leaf is checked for NaN and infinity (one pass; `check_finite=False` skips it).
+    Missing or truncated data files raise one `CheckpointError` naming the leaf.
     """
     import orbax.checkpoint as ocp
 
@@ -280,10 +367,8 @@ def load_checkpoint(
         restore_args.setdefault(leaf.key, {})[leaf.leaf] = ocp.ArrayRestoreArgs(
             sharding=sharding(leaf), dtype=dtype
         )
-    flat = ocp.PyTreeCheckpointer().restore(
-        path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                          partial_restore=True)
-    )
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    flat = _run_orbax(lambda: ocp.PyTreeCheckpointer().restore(path, args=args), path, "read")
     arrays = arrays_from_kaggle(flat, config)
     if mesh is not None:
         from .sharding import leaf_sharding
@@ -292,7 +377,8 @@ def load_checkpoint(
         arrays = {p: jax.device_put(a, leaf_sharding(p, a.shape, mesh, rules))
                   for p, a in arrays.items()}
     return model_from_arrays(
-        config, arrays, activation_dtype=activation_dtype or jnp.float32, source=str(path)
+        config, arrays, activation_dtype=activation_dtype or jnp.float32, source=str(path),
+        check_finite=check_finite,
     )
 
 
@@ -317,10 +403,15 @@ def save_checkpoint(
     if dtype is not None:
         arrays = {p: a.astype(dtype) for p, a in arrays.items()}
     flat = kaggle_from_arrays(arrays, model.config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / "checkpoint"
     try:
-        ocp.PyTreeCheckpointer().save(tmp, args=ocp.args.PyTreeSave(flat))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / "checkpoint"
+    except OSError as e:
+        raise CheckpointError.writing(e, f"the checkpoint {path}", "write it elsewhere") \
+            from None
+    try:
+        _run_orbax(lambda: ocp.PyTreeCheckpointer().save(tmp, args=ocp.args.PyTreeSave(flat)),
+                   path, "write")
         if path.exists():
             trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
             path.rename(trash)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
-from .modules import LayerCache, Transformer, check_tokens
+from .checks import check_finite, check_length, check_padding_mask, check_tokens
+from .modules import LayerCache, Transformer
 
 __all__ = [
     "init_cache",
@@ -100,6 +101,7 @@ def prefill(
     The next token's position is `padding_mask.sum(1)`; it goes to cache slot `seq`.
     """
     _check_fits("prefill", 0, tokens.shape[1], cache)
+    padding_mask = check_padding_mask(padding_mask, tokens.shape)
     return _prefill(model, tokens, padding_mask, cache)
 
 
@@ -169,6 +171,9 @@ def sample_logits(
 ) -> Int[Array, " batch"]:
     """One token per row: argmax when `temperature` is 0 (a Python 0), else a draw from
     `softmax(logits / temperature)` restricted to the top-k, then to the top-p nucleus."""
+    check_finite(temperature, "sample_logits: temperature")
+    if top_p is not None:
+        check_finite(top_p, "sample_logits: top_p")
     if isinstance(temperature, int | float) and temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if key is None:
@@ -238,6 +243,25 @@ def _host_int_array(name: str, x: Any) -> np.ndarray:
     return host
 
 
+def check_sampling(
+    temperature: float | int, top_k: int | None, top_p: float | int | None
+) -> None:
+    """Clear errors for sampling parameters that are not finite numbers in range."""
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, int | float | np.number)):
+            raise TypeError(f"generate: {name} must be a number; got {value!r}")
+        if value is not None:
+            check_finite(float(value), f"generate: {name}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0 (0 is greedy); got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer)
+                              or top_k < 1):
+        raise ValueError(f"generate: top_k must be an int >= 1; got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1]; got {top_p}")
+
+
 def generate(
     model: Transformer,
     tokens: Int[Array | np.ndarray, "batch seq"],
@@ -268,18 +292,16 @@ def generate(
     vocab = model.config.vocab_size
     check_tokens(host_tokens, vocab)
     if padding_mask is None:
-        padding_mask = jnp.ones((batch, seq), bool)
-    host_mask = _host_int_array("padding_mask", padding_mask)
-    if host_mask.shape != host_tokens.shape:
-        raise ValueError(
-            f"generate: padding_mask shape {host_mask.shape} differs from tokens shape "
-            f"{host_tokens.shape}"
-        )
-    empty = np.flatnonzero(~host_mask.astype(bool).any(axis=1))
-    if empty.size:
-        raise ValueError(f"generate: prompt {int(empty[0])} of the batch is empty (all padding)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        padding_mask = np.ones((batch, seq), bool)
+    host_mask = np.asarray(check_padding_mask(np.asarray(padding_mask), host_tokens.shape))
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) \
+            or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    # Positions of the prompt and every new token but the last must fit the context; the
+    # check comes before any compilation, so a huge request fails at once.
+    check_length(seq + max_new_tokens - 1, model.config.context_length,
+                 f"generate: a prompt of {seq} tokens plus max_new_tokens={max_new_tokens}")
     needed = seq + max_new_tokens - 1  # the last new token is never fed back
     if cache_length is None:
         cache_length = needed
@@ -288,12 +310,7 @@ def generate(
             f"generate: a prompt of {seq} tokens plus {max_new_tokens} new tokens needs "
             f"{needed} cache slots, more than cache_length={cache_length}"
         )
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0; got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"generate: top_k must be >= 1; got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1]; got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     if temperature > 0 and key is None:
         raise ValueError("generate: temperature > 0 samples, so it needs a PRNG `key`")
     eos_ids = () if eos_id is None else (

@@ -462,15 +462,18 @@ def load_gguf(
     activation_dtype: Any = None,
     mesh: Any = None,
     rules: Any = None,
+    check_finite: bool = True,
 ) -> Transformer:
     """A `Transformer` with the (dequantized) weights of a Gemma GGUF file.
 
     `dtype` is the parameter dtype (default float32); activations default to it too. With
     `mesh`, each parameter is placed by `gemma_eqx.sharding.shard_model(model, mesh, rules)`.
+    A weight holding NaN or infinity is refused, by name (`check_finite=False` skips that).
     """
     config, arrays, _ = read_gguf(path)
     return model_from_contents(config, arrays, dtype=dtype, activation_dtype=activation_dtype,
-                               mesh=mesh, rules=rules, source=f"GGUF file {path}")
+                               mesh=mesh, rules=rules, source=f"GGUF file {path}",
+                               check_finite=check_finite)
 
 
 def model_from_contents(
@@ -482,11 +485,13 @@ def model_from_contents(
     mesh: Any = None,
     rules: Any = None,
     source: str = "GGUF weights",
+    check_finite: bool = True,
 ) -> Transformer:
     """Build (and optionally shard) the model from `read_gguf`'s config and arrays."""
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     params = {p: jnp.asarray(a, dtype) for p, a in arrays.items()}
-    model = model_from_arrays(config, params, activation_dtype=activation_dtype, source=source)
+    model = model_from_arrays(config, params, activation_dtype=activation_dtype, source=source,
+                              check_finite=check_finite)
     if mesh is not None:
         from .sharding import shard_model  # written alongside; imported only when needed
 

@@ -115,12 +115,18 @@ def arrays_from_hf(state_dict: Mapping[str, Any], config: GemmaConfig) -> dict[s
 
 
 def from_hf(
-    hf_model: Any, *, dtype: DTypeLike = jnp.float32, activation_dtype: DTypeLike | None = None
+    hf_model: Any,
+    *,
+    dtype: DTypeLike = jnp.float32,
+    activation_dtype: DTypeLike | None = None,
+    check_finite: bool = True,
 ) -> Transformer:
-    """Our model with the weights of a transformers Gemma causal LM (any of the three)."""
+    """Our model with the weights of a transformers Gemma causal LM (any of the three); a
+    weight holding NaN or infinity is refused by name unless `check_finite=False`."""
     config = config_from_hf(hf_model.config)
     arrays = arrays_from_hf(hf_model.state_dict(), config)
     arrays = {p: jnp.asarray(a, dtype) for p, a in arrays.items()}
     return model_from_arrays(
-        config, arrays, activation_dtype=activation_dtype, source="Hugging Face model"
+        config, arrays, activation_dtype=activation_dtype, source="Hugging Face model",
+        check_finite=check_finite,
     )

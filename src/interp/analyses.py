@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from gemma_eqx.checks import check_finite
 from gemma_eqx.modules import Transformer
 
 from .surgery import _as_inputs, _check_mask, knock_out, knockout_mask, set_knockout_mask
@@ -324,7 +325,12 @@ def knockout_sweep(
     `single_head_masks(model)` gives the sweep over every head."""
     tokens, padding_mask = _as_inputs(model, tokens, padding_mask)
     eval_mask = _check_eval_mask(eval_mask, tokens, padding_mask)
-    _check_mask(model, masks[0])
+    expected = (len(model.blocks), model.config.num_heads)
+    if not hasattr(masks, "shape") or masks.ndim != 3 or masks.shape[0] < 1 \
+            or tuple(masks.shape[1:]) != expected:
+        raise ValueError(f"masks must be [n, layers, heads] = [n >= 1, {expected[0]}, "
+                         f"{expected[1]}]; got {getattr(masks, 'shape', type(masks).__name__)}")
+    check_finite(masks, "masks", axes=("mask", "layer", "head"))
     return _knockout_sweep(knock_out(model, masks[0]), tokens, padding_mask, eval_mask, masks)
 
 
@@ -354,6 +360,7 @@ def attribution_gradient(
     log-prob over all eval positions of the batch (attribution patching)."""
     tokens, padding_mask = _as_inputs(model, tokens, padding_mask)
     eval_mask = _check_eval_mask(eval_mask, tokens, padding_mask)
+    _check_mask(model, mask)
     mask = jnp.asarray(mask, jnp.float32)
     _, grad = _attribution(knock_out(model, mask), tokens, padding_mask, eval_mask, mask)
     return grad

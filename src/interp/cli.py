@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,19 +27,29 @@ def add_induction_command(commands: Any) -> None:
     cmd.add_argument("--strings", type=int, default=8,
                      help="how many digit strings to score (the first is shown)")
     cmd.add_argument("--out", default="induction-report", metavar="DIR")
-    cmd.set_defaults(run=run_induction)
+    cmd.set_defaults(run=run_induction,
+                     memory_advice="fewer --strings or a shorter --period (or --text)")
 
 
 def _check_out(out: Path) -> None:
-    """Fail before any work if the report could not be written there."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    parent = out.absolute().parent
+    """Fail before any work if the report could not be written there (nothing is created)."""
+    from .report import check_report_directory
+
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(dir=parent).cleanup()
-    except OSError as e:
-        raise PermissionError(f"--out {out} is not writable ({e.strerror or e})") from None
+        check_report_directory(out)
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from None
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK) or _read_only(existing):
+        raise PermissionError(f"--out {out} is not writable ({existing} is not a writable "
+                              f"directory)")
+
+
+def _read_only(path: Path) -> bool:
+    # os.access says yes to root even on a read-only mount.
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 def _enable_compilation_cache() -> None:
@@ -57,6 +66,7 @@ def _enable_compilation_cache() -> None:
 
 
 def run_induction(args: argparse.Namespace) -> int:
+    from gemma_eqx.checks import check_length
     from gemma_eqx.pretrained import from_pretrained
 
     from .report import summary_rows, write_report
@@ -78,6 +88,9 @@ def run_induction(args: argparse.Namespace) -> int:
     model, tokenizer = from_pretrained(args.model)
     if args.text is not None:
         check_digits(args.text, model.config.context_length)
+    else:
+        check_length(1 + 2 * args.period, model.config.context_length,
+                     f"--period {args.period} (BOS and two repetitions)")
     result = run_study(
         model, tokenizer, digits=args.text, period=args.period, seed=args.seed, top=args.top,
         strings=args.strings, model_name=os.fspath(args.model), progress=say,

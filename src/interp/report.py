@@ -1,7 +1,7 @@
 """The study's report: `report.json`, PNG figures and one self-contained `report.html`.
 
-`write_report` builds everything in a temporary sibling directory and renames it into place,
-so the output directory holds either a whole report or nothing new.
+`write_report` writes each file under a temporary name and renames it into place, and touches
+nothing in the output directory but the report's own files.
 """
 
 from __future__ import annotations
@@ -10,11 +10,17 @@ import base64
 import html
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from gemma_eqx.atomic import (
+    StorageError,
+    is_partial,
+    locked_directory,
+    remove_partials,
+    replace_file,
+)
 
 from .study import StudyResult
 
@@ -209,32 +215,78 @@ window.addEventListener("load", () => {{
 """
 
 
-def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
-    """Write report.json, the figures and report.html into `out` (replacing an older report
-    there); nothing partial is ever left at `out`."""
+REPORT_FILES = ("report.json", *FIGURES, "report.html")
+GENERATOR = "gemma-eqx induction"  # report.json's "generator": marks a directory as a report
+
+
+class ReportDirectoryError(ValueError):
+    """The output directory holds files that are not a report; nothing was written."""
+
+
+def _is_report(directory: Path) -> bool:
+    try:
+        data = json.loads((directory / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    # Reports written before the marker existed carry these keys.
+    return isinstance(data, dict) and (
+        data.get("generator") == GENERATOR
+        or {"preset", "top_heads", "induction_scores", "minimal_set"} <= data.keys()
+    )
+
+
+def check_report_directory(out: str | os.PathLike) -> Path:
+    """`out` as an absolute path, or a clear error if a report may not be written there.
+
+    Allowed: a new path, an empty directory, or one holding an earlier report (only the
+    report's own files are replaced; anything else there is left alone). Refused: a file,
+    or a non-empty directory that holds no report.
+    """
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    parent = out.parent
+        raise ValueError(f"output directory {out} exists and is not a directory")
+    if out.is_dir() and not _is_report(out):
+        foreign = sorted(p.name for p in out.iterdir() if not any(
+            p.name == name or is_partial(p.name, name) for name in REPORT_FILES))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                              else "")
+            raise ReportDirectoryError(
+                f"output directory {out} is not empty and holds no earlier report ({shown}); "
+                f"nothing was written: choose a new or empty directory"
+            )
+    return out
+
+
+def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
+    """Write report.json, the figures and report.html into the directory `out`.
+
+    Each file is written under a temporary name and renamed into place, so every file is
+    whole; only these files are written, and files of an earlier report are replaced. Writers
+    of one directory take turns (a lock on it); an interrupted write leaves whole files of the
+    old and new report, and the next write completes it. See `check_report_directory` for the
+    directories refused.
+    """
+    out = check_report_directory(out)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+        out.mkdir(parents=True, exist_ok=True)
+        with locked_directory(out):
+            out = check_report_directory(out)  # another writer may have changed it meanwhile
+            for name in REPORT_FILES:
+                remove_partials(out / name)  # what interrupted writes left
+            payload = {"generator": GENERATOR, **result.to_json()}
+            writers = {
+                "attention_top_heads.png": lambda p: plot_attention(result, p),
+                "induction_scores.png": lambda p: plot_scores(result, p),
+                "token_probabilities.png": lambda p: plot_token_probabilities(result, p),
+                "attribution.png": lambda p: plot_attribution(result, p),
+                "report.html": lambda p: p.write_text(render_html(result, p.parent)),
+                "report.json": lambda p: p.write_text(json.dumps(payload, indent=1)),
+            }
+            for name in (*FIGURES, "report.html", "report.json"):  # the marker goes last
+                with replace_file(out / name) as tmp:
+                    writers[name](tmp)
     except OSError as e:
-        raise PermissionError(f"cannot write the report to {out}: {e.strerror}") from None
-    try:
-        (staging / "report.json").write_text(json.dumps(result.to_json(), indent=1))
-        plot_attention(result, staging / "attention_top_heads.png")
-        plot_scores(result, staging / "induction_scores.png")
-        plot_token_probabilities(result, staging / "token_probabilities.png")
-        plot_attribution(result, staging / "attribution.png")
-        (staging / "report.html").write_text(render_html(result, staging))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=parent))
-            out.rename(old / "report")
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        raise StorageError.writing(e, f"the report into {out}", "choose another output "
+                                   "directory") from None
     return out

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_eqx.checks import check_length
 from gemma_eqx.modules import Transformer
 
 from . import analyses, examples
@@ -113,8 +114,10 @@ def run_study(
         clock = now
 
     if digits is not None:
-        check_digits(digits, getattr(model.config, "context_length", 1 << 30))
+        check_digits(digits, model.config.context_length)
         period = len(digits)
+    check_length(1 + 2 * period, model.config.context_length,
+                 f"period={period} (BOS and two repetitions)")
     tokens = _digit_batch(tokenizer, digits, period, strings, seed)
     seq = tokens.shape[1]
     eval_mask = np.zeros(tokens.shape, bool)

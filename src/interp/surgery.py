@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from gemma_eqx.modules import Attention, PatternHook, Transformer, check_tokens
+from gemma_eqx.checks import check_finite, check_index, check_padding_mask, check_tokens
+from gemma_eqx.modules import Attention, PatternHook, Transformer
 
 LayerSelector = Sequence[int] | Callable[[int, Attention], bool] | None
 HeadSelector = Sequence[int] | None
@@ -164,12 +165,7 @@ def select_layers(model: Transformer, layers: LayerSelector) -> list[int]:
             f"layers must be a sequence of layer indices or a predicate (layer, attn) -> bool; "
             f"got {type(layers).__name__}"
         )
-    out = []
-    for i in layers:
-        i = int(i)
-        if not -n <= i < n:
-            raise ValueError(f"layer index {i} is out of range for a model with {n} layers")
-        out.append(i % n)
+    out = [check_index(i, n, "layer") for i in layers]
     if len(set(out)) != len(out):
         raise ValueError(f"layer indices {list(layers)} contain duplicates")
     return out
@@ -181,13 +177,7 @@ def _select_heads(model: Transformer, heads: HeadSelector) -> tuple[int, ...] | 
     n = _num_heads(model)
     if isinstance(heads, (int, str)):
         raise TypeError(f"heads must be a sequence of head indices; got {heads!r}")
-    out = []
-    for h in heads:
-        h = int(h)
-        if not -n <= h < n:
-            raise ValueError(f"head index {h} is out of range for a model with {n} heads")
-        out.append(h % n)
-    return tuple(out)
+    return tuple(check_index(h, n, "head") for h in heads)
 
 
 def _chain(hook: PatternHook) -> list[PatternHook]:
@@ -267,16 +257,24 @@ def override_attention(
     head_mask = None
     if head_idx is not None:
         head_mask = jnp.zeros((_num_heads(model),), bool).at[jnp.asarray(head_idx)].set(True)
-    pattern = None if pattern is None else jnp.asarray(pattern)
+    if pattern is not None:
+        check_finite(pattern, "override pattern")
+        pattern = jnp.asarray(pattern)
     hook = OverridePattern(pattern=pattern, heads=head_mask, fn=fn)
     return add_hooks(model, {i: hook for i in select_layers(model, layers)})
 
 
-def _check_mask(model: Transformer, mask: Any) -> None:
+def _check_mask(model: Transformer, mask: Any, name: str = "knock-out mask") -> None:
+    """Shape exactly `[layers, heads]` (never broadcast), a real dtype, finite values."""
     expected = (_num_layers(model), _num_heads(model))
     if not hasattr(mask, "shape") or tuple(mask.shape) != expected:
         got = tuple(mask.shape) if hasattr(mask, "shape") else type(mask).__name__
-        raise ValueError(f"knock-out mask must have shape [layers, heads] = {expected}; got {got}")
+        raise ValueError(f"{name} must have shape [layers, heads] = {expected}; got {got}")
+    if not (jnp.issubdtype(mask.dtype, jnp.floating) or jnp.issubdtype(mask.dtype, jnp.integer)
+            or mask.dtype == jnp.bool_):
+        raise TypeError(f"{name} must hold real numbers (1 keeps a head, 0 knocks it out); "
+                        f"got {mask.dtype}")
+    check_finite(mask, name, axes=("layer", "head"))
 
 
 def knock_out(model: Transformer, mask: Float[Array, "layers heads"]) -> Transformer:
@@ -320,13 +318,12 @@ def knockout_mask(
     model: Transformer, heads: Sequence[tuple[int, int]] = ()
 ) -> Float[Array, "layers heads"]:
     """All-ones `[layers, heads]` mask with zeros at the `(layer, head)` pairs in `heads`."""
-    mask = jnp.ones((_num_layers(model), _num_heads(model)), jnp.float32)
+    mask = np.ones((_num_layers(model), _num_heads(model)), np.float32)
     for layer, head in heads:
-        if not (0 <= layer < mask.shape[0] and 0 <= head < mask.shape[1]):
-            raise ValueError(f"head (layer {layer}, head {head}) is outside the model's "
-                             f"{mask.shape[0]} layers x {mask.shape[1]} heads")
-        mask = mask.at[layer, head].set(0.0)
-    return mask
+        layer, head = check_index(layer, mask.shape[0], "layer"), check_index(head, mask.shape[1],
+                                                                             "head")
+        mask[layer, head] = 0.0
+    return jnp.asarray(mask)
 
 
 # ------------------------------------------------------------------------------------ forwards
@@ -346,14 +343,8 @@ def _as_inputs(
     check_tokens(tokens, model.config.vocab_size)  # eagerly, with the position of a bad id
     tokens = jnp.asarray(tokens)
     if padding_mask is None:
-        padding_mask = jnp.ones(tokens.shape, bool)
-    padding_mask = jnp.asarray(padding_mask)
-    if padding_mask.shape != tokens.shape or padding_mask.dtype != jnp.bool_:
-        raise ValueError(
-            f"padding_mask must be a bool array shaped like tokens {tuple(tokens.shape)}; got "
-            f"{padding_mask.dtype} {tuple(padding_mask.shape)}"
-        )
-    return tokens, padding_mask
+        return tokens, jnp.ones(tokens.shape, bool)
+    return tokens, check_padding_mask(padding_mask, tokens.shape)
 
 
 def forward_with_records(
