@@ -84,7 +84,7 @@ def _prefill(
     last = tokens.shape[1] - 1 - jnp.argmax(padding_mask[:, ::-1], axis=1)
     out = model.forward(
         tokens, padding_mask=padding_mask, cache=cache, cache_index=jnp.zeros((), jnp.int32),
-        logits_at=last[:, None],
+        logits_at=last[:, None], check_ids=False,  # checked before jit by the callers
     )
     return out.logits[:, 0].astype(jnp.float32), out.cache
 
@@ -101,6 +101,7 @@ def prefill(
     The next token's position is `padding_mask.sum(1)`; it goes to cache slot `seq`.
     """
     _check_fits("prefill", 0, tokens.shape[1], cache)
+    check_tokens(tokens, model.config.vocab_size)
     padding_mask = check_padding_mask(padding_mask, tokens.shape)
     return _prefill(model, tokens, padding_mask, cache)
 
@@ -120,6 +121,7 @@ def _decode_step(
         padding_mask=active[:, None],
         cache=cache,
         cache_index=cache_index,
+        check_ids=False,  # fed back from sampling: always inside the vocabulary
     )
     return out.logits[:, 0].astype(jnp.float32), out.cache
 
@@ -138,6 +140,7 @@ def decode_step(
     Returns the next-token logits (float32) and the updated cache.
     """
     _check_fits("decode_step", cache_index, 1, cache)
+    check_tokens(tokens[:, None], model.config.vocab_size)
     return _decode_step(model, tokens, positions, active, cache, jnp.asarray(cache_index))
 
 

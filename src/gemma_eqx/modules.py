@@ -328,6 +328,7 @@ class Transformer(eqx.Module):
         cache: tuple[LayerCache, ...] | None = None,
         cache_index: Int[Array, ""] | None = None,
         logits_at: Int[Array, "batch k"] | None = None,
+        check_ids: bool = True,
     ) -> ForwardOutput:
         """Logits, each layer's hook record and the updated cache.
 
@@ -337,12 +338,16 @@ class Transformer(eqx.Module):
         the positions it has unpadded. Sequences longer than the model's context are refused.
         `logits_at` (indices into seq) computes logits `[batch, k, vocab]` at those positions
         only: the vocabulary projection is most of a small model's cost.
+        Token ids are checked eagerly when concrete; traced ids are checked inside the
+        program by `eqx.error_if`, unless `check_ids=False` (for callers that checked them
+        before `jit`: the host callback of that check keeps XLA's persistent compilation cache
+        from storing the program).
         """
         check_tokens(tokens, self.config.vocab_size)
         check_length(tokens.shape[1], self.config.context_length, "a sequence of tokens")
         if is_concrete(tokens):
             tokens = jnp.asarray(tokens)
-        else:
+        elif check_ids:
             tokens = eqx.error_if(
                 tokens,
                 (tokens < 0) | (tokens >= self.config.vocab_size),
@@ -375,8 +380,10 @@ class Transformer(eqx.Module):
         *,
         positions: Int[Array, "batch seq"] | None = None,
         padding_mask: Bool[Array, "batch seq"] | None = None,
+        check_ids: bool = True,
     ) -> Float[Array, "batch seq vocab"]:
-        return self.forward(tokens, positions=positions, padding_mask=padding_mask).logits
+        return self.forward(tokens, positions=positions, padding_mask=padding_mask,
+                            check_ids=check_ids).logits
 
 
 def count_params(model: Transformer) -> int:

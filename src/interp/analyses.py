@@ -276,7 +276,7 @@ def _eval_sums(
     padding_mask: Bool[Array, "batch seq"],
     eval_mask: Bool[Array, "batch seq"],
 ) -> tuple[Float[Array, " batch"], Float[Array, " batch"], Int[Array, " batch"]]:
-    logits = model(tokens, padding_mask=padding_mask)
+    logits = model(tokens, padding_mask=padding_mask, check_ids=False)  # checked before jit
     weight = eval_mask[:, 1:]
     lp = jnp.where(weight, correct_token_logprobs(logits, tokens), 0.0).sum(-1)
     hits = (correct_token_hits(logits, tokens) & weight).sum(-1).astype(jnp.float32)

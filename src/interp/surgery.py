@@ -333,7 +333,7 @@ def knockout_mask(
 def _forward(
     model: Transformer, tokens: Int[Array, "batch seq"], padding_mask: Bool[Array, "batch seq"]
 ) -> tuple[Float[Array, "batch seq vocab"], tuple[Any, ...]]:
-    out = model.forward(tokens, padding_mask=padding_mask)
+    out = model.forward(tokens, padding_mask=padding_mask, check_ids=False)  # checked before
     return out.logits, out.records
 
 
