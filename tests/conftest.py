@@ -16,6 +16,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+REAL_MODEL_FIXTURES = {"gguf_path", "gemma270m", "hf270m"}
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs the real Gemma 3 270M (directly or through another fixture) is
+    `slow`, so `pytest -m "not slow"` is the quick loop without anyone remembering a marker."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def gguf_path(tmp_path_factory):

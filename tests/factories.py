@@ -102,7 +102,6 @@ def gguf_config(arch: str) -> GemmaConfig:
     return GemmaConfig(
         **common, attention_kinds=gemma3_pattern(layers), sliding_window=4,
         global_rope_base=1_000_000.0, use_qk_norm=True, use_post_norms=True,
-        checkpoint_gating_transposed=True,
     )
 
 

@@ -47,7 +47,13 @@ def random_model(config, dtype=jnp.float32, seed=0):
     )
 
 
-def spec_keys(config) -> dict[str, dict[str, tuple]]:
+def official_transposed(preset: str) -> bool:
+    """From shared/spec/architecture.md: the official checkpoints store the gating weight as
+    (2, F, D) for Gemma 2 9B/27B and Gemma 3, as (2, D, F) otherwise."""
+    return preset.startswith("gemma3") or preset in ("gemma2-9b", "gemma2-27b")
+
+
+def spec_keys(config, transposed: bool) -> dict[str, dict[str, tuple]]:
     """The Kaggle layout written out from the table in shared/spec/architecture.md."""
     d, n, k, h, f, v = (config.embed_dim, config.num_heads, config.num_kv_heads,
                         config.head_dim, config.hidden_dim, config.vocab_size)
@@ -69,7 +75,6 @@ def spec_keys(config) -> dict[str, dict[str, tuple]]:
         if config.use_qk_norm:
             out[f"{p}/attn/_query_norm"] = {"scale": (h,)}
             out[f"{p}/attn/_key_norm"] = {"scale": (h,)}
-        transposed = config.checkpoint_gating_transposed
         out[f"{p}/mlp/gating_einsum"] = {"w": (2, f, d) if transposed else (2, d, f)}
         out[f"{p}/mlp/linear"] = {"w": (f, d)}
     return out
@@ -99,11 +104,12 @@ def test_checkpoint_on_disk_has_the_kaggle_names_and_shapes(tmp_path, preset):
     import orbax.checkpoint as ocp
 
     config = tiny(preset)
-    save_checkpoint(random_model(config), tmp_path / "ckpt")
+    transposed = official_transposed(preset)
+    save_checkpoint(random_model(config), tmp_path / "ckpt", transposed_gating=transposed)
     tree = ocp.PyTreeCheckpointer().metadata(tmp_path / "ckpt").item_metadata.tree
     found = {key: {leaf: tuple(m.shape) for leaf, m in leaves.items()}
              for key, leaves in tree.items()}
-    assert found == spec_keys(config)
+    assert found == spec_keys(config, transposed)
     assert {str(m.dtype) for leaves in tree.values() for m in leaves.values()} == {"bfloat16"}
     assert not list(tmp_path.glob(".*")), "temporary directory left behind"
 
@@ -121,13 +127,15 @@ def test_float32_save_keeps_dtype(tmp_path):
 @pytest.mark.parametrize("name", list(gemma_eqx.PRESETS))
 def test_every_preset_is_detected_from_shapes_alone(name):
     config = gemma_eqx.get_preset(name)
-    assert detect_preset(spec_keys(config)) == config
-    # The layout we restore is the one the spec describes.
-    assert layout_shapes(config) == spec_keys(config)
+    spec = spec_keys(config, official_transposed(name))
+    assert detect_preset(spec) == config
+    assert detect_preset(spec_keys(config, not official_transposed(name))) == config
+    # The layout we write is the one the spec describes.
+    assert layout_shapes(config) == spec
 
 
 def test_detection_ignores_vision_leaves_and_rejects_unknown_shapes(tmp_path):
-    shapes = spec_keys(gemma_eqx.get_preset("gemma3-4b"))
+    shapes = spec_keys(gemma_eqx.get_preset("gemma3-4b"), True)
     bad = {k: dict(v) for k, v in shapes.items()}
     bad["transformer/final_norm"] = {"scale": (1000,)}
     with pytest.raises(ValueError, match="match no Gemma preset.*embed=1000"):
@@ -268,3 +276,47 @@ def test_undivisible_axes_stay_whole():
     assert s.spec == PartitionSpec(None, None)
     s = leaf_sharding("embedder.embedding", (128, 32), default_mesh())
     assert s.spec == PartitionSpec("model", None)
+
+
+# ------------------------------------------------ the same bytes as before the parameter schema
+
+
+def _fixtures():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "make_kaggle_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_kaggle_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path.parent, module
+
+
+def _raw(path):
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(path)
+
+
+@pytest.mark.parametrize("preset", ["gemma-7b", "gemma2-2b", "gemma3-1b"])
+def test_checkpoints_of_the_pre_schema_code_round_trip_byte_for_byte(tmp_path, preset):
+    """tests/data/kaggle-* were saved by the code before the schema (see the script there):
+    they load to the model that wrote them, and saving that model again gives byte-identical
+    orbax metadata and the same bytes in every leaf (so either code reads the other's)."""
+    data, fixtures = _fixtures()
+    old = data / f"kaggle-{preset}"
+    written = fixtures.model(preset)
+    loaded = load_checkpoint(old, preset=fixtures.tiny(preset))
+    for path, leaf in leaf_paths(written).items():
+        np.testing.assert_array_equal(np.asarray(leaf_paths(loaded)[path]),
+                                      np.asarray(leaf.astype(jnp.bfloat16)), path)
+    new = save_checkpoint(written, tmp_path / "new")
+    for name in ("_METADATA", "_sharding", "array_metadatas/process_0"):
+        assert (new / name).read_bytes() == (old / name).read_bytes(), name
+    before, after = _raw(old), _raw(new)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert before[key].keys() == after[key].keys(), key
+        for leaf in before[key]:
+            a, b = np.asarray(before[key][leaf]), np.asarray(after[key][leaf])
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), f"{key}/{leaf}"

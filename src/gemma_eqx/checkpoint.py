@@ -25,10 +25,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jaxtyping import DTypeLike
 
+from . import params
 from .atomic import StorageError
 from .config import PRESETS, GemmaConfig, get_preset
 from .modules import Transformer
-from .sharding import LogicalAxes, ShardingRules
+from .params import LogicalAxes
+from .sharding import ShardingRules
 from .weights import leaf_paths, model_from_arrays
 
 # Leaves of the Gemma 3 4B+ vision tower and projection; a text-only loader never reads them.
@@ -121,157 +123,132 @@ class KaggleLeaf(NamedTuple):
     axes: LogicalAxes
 
 
-def kaggle_layout(config: GemmaConfig) -> list[KaggleLeaf]:
-    """Every leaf a Kaggle checkpoint of `config` holds, with its shape and logical axes."""
-    d, n, k, h, f = (config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim,
-                     config.hidden_dim)
-    leaves = [
-        KaggleLeaf("transformer/embedder", "input_embedding", (config.vocab_size, d),
-                   ("vocab", "embed")),
-        KaggleLeaf("transformer/final_norm", "scale", (d,), ("embed",)),
-    ]
-    norms = ["pre_attention_norm", "pre_ffw_norm"]
-    if config.use_post_norms:
-        norms += ["post_attention_norm", "post_ffw_norm"]
-    for i in range(config.num_layers):
-        p = f"transformer/layer_{i}"
-        leaves += [KaggleLeaf(f"{p}/{norm}", "scale", (d,), ("embed",)) for norm in norms]
-        if k == n:
-            leaves.append(KaggleLeaf(f"{p}/attn/qkv_einsum", "w", (3, n, d, h),
-                                     (None, "heads", "embed", "head_dim")))
-        else:
-            leaves.append(KaggleLeaf(f"{p}/attn/q_einsum", "w", (n, d, h),
-                                     ("heads", "embed", "head_dim")))
-            leaves.append(KaggleLeaf(f"{p}/attn/kv_einsum", "w", (2, k, d, h),
-                                     (None, "kv_heads", "embed", "head_dim")))
-        leaves.append(KaggleLeaf(f"{p}/attn/attn_vec_einsum", "w", (n, h, d),
-                                 ("heads", "head_dim", "embed")))
-        if config.use_qk_norm:
-            leaves.append(KaggleLeaf(f"{p}/attn/_query_norm", "scale", (h,), ("head_dim",)))
-            leaves.append(KaggleLeaf(f"{p}/attn/_key_norm", "scale", (h,), ("head_dim",)))
-        if config.checkpoint_gating_transposed:
-            leaves.append(KaggleLeaf(f"{p}/mlp/gating_einsum", "w", (2, f, d),
-                                     (None, "mlp", "embed")))
-        else:
-            leaves.append(KaggleLeaf(f"{p}/mlp/gating_einsum", "w", (2, d, f),
-                                     (None, "embed", "mlp")))
-        leaves.append(KaggleLeaf(f"{p}/mlp/linear", "w", (f, d), ("mlp", "embed")))
-    return leaves
+# The official checkpoints store the gating weight as [2, mlp, embed] for Gemma 3 and for
+# Gemma 2 9B and 27B, as [2, embed, mlp] otherwise. Loading reads it from the stored shape.
+_GATING_TRANSPOSED_PRESETS = ("gemma2-9b", "gemma2-27b")
 
 
-def arrays_from_kaggle(flat: Mapping[str, Mapping[str, Any]], config: GemmaConfig) -> dict:
-    """Our `{path: array}` from a Kaggle `{key: {leaf: array}}` (splits and transposes)."""
-    out = {
-        "embedder.embedding": flat["transformer/embedder"]["input_embedding"],
-        "final_norm.scale": flat["transformer/final_norm"]["scale"],
-    }
-    for i in range(config.num_layers):
-        src, dst = f"transformer/layer_{i}/", f"blocks.{i}."
-        for norm in ("pre_attention_norm", "pre_ffw_norm", "post_attention_norm",
-                     "post_ffw_norm"):
-            if src + norm in flat:
-                out[f"{dst}{norm}.scale"] = flat[src + norm]["scale"]
-        if src + "attn/qkv_einsum" in flat:
-            qkv = flat[src + "attn/qkv_einsum"]["w"]
-            out[dst + "attn.w_q"], out[dst + "attn.w_k"], out[dst + "attn.w_v"] = qkv
-        else:
-            out[dst + "attn.w_q"] = flat[src + "attn/q_einsum"]["w"]
-            out[dst + "attn.w_k"], out[dst + "attn.w_v"] = flat[src + "attn/kv_einsum"]["w"]
-        out[dst + "attn.w_o"] = flat[src + "attn/attn_vec_einsum"]["w"]
-        if config.use_qk_norm:
-            out[dst + "attn.query_norm.scale"] = flat[src + "attn/_query_norm"]["scale"]
-            out[dst + "attn.key_norm.scale"] = flat[src + "attn/_key_norm"]["scale"]
-        gating = flat[src + "mlp/gating_einsum"]["w"]
-        if config.checkpoint_gating_transposed:
-            gating = jnp.swapaxes(gating, 1, 2)
-        out[dst + "mlp.w_gating"] = gating
-        out[dst + "mlp.w_linear"] = flat[src + "mlp/linear"]["w"]
+def gating_transposed(config: GemmaConfig) -> bool:
+    """Whether a Kaggle checkpoint of `config` stores the gating weight as [2, mlp, embed]:
+    as the official checkpoints of its family do (custom configs follow Gemma 2 2B's layout
+    for Gemma 1 and 2)."""
+    return config.use_qk_norm or config.name in _GATING_TRANSPOSED_PRESETS
+
+
+def _is_gating(leaf: params.Leaf) -> bool:
+    return leaf.param.storage is params.Storage.GATE_UP
+
+
+def kaggle_layout(config: GemmaConfig, *, transposed: bool | None = None) -> list[KaggleLeaf]:
+    """Every leaf a Kaggle checkpoint of `config` holds, with its shape and logical axes
+    (derived from `params.PARAMS`); `transposed` is the gating layout (default: official)."""
+    transposed = gating_transposed(config) if transposed is None else transposed
+    out = []
+    for leaf in params.leaves(config):
+        slot, shape, axes = leaf.kaggle, leaf.shape, leaf.param.axes
+        if _is_gating(leaf) and transposed:
+            shape, axes = (shape[0], shape[2], shape[1]), (axes[0], axes[2], axes[1])
+        if slot.part is not None:
+            if slot.part:
+                continue  # the stack is listed once, at its first part
+            shape, axes = (slot.parts, *shape), (None, *axes)
+        out.append(KaggleLeaf(slot.key, slot.leaf, shape, axes))
     return out
 
 
-def kaggle_from_arrays(arrays: Mapping[str, Any], config: GemmaConfig) -> dict:
-    """The inverse of `arrays_from_kaggle`."""
-    flat: dict[str, dict[str, Any]] = {
-        "transformer/embedder": {"input_embedding": arrays["embedder.embedding"]},
-        "transformer/final_norm": {"scale": arrays["final_norm.scale"]},
-    }
-    for i in range(config.num_layers):
-        src, dst = f"blocks.{i}.", f"transformer/layer_{i}/"
-        for norm in ("pre_attention_norm", "pre_ffw_norm", "post_attention_norm",
-                     "post_ffw_norm"):
-            if f"{src}{norm}.scale" in arrays:
-                flat[dst + norm] = {"scale": arrays[f"{src}{norm}.scale"]}
-        q, k, v = (arrays[src + f"attn.w_{x}"] for x in "qkv")
-        if config.num_kv_heads == config.num_heads:
-            flat[dst + "attn/qkv_einsum"] = {"w": jnp.stack([q, k, v])}
-        else:
-            flat[dst + "attn/q_einsum"] = {"w": q}
-            flat[dst + "attn/kv_einsum"] = {"w": jnp.stack([k, v])}
-        flat[dst + "attn/attn_vec_einsum"] = {"w": arrays[src + "attn.w_o"]}
-        if config.use_qk_norm:
-            flat[dst + "attn/_query_norm"] = {"scale": arrays[src + "attn.query_norm.scale"]}
-            flat[dst + "attn/_key_norm"] = {"scale": arrays[src + "attn.key_norm.scale"]}
-        gating = arrays[src + "mlp.w_gating"]
-        if config.checkpoint_gating_transposed:
-            gating = jnp.swapaxes(gating, 1, 2)
-        flat[dst + "mlp/gating_einsum"] = {"w": gating}
-        flat[dst + "mlp/linear"] = {"w": arrays[src + "mlp.w_linear"]}
+_GATING = ("transformer/layer_0/mlp/gating_einsum", "w")
+
+
+def _stored_transposed(shapes: Mapping[str, Mapping[str, Any]], config: GemmaConfig) -> bool:
+    """Which gating layout a checkpoint uses, read from its stored shape."""
+    stored = shapes.get(_GATING[0], {}).get(_GATING[1], ())
+    shape = tuple(getattr(stored, "shape", stored))
+    d, f = config.embed_dim, config.hidden_dim
+    return shape[1:] == (f, d) and (d != f or gating_transposed(config))
+
+
+def arrays_from_kaggle(flat: Mapping[str, Mapping[str, Any]], config: GemmaConfig) -> dict:
+    """Our `{path: array}` from a Kaggle `{key: {leaf: array}}` (unstacks and transposes)."""
+    transposed = _stored_transposed(flat, config)
+    out = {}
+    for leaf in params.leaves(config):
+        slot = leaf.kaggle
+        array = flat[slot.key][slot.leaf]
+        if slot.part is not None:
+            array = array[slot.part]
+        if _is_gating(leaf) and transposed:
+            array = jnp.swapaxes(array, 1, 2)
+        out[leaf.path] = array
+    return out
+
+
+def kaggle_from_arrays(
+    arrays: Mapping[str, Any], config: GemmaConfig, *, transposed: bool | None = None
+) -> dict:
+    """The inverse of `arrays_from_kaggle`, in the order of the official checkpoints."""
+    transposed = gating_transposed(config) if transposed is None else transposed
+    parts: dict[tuple[str, str], list[Any]] = {}
+    for leaf in params.leaves(config):
+        slot, array = leaf.kaggle, arrays[leaf.path]
+        if _is_gating(leaf) and transposed:
+            array = jnp.swapaxes(array, 1, 2)
+        parts.setdefault((slot.key, slot.leaf), []).append(array)
+    flat: dict[str, dict[str, Any]] = {}
+    for key, leaf_name in sorted(parts, key=_official_order):
+        stack = parts[key, leaf_name]
+        flat.setdefault(key, {})[leaf_name] = stack[0] if len(stack) == 1 else jnp.stack(stack)
     return flat
 
 
+_KEY_ORDER = ("embedder", "final_norm", "pre_attention_norm", "pre_ffw_norm",
+              "post_attention_norm", "post_ffw_norm", "attn/qkv_einsum", "attn/q_einsum",
+              "attn/kv_einsum", "attn/attn_vec_einsum", "attn/_query_norm", "attn/_key_norm",
+              "mlp/gating_einsum", "mlp/linear")
+
+
+def _official_order(slot: tuple[str, str]) -> tuple[int, int]:
+    """Layer by layer, leaves in the order the official checkpoints (and orbax's metadata of
+    every checkpoint this library wrote before) list them."""
+    key = slot[0]
+    layer = re.match(r"transformer/layer_(\d+)/", key)
+    rest = key[len(layer[0]):] if layer else key.removeprefix("transformer/")
+    return (int(layer[1]) + 1 if layer else 0), _KEY_ORDER.index(rest)
+
+
 def detect_preset(shapes: Shapes) -> GemmaConfig:
-    """The preset whose Kaggle layout has exactly these shapes (`{key: {leaf: shape}}`).
-
-    Uses widths, head counts, head dim, MLP width, vocabulary, layer count and which norms
-    exist, never the layer count alone (gemma-2b and gemma3-270m both have 18 layers).
-    """
-    found = _signature(shapes)
+    """The preset whose Kaggle layout has exactly these shapes (`{key: {leaf: shape}}`, the
+    gating weight in either layout): every leaf's shape, not the layer count alone (gemma-2b
+    and gemma3-270m both have 18 layers)."""
     for config in PRESETS.values():
-        if _signature_of(config) == found:
+        if any(_same_shapes(shapes, layout_shapes(config, transposed=t)) for t in (False, True)):
             return config
-    described = ", ".join(f"{k}={v}" for k, v in found.items())
     raise ValueError(
-        f"checkpoint shapes match no Gemma preset ({described}); pass preset=GemmaConfig(...) "
-        f"for a custom architecture"
+        f"checkpoint shapes match no Gemma preset ({_describe(shapes)}); pass "
+        f"preset=GemmaConfig(...) for a custom architecture"
     )
 
 
-def _signature(shapes: Shapes) -> dict[str, Any]:
-    def get(key: str, leaf: str) -> tuple[int, ...]:
-        try:
-            return tuple(shapes[key][leaf])
-        except KeyError:
-            raise ValueError(
-                f"checkpoint has no leaf {key}/{leaf}; not a Gemma checkpoint"
-            ) from None
+def _same_shapes(found: Shapes, expected: Shapes) -> bool:
+    return {k: dict(v) for k, v in found.items()} == expected
 
+
+def _describe(shapes: Shapes) -> str:
     layers = sum(1 for k in shapes if k.startswith("transformer/layer_") and k.endswith("/linear"))
-    n, h, d = get("transformer/layer_0/attn/attn_vec_einsum", "w")
-    if "transformer/layer_0/attn/qkv_einsum" in shapes:
-        kv = get("transformer/layer_0/attn/qkv_einsum", "w")[1]
-    else:
-        kv = get("transformer/layer_0/attn/kv_einsum", "w")[1]
-    return dict(
-        layers=layers, embed=get("transformer/final_norm", "scale")[0], heads=n, kv_heads=kv,
-        head_dim=h, mlp=get("transformer/layer_0/mlp/linear", "w")[0],
-        vocab=get("transformer/embedder", "input_embedding")[0],
-        qk_norm="transformer/layer_0/attn/_query_norm" in shapes,
-        post_norms="transformer/layer_0/post_attention_norm" in shapes,
-    )
+    found = [f"layers={layers}"]
+    for key, leaf, name in (("transformer/final_norm", "scale", "embed"),
+                            ("transformer/embedder", "input_embedding", "embedding"),
+                            ("transformer/layer_0/attn/attn_vec_einsum", "w", "attn_vec_einsum"),
+                            ("transformer/layer_0/mlp/linear", "w", "mlp/linear")):
+        if leaf in shapes.get(key, {}):
+            value = shapes[key][leaf]
+            found.append(f"{name}={value[0] if len(value) == 1 else tuple(value)}")
+    return ", ".join(found)
 
 
-def _signature_of(config: GemmaConfig) -> dict[str, Any]:
-    return dict(
-        layers=config.num_layers, embed=config.embed_dim, heads=config.num_heads,
-        kv_heads=config.num_kv_heads, head_dim=config.head_dim, mlp=config.hidden_dim,
-        vocab=config.vocab_size, qk_norm=config.use_qk_norm, post_norms=config.use_post_norms,
-    )
-
-
-def layout_shapes(config: GemmaConfig) -> Shapes:
+def layout_shapes(config: GemmaConfig, *, transposed: bool | None = None) -> Shapes:
     """`{key: {leaf: shape}}` of a Kaggle checkpoint of `config`."""
     shapes: Shapes = {}
-    for leaf in kaggle_layout(config):
+    for leaf in kaggle_layout(config, transposed=transposed):
         shapes.setdefault(leaf.key, {})[leaf.leaf] = leaf.shape
     return shapes
 
@@ -307,7 +284,7 @@ def _read_shapes(path: Path) -> Shapes:
 
 def check_layout(shapes: Shapes, config: GemmaConfig, source: str) -> None:
     """Raise a ValueError naming the first missing, extra or misshaped leaf."""
-    expected = layout_shapes(config)
+    expected = layout_shapes(config, transposed=_stored_transposed(shapes, config))
     found = {(k, leaf): s for k, leaves in shapes.items() for leaf, s in leaves.items()}
     wanted = {(k, leaf): s for k, leaves in expected.items() for leaf, s in leaves.items()}
     for key in wanted:
@@ -362,7 +339,7 @@ def load_checkpoint(
 
     item: dict[str, dict[str, Any]] = {}
     restore_args: dict[str, dict[str, Any]] = {}
-    for leaf in kaggle_layout(config):
+    for leaf in kaggle_layout(config, transposed=_stored_transposed(shapes, config)):
         item.setdefault(leaf.key, {})[leaf.leaf] = 0
         restore_args.setdefault(leaf.key, {})[leaf.leaf] = ocp.ArrayRestoreArgs(
             sharding=sharding(leaf), dtype=dtype
@@ -388,8 +365,11 @@ def save_checkpoint(
     *,
     dtype: DTypeLike | None = jnp.bfloat16,
     overwrite: bool = False,
+    transposed_gating: bool | None = None,
 ) -> Path:
-    """Write `model` in the Kaggle layout (bf16 by default; `dtype=None` keeps each leaf's).
+    """Write `model` in the Kaggle layout (bf16 by default; `dtype=None` keeps each leaf's;
+    the gating weight as the official checkpoints of its family store it unless
+    `transposed_gating` says).
 
     The checkpoint is written to a temporary sibling directory and renamed when complete, so
     `path` never holds a partial checkpoint.
@@ -402,7 +382,7 @@ def save_checkpoint(
     arrays = leaf_paths(model)
     if dtype is not None:
         arrays = {p: a.astype(dtype) for p, a in arrays.items()}
-    flat = kaggle_from_arrays(arrays, model.config)
+    flat = kaggle_from_arrays(arrays, model.config, transposed=transposed_gating)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / "checkpoint"

@@ -30,8 +30,6 @@ class GemmaConfig:
     final_logit_softcap: float | None = None
     use_qk_norm: bool = False
     use_post_norms: bool = False
-    # Kaggle checkpoints store the gating weight as (2, F, D) for Gemma 2 9B/27B and Gemma 3.
-    checkpoint_gating_transposed: bool = False
     norm_eps: float = 1e-6
     context_length: int = 8192  # the longest sequence the model was trained for
 
@@ -67,31 +65,65 @@ def gemma3_pattern(num_layers: int) -> tuple[AttentionKind, ...]:
     return tuple("global" if (i + 1) % 6 == 0 else "local" for i in range(num_layers))
 
 
+Family = Literal["gemma", "gemma2", "gemma3"]
+
+
+def family_of(config: GemmaConfig) -> Family:
+    """The generation whose mechanics `config` has (QK-norm: 3; post-norms: 2; else 1)."""
+    return "gemma3" if config.use_qk_norm else "gemma2" if config.use_post_norms else "gemma"
+
+
+def family_config(
+    family: Family,
+    *,
+    name: str,
+    num_layers: int,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    hidden_dim: int,
+    vocab_size: int,
+    **overrides,
+) -> GemmaConfig:
+    """A config with the sizes given and the defaults of its generation (the one place they
+    are written): layer pattern, window, RoPE bases, soft-caps, norms, context. `overrides`
+    replace any default; presets and the GGUF and Hugging Face readers all build on this."""
+    defaults: dict = dict(query_pre_attn_scalar=float(head_dim))
+    if family == "gemma":
+        defaults.update(attention_kinds=("global",) * num_layers)
+    elif family == "gemma2":
+        defaults.update(attention_kinds=gemma2_pattern(num_layers), sliding_window=4096,
+                        attn_logit_softcap=50.0, final_logit_softcap=30.0, use_post_norms=True)
+    elif family == "gemma3":
+        defaults.update(attention_kinds=gemma3_pattern(num_layers), sliding_window=1024,
+                        local_rope_base=10_000.0, global_rope_base=1_000_000.0,
+                        use_qk_norm=True, use_post_norms=True, context_length=131_072)
+    else:
+        raise ValueError(f"unknown Gemma family {family!r}; expected gemma, gemma2 or gemma3")
+    return GemmaConfig(
+        name=name, num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, hidden_dim=hidden_dim,
+        vocab_size=vocab_size, **{**defaults, **overrides},
+    )
+
+
 def _gemma1(name, layers, d, n, k, f) -> GemmaConfig:
-    return GemmaConfig(
-        name=name, num_layers=layers, embed_dim=d, num_heads=n, num_kv_heads=k, head_dim=256,
-        hidden_dim=f, vocab_size=256_128, attention_kinds=("global",) * layers,
-        query_pre_attn_scalar=256.0,
-    )
+    return family_config("gemma", name=name, num_layers=layers, embed_dim=d, num_heads=n,
+                         num_kv_heads=k, head_dim=256, hidden_dim=f, vocab_size=256_128)
 
 
-def _gemma2(name, layers, d, n, k, h, f, scalar, transposed) -> GemmaConfig:
-    return GemmaConfig(
-        name=name, num_layers=layers, embed_dim=d, num_heads=n, num_kv_heads=k, head_dim=h,
-        hidden_dim=f, vocab_size=256_128, attention_kinds=gemma2_pattern(layers),
-        query_pre_attn_scalar=float(scalar), sliding_window=4096, attn_logit_softcap=50.0,
-        final_logit_softcap=30.0, use_post_norms=True, checkpoint_gating_transposed=transposed,
-    )
+def _gemma2(name, layers, d, n, k, h, f, scalar) -> GemmaConfig:
+    return family_config("gemma2", name=name, num_layers=layers, embed_dim=d, num_heads=n,
+                         num_kv_heads=k, head_dim=h, hidden_dim=f, vocab_size=256_128,
+                         query_pre_attn_scalar=float(scalar))
 
 
 def _gemma3(name, layers, d, n, k, h, f, scalar, window, rope_scale, context) -> GemmaConfig:
-    return GemmaConfig(
-        name=name, num_layers=layers, embed_dim=d, num_heads=n, num_kv_heads=k, head_dim=h,
-        hidden_dim=f, vocab_size=262_144, attention_kinds=gemma3_pattern(layers),
-        query_pre_attn_scalar=float(scalar), sliding_window=window, local_rope_base=10_000.0,
-        global_rope_base=1_000_000.0, global_rope_scale=float(rope_scale), use_qk_norm=True,
-        use_post_norms=True, checkpoint_gating_transposed=True, context_length=context,
-    )
+    return family_config("gemma3", name=name, num_layers=layers, embed_dim=d, num_heads=n,
+                         num_kv_heads=k, head_dim=h, hidden_dim=f, vocab_size=262_144,
+                         query_pre_attn_scalar=float(scalar), sliding_window=window,
+                         global_rope_scale=float(rope_scale), context_length=context)
 
 
 PRESETS: dict[str, GemmaConfig] = {
@@ -99,9 +131,9 @@ PRESETS: dict[str, GemmaConfig] = {
     for c in [
         _gemma1("gemma-2b", 18, 2048, 8, 1, 16_384),
         _gemma1("gemma-7b", 28, 3072, 16, 16, 24_576),
-        _gemma2("gemma2-2b", 26, 2304, 8, 4, 256, 9216, 256, False),
-        _gemma2("gemma2-9b", 42, 3584, 16, 8, 256, 14_336, 256, True),
-        _gemma2("gemma2-27b", 46, 4608, 32, 16, 128, 36_864, 4608 // 32, True),
+        _gemma2("gemma2-2b", 26, 2304, 8, 4, 256, 9216, 256),
+        _gemma2("gemma2-9b", 42, 3584, 16, 8, 256, 14_336, 256),
+        _gemma2("gemma2-27b", 46, 4608, 32, 16, 128, 36_864, 4608 // 32),
         _gemma3("gemma3-270m", 18, 640, 4, 1, 256, 2048, 256, 512, 1.0, 32_768),
         _gemma3("gemma3-1b", 26, 1152, 4, 1, 256, 6912, 256, 512, 1.0, 32_768),
         _gemma3("gemma3-4b", 34, 2560, 8, 4, 256, 10_240, 256, 1024, 8.0, 131_072),

@@ -24,7 +24,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 from gguf.quants import dequantize
 
-from .config import PRESETS, GemmaConfig, gemma2_pattern, gemma3_pattern
+from . import params
+from .config import PRESETS, GemmaConfig, family_config, gemma2_pattern, gemma3_pattern
 from .modules import Transformer
 from .weights import model_from_arrays
 
@@ -313,43 +314,35 @@ def config_from_gguf(header: GGUFHeader) -> GemmaConfig:
         vocab = header.tensors["token_embd.weight"].shape[0]
     else:
         vocab = len(_meta(header, "tokenizer.ggml.tokens"))
-    common = dict(
+    sizes = dict(
         name=f"gguf:{header.metadata.get('general.name', header.path.stem)}",
         num_layers=layers, embed_dim=width, num_heads=heads, num_kv_heads=kv_heads,
         head_dim=head_dim, hidden_dim=int(m("feed_forward_length")), vocab_size=int(vocab),
-        norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-6)),
-        context_length=int(m("context_length", 8192)),
     )
-    # llama.cpp scales queries by (embed / heads)^-1/2 for the 27B Gemma 2 and 3, which have
-    # head_dim 128; by head_dim^-1/2 otherwise. The 27B presets are matched below either way.
-    scalar = float(head_dim)
+    # What the file says overrides the family's defaults (config.family_config); what it
+    # omits (query scale, local RoPE base of Gemma 3) keeps them. llama.cpp scales queries by
+    # (embed / heads)^-1/2 for the 27B Gemma 2 and 3 (head_dim 128) and by head_dim^-1/2
+    # otherwise; the 27B presets are matched below either way.
     window = m("attention.sliding_window", None)
     base = float(m("rope.freq_base", 10_000.0))
-    if arch == "gemma":
-        config = GemmaConfig(
-            **common, attention_kinds=("global",) * layers, query_pre_attn_scalar=scalar,
-            global_rope_base=base,
-        )
-    elif arch == "gemma2":
-        caps = {k: m(f"{k}_softcapping", None) for k in ("attn_logit", "final_logit")}
-        config = GemmaConfig(
-            **common, attention_kinds=_pattern(header, arch, layers, gemma2_pattern),
-            query_pre_attn_scalar=scalar, sliding_window=None if window is None else int(window),
-            local_rope_base=base, global_rope_base=base,
-            attn_logit_softcap=_opt_float(caps["attn_logit"]),
-            final_logit_softcap=_opt_float(caps["final_logit"]), use_post_norms=True,
-        )
-    else:
+    read: dict[str, Any] = dict(
+        norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-6)),
+        context_length=int(m("context_length", 8192)), global_rope_base=base,
+    )
+    if arch != "gemma":
+        read.update(attention_kinds=_pattern(header, arch, layers),
+                    sliding_window=None if window is None else int(window))
+    if arch == "gemma2":
+        read.update(local_rope_base=base,
+                    attn_logit_softcap=_opt_float(m("attn_logit_softcapping", None)),
+                    final_logit_softcap=_opt_float(m("final_logit_softcapping", None)))
+    if arch == "gemma3":
         scale = 1.0
         if m("rope.scaling.type", "none") == "linear":
             scale = float(m("rope.scaling.factor", 1.0))
-        config = GemmaConfig(
-            **common, attention_kinds=_pattern(header, arch, layers, gemma3_pattern),
-            query_pre_attn_scalar=scalar, sliding_window=None if window is None else int(window),
-            local_rope_base=float(m("rope.freq_base_swa", 10_000.0)), global_rope_base=base,
-            global_rope_scale=scale, use_qk_norm=True, use_post_norms=True,
-            checkpoint_gating_transposed=True,
-        )
+        read.update(local_rope_base=float(m("rope.freq_base_swa", 10_000.0)),
+                    global_rope_scale=scale)
+    config = family_config(arch, **sizes, **read)
     return match_preset(config)
 
 
@@ -357,12 +350,12 @@ def _opt_float(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
-def _pattern(header: GGUFHeader, arch: str, layers: int, default: Any) -> tuple[str, ...]:
+def _pattern(header: GGUFHeader, arch: str, layers: int) -> tuple[str, ...]:
     """The local/global layer pattern: from the file if it says (newer llama.cpp), else the
     family's fixed pattern."""
     pattern = header.metadata.get(f"{arch}.attention.sliding_window_pattern")
     if pattern is None:
-        return default(layers)
+        return gemma2_pattern(layers) if arch == "gemma2" else gemma3_pattern(layers)
     if isinstance(pattern, np.ndarray):  # one flag per layer: is it sliding-window?
         if len(pattern) != layers:
             raise ValueError(
@@ -378,7 +371,7 @@ def match_preset(config: GemmaConfig) -> GemmaConfig:
     """The named preset equal to `config` in every field that affects the computation, or
     `config` itself.
 
-    Ignored in the comparison: the name, the Kaggle gating layout (meaningless for GGUF), the
+    Ignored in the comparison: the name, the
     context length (converters sometimes rewrite it) and the query scale (GGUF has none).
     """
     for preset in PRESETS.values():
@@ -386,8 +379,7 @@ def match_preset(config: GemmaConfig) -> GemmaConfig:
             continue
         # The two Gemma 2/3 27B models scale queries by (embed / heads)^-1/2; see above.
         candidate = config.replace(
-            name=preset.name, checkpoint_gating_transposed=preset.checkpoint_gating_transposed,
-            query_pre_attn_scalar=preset.query_pre_attn_scalar,
+            name=preset.name, query_pre_attn_scalar=preset.query_pre_attn_scalar,
             context_length=preset.context_length,
         )
         if candidate == preset:
@@ -399,41 +391,13 @@ def match_preset(config: GemmaConfig) -> GemmaConfig:
 
 
 def arrays_from_gguf(header: GGUFHeader, config: GemmaConfig) -> dict[str, np.ndarray]:
-    """Our `{path: float32 array}` from the file's tensors, in our layouts."""
-    n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.embed_dim
-
-    def get(name: str) -> np.ndarray:
-        return read_tensor(header, name)
-
-    def norm(name: str) -> np.ndarray:
-        return get(name) - np.float32(1.0)  # llama.cpp stores 1 + scale
-
-    out = {"embedder.embedding": get("token_embd.weight"),
-           "final_norm.scale": norm("output_norm.weight")}
-    for i in range(config.num_layers):
-        src, dst = f"blk.{i}.", f"blocks.{i}."
-        for ours, theirs, heads in (("w_q", "attn_q", n), ("w_k", "attn_k", k),
-                                    ("w_v", "attn_v", k)):
-            name = f"{src}{theirs}.weight"  # [heads * head_dim, embed]
-            w = _reshaped(header, name, get(name), (heads, h, d))
-            out[f"{dst}attn.{ours}"] = w.transpose(0, 2, 1)
-        w_o = _reshaped(header, src + "attn_output.weight", get(src + "attn_output.weight"),
-                        (d, n, h))
-        out[dst + "attn.w_o"] = w_o.transpose(1, 2, 0)
-        if config.use_qk_norm:
-            out[dst + "attn.query_norm.scale"] = norm(src + "attn_q_norm.weight")
-            out[dst + "attn.key_norm.scale"] = norm(src + "attn_k_norm.weight")
-        out[dst + "mlp.w_gating"] = np.stack(
-            [get(src + "ffn_gate.weight").T, get(src + "ffn_up.weight").T]
-        )
-        out[dst + "mlp.w_linear"] = get(src + "ffn_down.weight").T
-        out[dst + "pre_attention_norm.scale"] = norm(src + "attn_norm.weight")
-        out[dst + "pre_ffw_norm.scale"] = norm(src + "ffn_norm.weight")
-        if config.use_post_norms:
-            out[dst + "post_attention_norm.scale"] = norm(src + "post_attention_norm.weight")
-            out[dst + "post_ffw_norm.scale"] = norm(src + "post_ffw_norm.weight")
+    """Our `{path: float32 array}` from the file's tensors, in our layouts (`params.PARAMS`
+    names each tensor and its layout)."""
     # Some are transposed views; whoever converts them (jnp.asarray) copies them once anyway.
-    return out
+    return params.arrays_from_tensors(
+        config, lambda name: read_tensor(header, name), names="gguf",
+        check=lambda name, w, shape: _reshaped(header, name, w, shape),
+    )
 
 
 def _reshaped(header: GGUFHeader, name: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

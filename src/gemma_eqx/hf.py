@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import DTypeLike
 
-from .config import GemmaConfig, gemma2_pattern, gemma3_pattern
+from . import params
+from .config import GemmaConfig, family_config
 from .modules import Transformer
 from .weights import model_from_arrays
 
@@ -17,41 +18,35 @@ from .weights import model_from_arrays
 def config_from_hf(hf_config: Any, name: str = "hf") -> GemmaConfig:
     """Our config from a transformers `GemmaConfig`, `Gemma2Config` or `Gemma3TextConfig`."""
     c = getattr(hf_config, "text_config", None) or hf_config
-    model_type = c.model_type
-    layers = c.num_hidden_layers
-    common = dict(
-        name=name, num_layers=layers, embed_dim=c.hidden_size, num_heads=c.num_attention_heads,
-        num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_dim=c.intermediate_size,
-        vocab_size=c.vocab_size, norm_eps=c.rms_norm_eps,
-        context_length=int(c.max_position_embeddings),
-    )
+    families = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+    if c.model_type not in families:
+        raise ValueError(f"unsupported Hugging Face model type {c.model_type!r}")
+    family = families[c.model_type]
+    # What the config says overrides the family's defaults (config.family_config).
+    read: dict[str, Any] = dict(norm_eps=c.rms_norm_eps,
+                                context_length=int(c.max_position_embeddings))
     layer_types = getattr(c, "layer_types", None)
-    if layer_types is not None:
-        kinds = tuple("local" if t == "sliding_attention" else "global" for t in layer_types)
-    if model_type == "gemma":
-        return GemmaConfig(
-            **common, attention_kinds=("global",) * layers, query_pre_attn_scalar=float(c.head_dim),
-            global_rope_base=_rope_theta(c),
-        )
-    if model_type == "gemma2":
-        return GemmaConfig(
-            **common, attention_kinds=kinds if layer_types else gemma2_pattern(layers),
-            query_pre_attn_scalar=float(c.query_pre_attn_scalar), sliding_window=c.sliding_window,
-            local_rope_base=_rope_theta(c), global_rope_base=_rope_theta(c),
-            attn_logit_softcap=_opt_float(c.attn_logit_softcapping),
-            final_logit_softcap=_opt_float(c.final_logit_softcapping), use_post_norms=True,
-        )
-    if model_type == "gemma3_text":
+    if family == "gemma":
+        read.update(global_rope_base=_rope_theta(c))
+    else:
+        if layer_types is not None:
+            read["attention_kinds"] = tuple(
+                "local" if t == "sliding_attention" else "global" for t in layer_types)
+        read.update(query_pre_attn_scalar=float(c.query_pre_attn_scalar),
+                    sliding_window=c.sliding_window,
+                    attn_logit_softcap=_opt_float(c.attn_logit_softcapping),
+                    final_logit_softcap=_opt_float(c.final_logit_softcapping))
+    if family == "gemma2":
+        read.update(local_rope_base=_rope_theta(c), global_rope_base=_rope_theta(c))
+    if family == "gemma3":
         global_base, local_base, scale = _gemma3_rope(c)
-        return GemmaConfig(
-            **common, attention_kinds=kinds if layer_types else gemma3_pattern(layers),
-            query_pre_attn_scalar=float(c.query_pre_attn_scalar), sliding_window=c.sliding_window,
-            local_rope_base=local_base, global_rope_base=global_base, global_rope_scale=scale,
-            attn_logit_softcap=_opt_float(c.attn_logit_softcapping),
-            final_logit_softcap=_opt_float(c.final_logit_softcapping), use_qk_norm=True,
-            use_post_norms=True, checkpoint_gating_transposed=True,
-        )
-    raise ValueError(f"unsupported Hugging Face model type {model_type!r}")
+        read.update(local_rope_base=local_base, global_rope_base=global_base,
+                    global_rope_scale=scale)
+    return family_config(
+        family, name=name, num_layers=c.num_hidden_layers, embed_dim=c.hidden_size,
+        num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim, hidden_dim=c.intermediate_size, vocab_size=c.vocab_size, **read,
+    )
 
 
 def _opt_float(x: float | None) -> float | None:
@@ -78,7 +73,8 @@ def _gemma3_rope(c: Any) -> tuple[float, float, float]:
 
 
 def arrays_from_hf(state_dict: Mapping[str, Any], config: GemmaConfig) -> dict[str, np.ndarray]:
-    """Our `{path: array}` from a transformers state dict (torch tensors or numpy arrays)."""
+    """Our `{path: array}` from a transformers state dict (torch tensors or numpy arrays);
+    `params.PARAMS` names each tensor and its layout."""
 
     def get(name: str) -> np.ndarray:
         for prefix in ("model.", "model.language_model.", "language_model.model.", ""):
@@ -87,31 +83,8 @@ def arrays_from_hf(state_dict: Mapping[str, Any], config: GemmaConfig) -> dict[s
                 return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
         raise KeyError(f"Hugging Face state dict has no {name!r}")
 
-    n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.embed_dim
-    out = {"embedder.embedding": get("embed_tokens.weight"), "final_norm.scale": get("norm.weight")}
-    post = config.use_post_norms
-    for i in range(config.num_layers):
-        src, dst = f"layers.{i}.", f"blocks.{i}."
-        for ours, theirs, heads in (("w_q", "q", n), ("w_k", "k", k), ("w_v", "v", k)):
-            w = get(f"{src}self_attn.{theirs}_proj.weight")  # [heads * head_dim, embed]
-            out[f"{dst}attn.{ours}"] = w.reshape(heads, h, d).transpose(0, 2, 1)
-        w_o = get(src + "self_attn.o_proj.weight")  # [embed, heads * head_dim]
-        out[dst + "attn.w_o"] = w_o.reshape(d, n, h).transpose(1, 2, 0)
-        if config.use_qk_norm:
-            out[dst + "attn.query_norm.scale"] = get(src + "self_attn.q_norm.weight")
-            out[dst + "attn.key_norm.scale"] = get(src + "self_attn.k_norm.weight")
-        out[dst + "mlp.w_gating"] = np.stack(
-            [get(src + "mlp.gate_proj.weight").T, get(src + "mlp.up_proj.weight").T]
-        )
-        out[dst + "mlp.w_linear"] = get(src + "mlp.down_proj.weight").T
-        out[dst + "pre_attention_norm.scale"] = get(src + "input_layernorm.weight")
-        if post:
-            out[dst + "post_attention_norm.scale"] = get(src + "post_attention_layernorm.weight")
-            out[dst + "pre_ffw_norm.scale"] = get(src + "pre_feedforward_layernorm.weight")
-            out[dst + "post_ffw_norm.scale"] = get(src + "post_feedforward_layernorm.weight")
-        else:  # Gemma 1 calls its pre-MLP norm "post_attention_layernorm".
-            out[dst + "pre_ffw_norm.scale"] = get(src + "post_attention_layernorm.weight")
-    return out
+    return params.arrays_from_tensors(config, get, names="hf",
+                                      check=lambda name, w, shape: w.reshape(shape))
 
 
 def from_hf(

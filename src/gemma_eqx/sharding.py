@@ -1,4 +1,5 @@
-"""Logical axes of every parameter, and rule tables that map them onto a device mesh."""
+"""Rule tables that map the logical axes of every parameter (from `params.PARAMS`) onto a
+device mesh."""
 
 from __future__ import annotations
 
@@ -9,34 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .params import LogicalAxes, logical_axes
 from .weights import map_leaves_with_path
-
-LogicalAxes = tuple[str | None, ...]
-
-# The last two components of a leaf's path name its logical axes.
-_AXES_BY_NAME: dict[str, LogicalAxes] = {
-    "embedding": ("vocab", "embed"),
-    "query_norm.scale": ("head_dim",),
-    "key_norm.scale": ("head_dim",),
-    "scale": ("embed",),
-    "w_q": ("heads", "embed", "head_dim"),
-    "w_k": ("kv_heads", "embed", "head_dim"),
-    "w_v": ("kv_heads", "embed", "head_dim"),
-    "w_o": ("heads", "head_dim", "embed"),
-    "w_gating": (None, "embed", "mlp"),
-    "w_linear": ("mlp", "embed"),
-}
-
-
-def logical_axes(path: str, ndim: int) -> LogicalAxes:
-    """Logical axis names of the leaf at `path` (e.g. `blocks.0.attn.w_q`); unknown leaves,
-    such as intervention masks, get no names and so stay replicated."""
-    parts = path.split(".")
-    for name in (".".join(parts[-2:]), parts[-1]):
-        axes = _AXES_BY_NAME.get(name)
-        if axes is not None and len(axes) == ndim:
-            return axes
-    return (None,) * ndim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +61,6 @@ def leaf_sharding(
     """The sharding of the leaf at `path` under `rules` (default: `DEFAULT_RULES`)."""
     rules = DEFAULT_RULES if rules is None else rules
     return NamedSharding(mesh, rules.spec(logical_axes(path, len(shape)), tuple(shape), mesh))
-
-
-def model_shardings(model: Any, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
-    """A pytree like `model` (concrete or abstract) with a `NamedSharding` at every leaf."""
-    return map_leaves_with_path(lambda p, x: leaf_sharding(p, x.shape, mesh, rules), model)
 
 
 def shard_model(model: Any, mesh: Mesh, rules: ShardingRules | None = None) -> Any:

@@ -1,0 +1,263 @@
+"""The parameter schema: every leaf of `Transformer` with its logical axes and its name and
+layout in each storage format. Loaders, savers, sharding, layout checks and preset detection
+are derived from `PARAMS`; a new leaf or a new format is one entry or one column here.
+
+Formats:
+- Kaggle (the official Flax/orbax checkpoints): `{key: {leaf: array}}`; q/k/v are stacked in
+  `qkv_einsum` (multi-head) or `kv_einsum` (grouped), gate and up in `gating_einsum`.
+- Hugging Face and GGUF store PyTorch-style `[out, in]` matrices, q/k/v/o flattened over heads
+  (`Storage`); GGUF (llama.cpp) also stores every norm as `1 + scale`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .config import GemmaConfig
+
+LogicalAxes = tuple[str | None, ...]
+
+
+class Storage(enum.Enum):
+    """How Hugging Face and GGUF hold a leaf, relative to our layout."""
+
+    SAME = "same"
+    QKV = "qkv"  # ours [heads, embed, head_dim]; theirs [heads * head_dim, embed]
+    OUT = "out"  # ours [heads, head_dim, embed]; theirs [embed, heads * head_dim]
+    GATE_UP = "gate_up"  # ours [2, embed, mlp]; theirs gate and up, each [mlp, embed]
+    TRANSPOSED = "transposed"  # ours [mlp, embed]; theirs [embed, mlp]
+
+
+@dataclasses.dataclass(frozen=True)
+class KaggleSlot:
+    """Where a leaf lives in a Kaggle checkpoint: `key/leaf`, or part `part` of the `parts`
+    leaves stacked along a new first axis there."""
+
+    key: str
+    leaf: str
+    part: int | None = None
+    parts: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One leaf (per layer where `path` holds `{i}`) and how each format stores it."""
+
+    path: str
+    axes: LogicalAxes
+    shape: Callable[[GemmaConfig], tuple[int, ...]]
+    kaggle: Callable[[GemmaConfig], KaggleSlot]
+    hf: Callable[[GemmaConfig], tuple[str, ...]]
+    gguf: tuple[str, ...]
+    storage: Storage = Storage.SAME
+    gguf_offset: float = 0.0  # llama.cpp adds 1 to every norm scale
+    present: Callable[[GemmaConfig], bool] = lambda c: True
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.path
+
+
+def _norm(path: str, kaggle: str, hf: str | Callable[[GemmaConfig], str], gguf: str,
+          present: Callable[[GemmaConfig], bool] = lambda c: True,
+          axes: LogicalAxes = ("embed",)) -> Param:
+    size = (lambda c: (c.head_dim,)) if axes == ("head_dim",) else (lambda c: (c.embed_dim,))
+    return Param(
+        path=path, axes=axes, shape=size, kaggle=lambda c: KaggleSlot(kaggle, "scale"),
+        hf=lambda c: (hf(c) if callable(hf) else hf,), gguf=(gguf,), gguf_offset=1.0,
+        present=present,
+    )
+
+
+def _qkv(which: int) -> Callable[[GemmaConfig], KaggleSlot]:
+    def slot(c: GemmaConfig) -> KaggleSlot:
+        if c.num_kv_heads == c.num_heads:
+            return KaggleSlot("transformer/layer_{i}/attn/qkv_einsum", "w", which, 3)
+        if which == 0:
+            return KaggleSlot("transformer/layer_{i}/attn/q_einsum", "w")
+        return KaggleSlot("transformer/layer_{i}/attn/kv_einsum", "w", which - 1, 2)
+
+    return slot
+
+
+def _fixed(name: str) -> Callable[[GemmaConfig], tuple[str, ...]]:
+    return lambda c: (name,)
+
+
+_L = "transformer/layer_{i}"
+_ATTN = "layers.{i}.self_attn"
+
+PARAMS: tuple[Param, ...] = (
+    Param("embedder.embedding", ("vocab", "embed"), lambda c: (c.vocab_size, c.embed_dim),
+          lambda c: KaggleSlot("transformer/embedder", "input_embedding"),
+          _fixed("embed_tokens.weight"), ("token_embd.weight",)),
+    _norm("final_norm.scale", "transformer/final_norm", "norm.weight", "output_norm.weight"),
+    _norm("blocks.{i}.pre_attention_norm.scale", f"{_L}/pre_attention_norm",
+          "layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    # Gemma 1 calls its pre-MLP norm "post_attention_layernorm"; Gemma 2 and 3 use that name
+    # for the norm after attention.
+    _norm("blocks.{i}.pre_ffw_norm.scale", f"{_L}/pre_ffw_norm",
+          lambda c: "layers.{i}." + ("pre_feedforward_layernorm" if c.use_post_norms
+                                     else "post_attention_layernorm") + ".weight",
+          "blk.{i}.ffn_norm.weight"),
+    _norm("blocks.{i}.post_attention_norm.scale", f"{_L}/post_attention_norm",
+          "layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight",
+          present=lambda c: c.use_post_norms),
+    _norm("blocks.{i}.post_ffw_norm.scale", f"{_L}/post_ffw_norm",
+          "layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight",
+          present=lambda c: c.use_post_norms),
+    Param("blocks.{i}.attn.w_q", ("heads", "embed", "head_dim"),
+          lambda c: (c.num_heads, c.embed_dim, c.head_dim), _qkv(0),
+          _fixed(f"{_ATTN}.q_proj.weight"), ("blk.{i}.attn_q.weight",), Storage.QKV),
+    Param("blocks.{i}.attn.w_k", ("kv_heads", "embed", "head_dim"),
+          lambda c: (c.num_kv_heads, c.embed_dim, c.head_dim), _qkv(1),
+          _fixed(f"{_ATTN}.k_proj.weight"), ("blk.{i}.attn_k.weight",), Storage.QKV),
+    Param("blocks.{i}.attn.w_v", ("kv_heads", "embed", "head_dim"),
+          lambda c: (c.num_kv_heads, c.embed_dim, c.head_dim), _qkv(2),
+          _fixed(f"{_ATTN}.v_proj.weight"), ("blk.{i}.attn_v.weight",), Storage.QKV),
+    Param("blocks.{i}.attn.w_o", ("heads", "head_dim", "embed"),
+          lambda c: (c.num_heads, c.head_dim, c.embed_dim),
+          lambda c: KaggleSlot(f"{_L}/attn/attn_vec_einsum", "w"),
+          _fixed(f"{_ATTN}.o_proj.weight"), ("blk.{i}.attn_output.weight",), Storage.OUT),
+    _norm("blocks.{i}.attn.query_norm.scale", f"{_L}/attn/_query_norm",
+          f"{_ATTN}.q_norm.weight", "blk.{i}.attn_q_norm.weight",
+          present=lambda c: c.use_qk_norm, axes=("head_dim",)),
+    _norm("blocks.{i}.attn.key_norm.scale", f"{_L}/attn/_key_norm",
+          f"{_ATTN}.k_norm.weight", "blk.{i}.attn_k_norm.weight",
+          present=lambda c: c.use_qk_norm, axes=("head_dim",)),
+    Param("blocks.{i}.mlp.w_gating", (None, "embed", "mlp"),
+          lambda c: (2, c.embed_dim, c.hidden_dim),
+          lambda c: KaggleSlot(f"{_L}/mlp/gating_einsum", "w"),
+          lambda c: ("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"),
+          ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"), Storage.GATE_UP),
+    Param("blocks.{i}.mlp.w_linear", ("mlp", "embed"), lambda c: (c.hidden_dim, c.embed_dim),
+          lambda c: KaggleSlot(f"{_L}/mlp/linear", "w"),
+          _fixed("layers.{i}.mlp.down_proj.weight"), ("blk.{i}.ffn_down.weight",),
+          Storage.TRANSPOSED),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One concrete leaf of a model of some config: `param` at layer `layer`."""
+
+    param: Param
+    layer: int | None
+    config: GemmaConfig
+
+    def _fill(self, name: str) -> str:
+        return name if self.layer is None else name.replace("{i}", str(self.layer))
+
+    @property
+    def path(self) -> str:
+        return self._fill(self.param.path)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.param.shape(self.config)
+
+    @property
+    def kaggle(self) -> KaggleSlot:
+        slot = self.param.kaggle(self.config)
+        return dataclasses.replace(slot, key=self._fill(slot.key))
+
+    @property
+    def hf(self) -> tuple[str, ...]:
+        return tuple(self._fill(n) for n in self.param.hf(self.config))
+
+    @property
+    def gguf(self) -> tuple[str, ...]:
+        return tuple(self._fill(n) for n in self.param.gguf)
+
+
+def leaves(config: GemmaConfig) -> list[Leaf]:
+    """Every leaf a model of `config` has, in a fixed order."""
+    out = []
+    for param in PARAMS:
+        if not param.present(config):
+            continue
+        layers = range(config.num_layers) if param.per_layer else [None]
+        out += [Leaf(param, i, config) for i in layers]
+    return out
+
+
+_AXES = {re.sub(r"\{i\}", "", p.path): p.axes for p in PARAMS}
+
+
+def logical_axes(path: str, ndim: int) -> LogicalAxes:
+    """Logical axis names of the leaf at `path` (e.g. `blocks.0.attn.w_q`); leaves not in the
+    schema, such as intervention masks, get no names and so stay replicated."""
+    axes = _AXES.get(re.sub(r"\.\d+\.", "..", path))
+    return axes if axes is not None and len(axes) == ndim else (None,) * ndim
+
+
+def from_storage(
+    leaf: Leaf, stored: list[np.ndarray], names: tuple[str, ...],
+    check: Callable[[str, Any, tuple[int, ...]], Any],
+) -> np.ndarray:
+    """Our array from the Hugging Face / GGUF tensors `stored`, named `names`;
+    `check(name, array, shape)` reshapes a flattened tensor or raises naming it."""
+    c, storage = leaf.config, leaf.param.storage
+    heads, d, h = leaf.shape[0], c.embed_dim, c.head_dim
+    if storage is Storage.QKV:
+        return check(names[0], stored[0], (heads, h, d)).transpose(0, 2, 1)
+    if storage is Storage.OUT:
+        return check(names[0], stored[0], (d, heads, h)).transpose(1, 2, 0)
+    if storage is Storage.GATE_UP:
+        return np.stack([stored[0].T, stored[1].T])
+    if storage is Storage.TRANSPOSED:
+        return stored[0].T
+    return stored[0]
+
+
+def to_storage(leaf: Leaf, array: np.ndarray) -> list[np.ndarray]:
+    """The inverse of `from_storage`: the tensors Hugging Face / GGUF hold for our array."""
+    storage = leaf.param.storage
+    if storage is Storage.QKV:
+        return [array.transpose(0, 2, 1).reshape(-1, array.shape[1])]
+    if storage is Storage.OUT:
+        return [array.transpose(2, 0, 1).reshape(array.shape[2], -1)]
+    if storage is Storage.GATE_UP:
+        return [array[0].T, array[1].T]
+    if storage is Storage.TRANSPOSED:
+        return [array.T]
+    return [array]
+
+
+def arrays_from_tensors(
+    config: GemmaConfig,
+    get: Callable[[str], np.ndarray],
+    *,
+    names: str,
+    check: Callable[[str, Any, tuple], Any],
+) -> dict[str, np.ndarray]:
+    """Our `{path: array}` from a Hugging Face (`names="hf"`) or GGUF (`names="gguf"`) source
+    that `get(name)` reads one tensor from."""
+    out = {}
+    for leaf in leaves(config):
+        tensor_names = leaf.hf if names == "hf" else leaf.gguf
+        stored = [get(n) for n in tensor_names]
+        if names == "gguf" and leaf.param.gguf_offset:
+            stored = [s - np.float32(leaf.param.gguf_offset) for s in stored]
+        out[leaf.path] = from_storage(leaf, stored, tensor_names, check)
+    return out
+
+
+def tensors_from_arrays(
+    config: GemmaConfig, arrays: Mapping[str, Any], *, names: str
+) -> dict[str, np.ndarray]:
+    """`{name: tensor}` in Hugging Face or GGUF names and layouts (the inverse)."""
+    out = {}
+    for leaf in leaves(config):
+        stored = to_storage(leaf, np.asarray(arrays[leaf.path]))
+        if names == "gguf" and leaf.param.gguf_offset:
+            stored = [s + np.float32(leaf.param.gguf_offset) for s in stored]
+        for name, tensor in zip(leaf.hf if names == "hf" else leaf.gguf, stored, strict=True):
+            out[name] = tensor
+    return out
