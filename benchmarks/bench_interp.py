@@ -42,8 +42,7 @@ def main() -> None:
     steps = {
         "plain forward": lambda: forward(model, tokens),
         "record every layer": lambda: attention_patterns(model, tokens),
-        "knock-out evaluation": lambda: analyses.knockout_eval(model, tokens, None, top,
-                                                               eval_mask),
+        "knock-out evaluation": lambda: analyses.knockout_eval(model, tokens, top, eval_mask),
         "attribution gradient": lambda: analyses.attribution_gradient(model, tokens, eval_mask,
                                                                       top),
     }

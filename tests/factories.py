@@ -1,4 +1,5 @@
-"""Tiny models and a character tokenizer shared by the tests (no real weights needed)."""
+"""What the tests build: tiny configs (`tiny`, `shrink`, `tiny_config`), random models
+(`random_model`, `varied_model`), a character tokenizer and tiny GGUF files."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from gemma_eqx.config import GemmaConfig, gemma2_pattern, gemma3_pattern, get_preset
 from gemma_eqx.modules import Transformer
-from gemma_eqx.weights import leaf_paths
+from gemma_eqx.weights import abstract_model, leaf_paths, model_from_arrays
 
 VOCAB, WINDOW = 128, 8
 
@@ -40,8 +41,62 @@ def tiny_config(family: str):
     )
 
 
+def tiny(kinds: tuple[str, ...] = ("global", "global"), **changes) -> GemmaConfig:
+    """A Gemma-shaped config small enough to compile in about a second; `kinds` sets the
+    layers, `changes` any field."""
+    fields = dict(
+        name="tiny", num_layers=len(kinds), embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
+        hidden_dim=48, vocab_size=61, attention_kinds=kinds, query_pre_attn_scalar=8.0,
+        sliding_window=4 if "local" in kinds else None,
+    )
+    return GemmaConfig(**{**fields, **changes})
+
+
+def shrink(preset: str, **changes) -> GemmaConfig:
+    """A small config with the mechanics of `preset` (its name too unless changed); sizes
+    divisible by 8 devices."""
+    base = get_preset(preset)
+    multi_head = base.num_kv_heads == base.num_heads
+    layers = changes.pop("num_layers", 6 if "gemma3" in preset else 2)
+    fields = dict(
+        name=f"tiny-{preset}", num_layers=layers,
+        attention_kinds=(base.attention_kinds * 10)[:layers], embed_dim=32, hidden_dim=64,
+        head_dim=16, vocab_size=128, num_heads=8 if multi_head else 4,
+        num_kv_heads=8 if multi_head else (1 if base.num_kv_heads == 1 else 2),
+        sliding_window=4 if base.sliding_window else None,
+    )
+    return base.replace(**{**fields, **changes})
+
+
+def random_arrays(config: GemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights for every leaf, norm scales included (they init to zero).
+
+    Drawn with numpy: JAX would compile a kernel for every distinct leaf shape."""
+    rng = np.random.RandomState(seed)
+    arrays = {}
+    for path, leaf in leaf_paths(abstract_model(config)).items():
+        if path.endswith("scale"):
+            std = 0.5
+        elif path == "embedder.embedding":
+            std = config.embed_dim**-0.5
+        elif path.endswith("attn.w_o"):
+            std = (config.num_heads * config.head_dim) ** -0.5
+        else:  # w_q, w_k, w_v, w_gating, w_linear contract their second-to-last axis
+            std = leaf.shape[-2] ** -0.5
+        arrays[path] = (rng.randn(*leaf.shape) * std).astype(np.float32)
+    return arrays
+
+
+def random_model(
+    config: GemmaConfig, seed: int = 0, dtype=jnp.float32, activation_dtype=None
+) -> Transformer:
+    """A model of `config` with `random_arrays` weights in `dtype`."""
+    arrays = {p: jnp.asarray(a.astype(dtype)) for p, a in random_arrays(config, seed).items()}
+    return model_from_arrays(config, arrays, activation_dtype=activation_dtype)
+
+
 @functools.cache
-def random_model(family: str, seed: int = 0) -> Transformer:
+def varied_model(family: str, seed: int = 0) -> Transformer:
     """Random weights, norms included. With the default init the residual stream is all
     embedding and greedy decoding repeats one token; a smaller embedding and random norm scales
     make the output vary (checked where it matters)."""
@@ -57,20 +112,24 @@ def random_model(family: str, seed: int = 0) -> Transformer:
 
 
 class CharTokenizer:
-    """Stand-in with the Tokenizer interface: one token per ASCII character."""
+    """Stand-in with the Tokenizer interface: one token per ASCII character, id
+    `offset + ord(c)`."""
 
     bos_id, eos_id, pad_id = 2, 1, 0
 
+    def __init__(self, offset: int = 0):
+        self.offset = offset
+
     def encode(self, text):
-        return [ord(c) for c in text]
+        return [self.offset + ord(c) for c in text]
 
     def decode(self, ids):
-        return "".join(chr(i) for i in ids)
+        return "".join(chr(i - self.offset) for i in ids)
 
     def id_to_piece(self, i):
-        return chr(i) if i >= 32 else f"<{i}>"
+        return chr(i - self.offset) if i - self.offset >= 32 else f"<{i}>"
 
-    def encode_batch(self, texts, add_bos=True, pad_side="left"):
+    def encode_batch(self, texts, *, add_bos=True, pad_side="left"):
         assert pad_side == "left"
         rows = [[self.bos_id] * add_bos + self.encode(t) for t in texts]
         s = max(map(len, rows))
@@ -194,8 +253,8 @@ def write_tiny_gguf(
     return path
 
 
-def random_arrays(config: GemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random model's arrays, norms included (they start at zero otherwise)."""
+def gguf_arrays(config: GemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random model's arrays for a GGUF file, norms included (they start at zero otherwise)."""
     model = Transformer(config, key=jax.random.key(seed))
     rng = np.random.default_rng(seed)
     out = {}

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from factories import CharTokenizer
 from induction_model import BOS_ID, INDUCTION_HEAD, PAD_ID, VOCAB, VOCAB_LOW, trained
 from interp.analyses import (
     attribution_gradient,
@@ -83,34 +84,25 @@ def test_repeated_random_tokens_layout(tokens):
     assert len({tuple(row) for row in t[:, 1:1 + P]}) == BATCH  # different strings per row
 
 
-class CharTokenizer:
-    """Each character is one token (ids 10+ord), as Gemma does for digits."""
-
-    bos_id, pad_id = 2, 0
-
-    def encode(self, text):
-        return [10 + ord(c) for c in text]
-
-
 class MergingTokenizer(CharTokenizer):
     def encode(self, text):
         return [10 + ord(c) for c in text] if len(text) == 1 else [999]
 
 
 def test_repeated_digits_through_a_tokenizer():
-    t = np.asarray(repeated_digits(CharTokenizer(), np.random.default_rng(0), batch=3))
+    t = np.asarray(repeated_digits(CharTokenizer(offset=10), np.random.default_rng(0), batch=3))
     assert t.shape == (3, 41) and (t[:, 0] == 2).all()
     digits = t[:, 1:] - 10 - ord("0")
     assert ((digits >= 0) & (digits <= 9)).all()
     np.testing.assert_array_equal(t[:, 1:21], t[:, 21:])
     with pytest.raises(ValueError, match="one token per digit"):
-        repeated_digits(MergingTokenizer(), 0, batch=1)
+        repeated_digits(MergingTokenizer(offset=10), 0, batch=1)
 
 
 def test_examples_tokenize_into_one_padded_batch():
     tiny = Example("tiny", (("ab", False), ("a", False), ("b", True)))
     examples = study_examples(seed=3) + [tiny]
-    batch = tokenize_examples(examples, CharTokenizer())
+    batch = tokenize_examples(examples, CharTokenizer(offset=10))
     tokens, real, scored = (np.asarray(x) for x in batch[:3])
     assert batch.names[:2] == ["random digits", "repeated words"] and tokens.shape[0] == 6
     assert real[:, -1].all() and not real[-1, 0]  # left padding
@@ -124,7 +116,7 @@ def test_examples_tokenize_into_one_padded_batch():
             k = pos - (len(tokens[i]) - len(row)) - 1  # index of the scored char in the text
             assert text[k - 1:k + 1] in text[:k], (ex.name, text[k - 1:k + 1])
     assert scored[-1].sum() == 1 and tokens[-1, scored[-1]] == 10 + ord("b")
-    right = tokenize_examples(examples, CharTokenizer(), pad_side="right")
+    right = tokenize_examples(examples, CharTokenizer(offset=10), pad_side="right")
     assert np.asarray(right.padding_mask)[:, 0].all()
 
 
@@ -224,11 +216,12 @@ def test_pattern_mass_on_a_padded_batch(model, padded):
 
 def test_knockout_of_the_induction_head_breaks_copying(model, padded):
     tokens, real, eval_mask = padded
-    clean = knockout_eval(model, tokens, real, knockout_mask(model), eval_mask)
+    clean = knockout_eval(model, tokens, knockout_mask(model), eval_mask, padding_mask=real)
     other = (INDUCTION_HEAD[0], (INDUCTION_HEAD[1] + 1) % 4)
-    knocked = knockout_eval(model, tokens, real, knockout_mask(model, [INDUCTION_HEAD]),
-                            eval_mask)
-    spared = knockout_eval(model, tokens, real, knockout_mask(model, [other]), eval_mask)
+    knocked = knockout_eval(model, tokens, knockout_mask(model, [INDUCTION_HEAD]), eval_mask,
+                            padding_mask=real)
+    spared = knockout_eval(model, tokens, knockout_mask(model, [other]), eval_mask,
+                           padding_mask=real)
     print(f"second-repetition accuracy: clean {float(clean.accuracy.mean()):.3f}, induction "
           f"head knocked out {float(knocked.accuracy.mean()):.3f}, head {other} knocked out "
           f"{float(spared.accuracy.mean()):.3f}")
@@ -238,7 +231,7 @@ def test_knockout_of_the_induction_head_breaks_copying(model, padded):
     assert spared.accuracy.mean() > clean.accuracy.mean() - 0.05
     # Per example, against an independent computation with the head's pattern pinned to BOS.
     logits, _ = forward_with_records(knock_out(model, knockout_mask(model, [other])), tokens,
-                                     real)
+                                     padding_mask=real)
     hits = (np.asarray(logits).argmax(-1)[:, :-1] == np.asarray(tokens)[:, 1:])
     w = np.asarray(eval_mask)[:, 1:]
     np.testing.assert_allclose(spared.accuracy, (hits * w).sum(1) / w.sum(1), atol=1e-6)
@@ -247,10 +240,10 @@ def test_knockout_of_the_induction_head_breaks_copying(model, padded):
 def test_sweep_over_every_head(model, padded):
     tokens, real, eval_mask = padded
     masks = single_head_masks(model)
-    sweep = knockout_sweep(model, tokens, real, masks, eval_mask)
+    sweep = knockout_sweep(model, tokens, masks, eval_mask, padding_mask=real)
     assert sweep.accuracy.shape == (8, 16)
     for i in (0, 6):
-        one = knockout_eval(model, tokens, real, masks[i], eval_mask)
+        one = knockout_eval(model, tokens, masks[i], eval_mask, padding_mask=real)
         np.testing.assert_allclose(sweep.logprob[i], one.logprob, atol=1e-5)
     worst = int(np.argmin(np.asarray(sweep.accuracy.mean(1))))
     assert divmod(worst, 4) == INDUCTION_HEAD
@@ -274,7 +267,7 @@ def test_attribution_gradient_points_at_the_induction_head(model, tokens, patter
     assert (layer, head) == INDUCTION_HEAD and largest > 10 * second
     # It is the derivative of the objective knockout_eval measures (central difference).
     def objective(mask):
-        r = knockout_eval(model, tokens, None, mask, eval_mask)
+        r = knockout_eval(model, tokens, mask, eval_mask)
         return float((r.logprob * r.count).sum() / r.count.sum())
 
     eps = 1e-2

@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import gemma_eqx
+from factories import random_model, shrink
 from gemma_eqx.checkpoint import detect_preset, layout_shapes, load_checkpoint, save_checkpoint
 from gemma_eqx.sharding import (
     DEFAULT_RULES,
@@ -18,33 +19,6 @@ from gemma_eqx.sharding import (
     shard_model,
 )
 from gemma_eqx.weights import leaf_paths
-
-
-def tiny(preset: str, **changes) -> gemma_eqx.GemmaConfig:
-    """A small config with the mechanics of `preset`; sizes divisible by 8 devices."""
-    base = gemma_eqx.get_preset(preset)
-    multi_head = base.num_kv_heads == base.num_heads
-    layers = changes.pop("num_layers", 6 if "gemma3" in preset else 2)
-    kinds = (base.attention_kinds * 10)[:layers]
-    fields = dict(
-        name=f"tiny-{preset}", num_layers=layers, attention_kinds=kinds, embed_dim=32,
-        hidden_dim=64, head_dim=16, vocab_size=128,
-        num_heads=8 if multi_head else 4,
-        num_kv_heads=8 if multi_head else (1 if base.num_kv_heads == 1 else 2),
-        sliding_window=4 if base.sliding_window else None,
-    )
-    fields.update(changes)
-    return base.replace(**fields)
-
-
-def random_model(config, dtype=jnp.float32, seed=0):
-    model = gemma_eqx.Transformer(config, key=jax.random.key(seed), dtype=dtype)
-    # Norm scales start at zero; make them non-trivial so a mix-up would show.
-    return jax.tree_util.tree_map(
-        lambda x: x + 0.1 * jax.random.normal(jax.random.key(seed + 1), x.shape, x.dtype)
-        if x.ndim == 1 else x,
-        model,
-    )
 
 
 def official_transposed(preset: str) -> bool:
@@ -85,7 +59,7 @@ PRESET_FAMILIES = ["gemma-2b", "gemma-7b", "gemma2-9b", "gemma3-1b"]
 
 @pytest.mark.parametrize("preset", PRESET_FAMILIES)
 def test_save_load_round_trip_is_bit_identical(tmp_path, preset):
-    config = tiny(preset)
+    config = shrink(preset)
     model = random_model(config, dtype=jnp.bfloat16)
     save_checkpoint(model, tmp_path / "ckpt")
     loaded = load_checkpoint(tmp_path / "ckpt", preset=config)
@@ -103,7 +77,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, preset):
 def test_checkpoint_on_disk_has_the_kaggle_names_and_shapes(tmp_path, preset):
     import orbax.checkpoint as ocp
 
-    config = tiny(preset)
+    config = shrink(preset)
     transposed = official_transposed(preset)
     save_checkpoint(random_model(config), tmp_path / "ckpt", transposed_gating=transposed)
     tree = ocp.PyTreeCheckpointer().metadata(tmp_path / "ckpt").item_metadata.tree
@@ -115,7 +89,7 @@ def test_checkpoint_on_disk_has_the_kaggle_names_and_shapes(tmp_path, preset):
 
 
 def test_float32_save_keeps_dtype(tmp_path):
-    config = tiny("gemma3-1b")
+    config = shrink("gemma3-1b")
     model = random_model(config)
     save_checkpoint(model, tmp_path / "c", dtype=None)
     loaded = load_checkpoint(tmp_path / "c", preset=config)
@@ -143,7 +117,7 @@ def test_detection_ignores_vision_leaves_and_rejects_unknown_shapes(tmp_path):
 
 
 def test_load_detects_preset_from_disk(tmp_path, monkeypatch):
-    config = tiny("gemma2-9b")
+    config = shrink("gemma2-9b")
     monkeypatch.setitem(gemma_eqx.PRESETS, config.name, config)
     save_checkpoint(random_model(config), tmp_path / "c")
     assert load_checkpoint(tmp_path / "c").config == config
@@ -152,7 +126,7 @@ def test_load_detects_preset_from_disk(tmp_path, monkeypatch):
 def test_vision_leaves_are_skipped_without_reading(tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 
-    config = tiny("gemma3-4b")
+    config = shrink("gemma3-4b")
     model = random_model(config)
     from gemma_eqx.checkpoint import kaggle_from_arrays
 
@@ -196,7 +170,7 @@ def _save_flat(path, flat):
 def test_bad_leaves_are_named(tmp_path, defect):
     from gemma_eqx.checkpoint import kaggle_from_arrays
 
-    config = tiny("gemma3-1b")
+    config = shrink("gemma3-1b")
     flat = kaggle_from_arrays(leaf_paths(random_model(config)), config)
     if defect == "missing":
         del flat["transformer/layer_1/mlp/linear"]
@@ -214,7 +188,7 @@ def test_bad_leaves_are_named(tmp_path, defect):
 
 
 def test_save_refuses_to_overwrite_and_replaces_atomically(tmp_path):
-    config = tiny("gemma-2b")
+    config = shrink("gemma-2b")
     a, b = random_model(config, seed=0), random_model(config, seed=5)
     save_checkpoint(a, tmp_path / "c")
     with pytest.raises(FileExistsError):
@@ -230,7 +204,7 @@ def test_save_refuses_to_overwrite_and_replaces_atomically(tmp_path):
 @pytest.mark.parametrize("preset", ["gemma-7b", "gemma3-1b"])
 def test_sharded_restore_places_every_leaf_and_matches_unsharded(tmp_path, rules, preset):
     assert len(jax.devices()) == 8
-    config = tiny(preset)
+    config = shrink(preset)
     model = random_model(config)
     save_checkpoint(model, tmp_path / "c", dtype=None)
     mesh = default_mesh()
@@ -257,7 +231,7 @@ def test_sharded_restore_places_every_leaf_and_matches_unsharded(tmp_path, rules
 
 
 def test_shard_model_in_memory_and_custom_rules():
-    config = tiny("gemma3-1b")
+    config = shrink("gemma3-1b")
     model = random_model(config)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "model"))
     rules = ShardingRules(axes=(("embed", "data"), ("mlp", "model")))

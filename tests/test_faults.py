@@ -10,6 +10,7 @@ memory, full disks and read-only places (small tmpfs mounts; those tests need ro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pickle
@@ -25,7 +26,7 @@ import jaxtyping
 import numpy as np
 import pytest
 
-from factories import CharTokenizer, gguf_config, random_arrays, random_model, write_tiny_gguf
+from factories import CharTokenizer, gguf_arrays, gguf_config, varied_model, write_tiny_gguf
 from gemma_eqx import pretrained
 from gemma_eqx.atomic import StorageError
 from gemma_eqx.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -114,7 +115,7 @@ def dead_pid() -> int:
 @pytest.fixture(scope="module")
 def study_result():
     """A real study on a tiny random model (the numbers are meaningless, the files real)."""
-    return run_study(random_model("gemma3"), CharTokenizer(), period=6, strings=2, top=2,
+    return run_study(varied_model("gemma3"), CharTokenizer(), period=6, strings=2, top=2,
                      model_name="tiny")
 
 
@@ -148,8 +149,7 @@ def test_report_over_an_earlier_report_touches_only_its_own_files(tmp_path, stud
     out = tmp_path / "report"
     write_report(study_result, out)
     files = user_files(out)
-    second = pickle.loads(pickle.dumps(study_result))
-    second.model_name = "second run"
+    second = dataclasses.replace(study_result, model_name="second run")
     write_report(second, out)
     assert sorted(p.name for p in out.iterdir()) == sorted([*REPORT_FILES, *files])
     assert json.loads((out / "report.json").read_text())["model_name"] == "second run"
@@ -159,8 +159,10 @@ def test_report_over_an_earlier_report_touches_only_its_own_files(tmp_path, stud
 def test_report_written_before_the_marker_is_recognised(tmp_path, study_result):
     out = tmp_path / "report"
     write_report(study_result, out)
-    legacy = json.loads((out / "report.json").read_text())
-    del legacy["generator"]
+    # The top-level keys of the report.json that version 0.1 wrote (no "generator" marker).
+    legacy = {"model_name": "gemma3-270m", "preset": "gemma3-270m", "period": 20,
+              "top_heads": [{"layer": 5, "head": 2, "score": 0.71}],
+              "induction_scores": [[0.0] * 4] * 3, "minimal_set": {"heads": [[5, 2]]}}
     (out / "report.json").write_text(json.dumps(legacy))
     user_files(out)
     write_report(study_result, out)
@@ -194,8 +196,7 @@ def test_report_write_killed_then_the_next_write_completes(tmp_path, study_resul
     out = tmp_path / "report"
     write_report(study_result, out)
     files = user_files(out)
-    second = pickle.loads(pickle.dumps(study_result))
-    second.model_name = "second run"
+    second = dataclasses.replace(study_result, model_name="second run")
     (tmp_path / "result.pkl").write_bytes(pickle.dumps(second))
     run = child(KILL_REPORT, tmp_path / "result.pkl", out, point, sig)
     assert run.returncode == -getattr(signal, sig), run.stderr[-2000:]
@@ -230,7 +231,7 @@ def test_cli_out_on_a_read_only_disk_exits_2_before_any_work(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     config = gguf_config("gemma3")
-    arrays = random_arrays(config)
+    arrays = gguf_arrays(config)
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     return write_tiny_gguf(path, config, arrays, arch="gemma3"), arrays
 
@@ -440,7 +441,7 @@ def test_damaged_checkpoint_data_is_one_clear_line(cache, tiny_gguf, tmp_path, d
 
 
 def test_checkpoint_leaf_with_nan_is_named(tmp_path):
-    model = random_model("gemma3")
+    model = varied_model("gemma3")
     w_k = model.blocks[2].attn.w_k
     model = eqx.tree_at(lambda m: m.blocks[2].attn.w_k, model, w_k.at[1, 0, 0].set(jnp.inf))
     save_checkpoint(model, tmp_path / "ckpt", dtype=None)
@@ -451,7 +452,7 @@ def test_checkpoint_leaf_with_nan_is_named(tmp_path):
 
 
 def test_save_checkpoint_on_a_full_disk_leaves_nothing(tmp_path, capfd):
-    model = random_model("gemma3")
+    model = varied_model("gemma3")
     with small_disk(tmp_path / "disk", "32k") as disk:
         with pytest.raises(CheckpointError, match="no space left on the device"):
             save_checkpoint(model, disk / "ckpt")
@@ -465,7 +466,7 @@ def test_save_checkpoint_on_a_full_disk_leaves_nothing(tmp_path, capfd):
 
 @pytest.fixture(scope="module")
 def model3():
-    return random_model("gemma3")
+    return varied_model("gemma3")
 
 
 TOKENS = jnp.array([[2, 40, 41, 42, 43, 40, 41, 42]])
@@ -484,7 +485,7 @@ def test_non_finite_knockout_masks_are_refused(model3, value):
         attribution_gradient(model3, TOKENS, EVAL, mask)
     masks = single_head_masks(model3).at[4, 2, 1].set(value)
     with pytest.raises(NonFiniteError, match=r"masks holds .* at \[mask 4, layer 2, head 1\]"):
-        knockout_sweep(model3, TOKENS, None, masks, EVAL)
+        knockout_sweep(model3, TOKENS, masks, EVAL)
 
 
 def test_non_finite_override_pattern_is_refused(model3):
@@ -535,7 +536,7 @@ def _generate_call(model, tokens, mask):
 
 
 def _records_call(model, tokens, mask):
-    return forward_with_records(model, tokens, mask)
+    return forward_with_records(model, tokens, padding_mask=mask)
 
 
 REAL17 = jnp.ones((1, 17), bool)
@@ -573,7 +574,7 @@ def test_generation_past_the_context_is_refused_at_once(model3, capsys):
 
 
 def test_forward_past_the_context_is_refused():
-    config = random_model("gemma1").config.replace(context_length=16)
+    config = varied_model("gemma1").config.replace(context_length=16)
     model = Transformer(config, key=jax.random.key(0))
     with pytest.raises(ValueError, match="a sequence of tokens needs 17 positions, more than "
                        "the model's context of 16 tokens"):
@@ -603,7 +604,7 @@ def test_out_of_memory_becomes_one_line(monkeypatch, tmp_path, capsys):
         "with more memory")
     # The whole command: a real study far too big for memory on a tiny model.
     monkeypatch.setattr(pretrained, "from_pretrained",
-                        lambda name: (random_model("gemma3"), CharTokenizer()))
+                        lambda name: (varied_model("gemma3"), CharTokenizer()))
     out = tmp_path / "report"
     assert main(["induction", "--period", "16000", "--strings", "64", "--out", str(out)]) == 2
     err = capsys.readouterr().err

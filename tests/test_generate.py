@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from factories import VOCAB, WINDOW, CharTokenizer, random_model
+from factories import VOCAB, WINDOW, CharTokenizer, varied_model
 from gemma_eqx.generate import decode_step, generate, generate_text, init_cache, prefill
 
 SEQ, NEW = 12, 20  # prompt length and new tokens of most tests
@@ -72,7 +72,7 @@ def padded_batch(lengths, seed=0, side="left"):
 
 @pytest.mark.parametrize("family", ["gemma1", "gemma2", "gemma3"])
 def test_greedy_cache_matches_full_forward_past_window(family):
-    model = random_model(family)
+    model = varied_model(family)
     tokens, mask = padded_batch([12, 3, 7], seed=1)  # 12 + 20 tokens: well past the window of 8
     got = np.asarray(generate(model, tokens, mask, max_new_tokens=NEW))
     want = greedy_by_full_forward(model, tokens, mask, NEW)
@@ -81,7 +81,7 @@ def test_greedy_cache_matches_full_forward_past_window(family):
 
 
 def test_greedy_right_padding_matches_full_forward():
-    model = random_model("gemma3", seed=3)
+    model = varied_model("gemma3", seed=3)
     tokens, mask = padded_batch([4, 12, 9], seed=2, side="right")
     got = np.asarray(generate(model, tokens, mask, max_new_tokens=NEW))
     np.testing.assert_array_equal(got, greedy_by_full_forward(model, tokens, mask, NEW))
@@ -90,7 +90,7 @@ def test_greedy_right_padding_matches_full_forward():
 def test_rows_do_not_depend_on_padding_or_neighbours():
     """Each prompt generates the same tokens left padded in one order as right padded in the
     reverse order."""
-    model = random_model("gemma2", seed=4)
+    model = varied_model("gemma2", seed=4)
     lengths = [12, 4, 7]
     left, left_mask = padded_batch(lengths, seed=5)
     right, right_mask = padded_batch(lengths, seed=5, side="right")
@@ -100,7 +100,7 @@ def test_rows_do_not_depend_on_padding_or_neighbours():
 
 
 def test_manual_prefill_and_decode_steps_match_generate():
-    model = random_model("gemma2", seed=21)
+    model = varied_model("gemma2", seed=21)
     tokens, mask = padded_batch([12, 5, 8], seed=22)
     steps = 6
     cache = init_cache(model, 3, SEQ + steps)
@@ -122,7 +122,7 @@ def test_manual_prefill_and_decode_steps_match_generate():
 
 
 def test_init_cache_shapes():
-    model = random_model("gemma3")
+    model = varied_model("gemma3")
     cache = init_cache(model, 2, 5, jnp.bfloat16)
     assert len(cache) == 3
     assert cache[0].keys.shape == (2, 5, 2, 16) and cache[0].keys.dtype == jnp.bfloat16
@@ -133,7 +133,7 @@ def test_init_cache_shapes():
 
 
 def test_top_k_1_equals_greedy():
-    model = random_model("gemma3", seed=6)
+    model = varied_model("gemma3", seed=6)
     tokens, mask = padded_batch([6, 12, 9], seed=7)
     greedy = generate(model, tokens, mask, max_new_tokens=NEW)
     sampled = generate(
@@ -143,7 +143,7 @@ def test_top_k_1_equals_greedy():
 
 
 def test_top_k_sampling_is_deterministic_and_stays_in_the_top_k():
-    model = random_model("gemma3", seed=10)
+    model = varied_model("gemma3", seed=10)
     tokens, mask = padded_batch([7, 12, 3], seed=11)
     k = 3
     kw = dict(max_new_tokens=NEW, temperature=3.0, top_k=k)
@@ -161,7 +161,7 @@ def test_top_k_sampling_is_deterministic_and_stays_in_the_top_k():
 
 
 def test_top_p_only_emits_from_the_nucleus():
-    model = random_model("gemma1", seed=12)
+    model = varied_model("gemma1", seed=12)
     tokens, mask = padded_batch([8, 5, 12], seed=13)
     temperature, p = 1.5, 0.6
     new = np.asarray(
@@ -181,7 +181,7 @@ def test_top_p_only_emits_from_the_nucleus():
 
 
 def test_stops_at_eos_per_sequence():
-    model = random_model("gemma3", seed=14)
+    model = varied_model("gemma3", seed=14)
     tokens, mask = padded_batch([6, 10, 12], seed=15)
     free = np.asarray(generate(model, tokens, mask, max_new_tokens=NEW))
     # The eos: row 0's token at the first step t >= 2 that it did not emit before.
@@ -198,7 +198,7 @@ def test_stops_at_eos_per_sequence():
 
 
 def test_all_rows_stopping_early_pads_to_max_new_tokens():
-    model = random_model("gemma1", seed=16)
+    model = varied_model("gemma1", seed=16)
     one, one_mask = padded_batch([5], seed=17)
     tokens, mask = jnp.repeat(one, 3, axis=0), jnp.repeat(one_mask, 3, axis=0)
     first = int(generate(model, tokens, mask, max_new_tokens=NEW)[0, 0])
@@ -223,14 +223,14 @@ def test_all_rows_stopping_early_pads_to_max_new_tokens():
     ],
 )
 def test_bad_arguments_raise(kw, match):
-    model = random_model("gemma1")
+    model = varied_model("gemma1")
     tokens, mask = padded_batch([4, 6])
     with pytest.raises(ValueError, match=match):
         generate(model, tokens, mask, **kw)
 
 
 def test_empty_prompts_raise():
-    model = random_model("gemma1")
+    model = varied_model("gemma1")
     with pytest.raises(ValueError, match="empty"):
         generate(model, jnp.zeros((2, 0), jnp.int32), max_new_tokens=3)
     tokens, mask = padded_batch([4, 6])
@@ -244,7 +244,7 @@ def test_empty_prompts_raise():
 
 
 def test_generate_text_decodes_up_to_eos():
-    model = random_model("gemma3", seed=18)
+    model = varied_model("gemma3", seed=18)
     tok = CharTokenizer()
     prompts = ["hello there", "ab", "xyz"]  # 12 tokens with BOS: the shared prompt shape
     tokens, mask = tok.encode_batch(prompts)

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGUFReader
 
 import gemma_eqx.gguf as G
-from factories import gguf_config, random_arrays, write_tiny_gguf
+from factories import gguf_arrays, gguf_config, write_tiny_gguf
 from gemma_eqx.config import PRESETS, GemmaConfig
 from gemma_eqx.tokenizer import Tokenizer
 from gemma_eqx.weights import leaf_paths
@@ -32,7 +32,7 @@ def _tiny(arch: str, tmp_path_factory) -> tuple[str, GemmaConfig, dict[str, np.n
     """(arch, config, arrays, path) of a tiny float32 GGUF, written once per architecture."""
     if arch not in _TINY:
         config = gguf_config(arch)
-        arrays = random_arrays(config)
+        arrays = gguf_arrays(config)
         path = tmp_path_factory.mktemp(f"tiny-{arch}") / "tiny.gguf"
         _TINY[arch] = arch, config, arrays, write_tiny_gguf(path, config, arrays, arch=arch)
     return _TINY[arch]
@@ -154,7 +154,7 @@ def test_preset_needs_every_field_to_match():
 @pytest.fixture(scope="module")
 def tiny3(tmp_path_factory):
     config = gguf_config("gemma3")
-    return config, random_arrays(config), tmp_path_factory.mktemp("bad")
+    return config, gguf_arrays(config), tmp_path_factory.mktemp("bad")
 
 
 def _raises(path: Path, match: str) -> None:

@@ -234,7 +234,7 @@ def test_digits_are_copied_and_top_induction_heads_carry_it(model, study):
         "10 uninvolved": [(layer, head) for layer, head, _ in uninvolved],
     }
     start = time.perf_counter()
-    acc = {name: _pooled(knockout_eval(model, tokens, None, knockout_mask(model, heads),
+    acc = {name: _pooled(knockout_eval(model, tokens, knockout_mask(model, heads),
                                        eval_mask))
            for name, heads in sets.items()}
     _say(f"knock-out accuracy on the second repetition ({time.perf_counter() - start:.1f} s): "
@@ -289,8 +289,7 @@ def test_head_sweep_in_a_python_loop_compiles_once(model, digits, evaluate):
     rest = [int(i) for i in order[6:]]
     chosen = [int(i) for i in order[:6]] + rest[:: -(-len(rest) // 6)]
     start = time.perf_counter()
-    swept = knockout_sweep(model, digits, None, jnp.stack([masks[i] for i in chosen]),
-                           eval_mask)
+    swept = knockout_sweep(model, digits, jnp.stack([masks[i] for i in chosen]), eval_mask)
     _say(f"knockout_sweep over {len(chosen)} of the masks: {time.perf_counter() - start:.1f} s")
     np.testing.assert_allclose(np.asarray(swept.accuracy[:, 0]), accuracy[chosen], atol=1e-6)
     np.testing.assert_allclose(np.asarray(swept.logprob[:, 0]), logprob[chosen], atol=2e-5)
@@ -342,7 +341,7 @@ def test_analyses_on_a_model_sharded_over_8_devices(rules, model, digits, digit_
     np.testing.assert_allclose(patterns, digit_patterns, atol=1e-5)
     np.testing.assert_allclose(induction_scores(patterns, PERIOD),
                                induction_scores(digit_patterns, PERIOD), atol=1e-6)
-    got = knockout_eval(sharded, digits, None, mask, eval_mask)
+    got = knockout_eval(sharded, digits, mask, eval_mask)
     accuracy, logprob = evaluate.fn(set_knockout_mask(evaluate.knocked, mask), digits, eval_mask)
     assert float(got.accuracy[0]) == pytest.approx(float(accuracy), abs=1e-6)
     assert float(got.logprob[0]) == pytest.approx(float(logprob), abs=1e-5)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import gemma_eqx
+from factories import random_arrays, random_model, tiny
 from gemma_eqx import (
     Embedder,
     GemmaConfig,
@@ -29,17 +30,7 @@ from gemma_eqx import (
 from gemma_eqx.modules import apply_rope
 from gemma_eqx.weights import abstract_model, leaf_paths, model_from_arrays
 
-VOCAB = 61
-
-
-def tiny(kinds: tuple[str, ...] = ("global", "global"), **changes) -> GemmaConfig:
-    """A Gemma-shaped config small enough to compile in about a second."""
-    fields = dict(
-        name="tiny", num_layers=len(kinds), embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
-        hidden_dim=48, vocab_size=VOCAB, attention_kinds=kinds, query_pre_attn_scalar=8.0,
-        sliding_window=4 if "local" in kinds else None,
-    )
-    return GemmaConfig(**{**fields, **changes})
+VOCAB = 61  # factories.tiny's vocabulary
 
 
 # Gemma 1/2/3-shaped tiny configs; every local window is shorter than the test sequences.
@@ -52,32 +43,6 @@ G3 = tiny(
     ("local", "local", "global"), use_qk_norm=True, use_post_norms=True, global_rope_base=1e6,
     global_rope_scale=8.0,
 )
-
-
-def random_arrays(config: GemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights for every leaf, norm scales included (they init to zero).
-
-    Drawn with numpy: JAX would compile a kernel for every distinct leaf shape."""
-    rng = np.random.RandomState(seed)
-    arrays = {}
-    for path, leaf in leaf_paths(abstract_model(config)).items():
-        if path.endswith("scale"):
-            std = 0.5
-        elif path == "embedder.embedding":
-            std = config.embed_dim**-0.5
-        elif path.endswith("attn.w_o"):
-            std = (config.num_heads * config.head_dim) ** -0.5
-        else:  # w_q, w_k, w_v, w_gating, w_linear contract their second-to-last axis
-            std = leaf.shape[-2] ** -0.5
-        arrays[path] = (rng.randn(*leaf.shape) * std).astype(np.float32)
-    return arrays
-
-
-def random_model(
-    config: GemmaConfig, seed: int = 0, dtype=jnp.float32, activation_dtype=None
-) -> Transformer:
-    arrays = {p: jnp.asarray(a.astype(dtype)) for p, a in random_arrays(config, seed).items()}
-    return model_from_arrays(config, arrays, activation_dtype=activation_dtype)
 
 
 @eqx.filter_jit

@@ -9,6 +9,7 @@ import pytest
 import sentencepiece as spm
 
 import gemma_eqx
+from factories import shrink
 from gemma_eqx import pretrained
 from gemma_eqx.checkpoint import save_checkpoint
 from gemma_eqx.pretrained import ModelUnavailableError, from_pretrained
@@ -35,11 +36,7 @@ def tokenizer_file(tmp_path_factory):
 @pytest.fixture
 def tiny_gemma3_1b(monkeypatch):
     """A tiny stand-in architecture registered as the gemma3-1b preset."""
-    config = gemma_eqx.get_preset("gemma3-1b").replace(
-        num_layers=6, attention_kinds=gemma_eqx.get_preset("gemma3-1b").attention_kinds[:6],
-        embed_dim=32, hidden_dim=64, head_dim=16, num_heads=4, num_kv_heads=1, vocab_size=64,
-        sliding_window=4,
-    )
+    config = shrink("gemma3-1b", name="gemma3-1b", vocab_size=64)
     monkeypatch.setitem(gemma_eqx.PRESETS, "gemma3-1b", config)
     return config
 

@@ -23,47 +23,67 @@ def study(gemma270m):
 
 
 def test_study_finds_heads_whose_knockout_breaks_copying(study):
-    rep = study.repetitions
-    assert rep["original"]["accuracy"][1] > 0.8 > 0.3 > rep["original"]["accuracy"][0]
-    assert rep["knocked"]["accuracy"][1] < 0.35
-    assert study.minimal_set["broken"] and 1 <= len(study.minimal_set["heads"]) <= 10
-    assert study.minimal_set["accuracy"] <= study.minimal_set["chance"] + 0.1
-    digits = next(r for r in study.knockout_examples if r["name"] == "random digits")
-    assert digits["knocked"]["accuracy"] < digits["original"]["accuracy"] - 0.4
-    assert digits["control"]["accuracy"] > digits["original"]["accuracy"] - 0.15
+    original, knocked = study.behaviour.repetitions, study.knockout.repetitions
+    assert original.accuracy[1] > 0.8 > 0.3 > original.accuracy[0]
+    assert knocked.accuracy[1] < 0.35
+    smallest = study.minimal_set
+    assert smallest.broken and 1 <= len(smallest.heads) <= 10
+    assert smallest.accuracy <= smallest.chance + 0.1
+    digits = next(r for r in study.knockout.examples if r.name == "random digits")
+    assert digits.knocked.accuracy < digits.original.accuracy - 0.4
+    assert digits.control.accuracy > digits.original.accuracy - 0.15
 
 
 def test_study_numbers_equal_the_library_functions(study, gemma270m):
     model, tokenizer = gemma270m
-    tokens = jnp.asarray(study.tokens)
-    period = study.period
+    tokens = jnp.asarray(study.task.tokens)
+    period = study.task.period
     patterns = attention_patterns(model, tokens)
     np.testing.assert_allclose(
-        study.induction_scores, analyses.induction_scores(patterns, period), atol=1e-6
+        study.scores.induction, analyses.induction_scores(patterns, period), atol=1e-6
     )
     np.testing.assert_allclose(
-        study.previous_token_scores, analyses.previous_token_scores(patterns), atol=1e-6
+        study.scores.previous_token, analyses.previous_token_scores(patterns), atol=1e-6
     )
     ranked = analyses.rank_heads(analyses.induction_scores(patterns, period))
-    assert [(h["layer"], h["head"]) for h in study.top_heads[:10]] == [
-        (layer, head) for layer, head, _ in ranked[:10]
-    ]
+    assert study.scores.top(10) == [(layer, head) for layer, head, _ in ranked[:10]]
     logits, _ = forward_with_records(model, tokens)
     np.testing.assert_allclose(
-        study.logprobs, analyses.correct_token_logprobs(logits, tokens), atol=1e-5
+        study.behaviour.logprobs, analyses.correct_token_logprobs(logits, tokens), atol=1e-5
     )
-    top_mask = knockout_mask(model, [tuple(h) for h in study.knocked_heads])
+    top_mask = knockout_mask(model, study.knockout.heads)
     batch = tokenize_examples(study_examples(0), tokenizer)
-    knocked = analyses.knockout_eval(model, batch.tokens, batch.padding_mask, top_mask,
-                                     batch.eval_mask)
-    for i, row in enumerate(study.knockout_examples):
-        assert row["name"] == batch.names[i]
-        assert row["knocked"]["accuracy"] == pytest.approx(float(knocked.accuracy[i]), abs=1e-6)
-        assert row["knocked"]["logprob"] == pytest.approx(float(knocked.logprob[i]), abs=1e-5)
+    knocked = analyses.knockout_eval(model, batch.tokens, top_mask, batch.eval_mask,
+                                     padding_mask=batch.padding_mask)
+    for i, row in enumerate(study.knockout.examples):
+        assert row.name == batch.names[i]
+        assert row.knocked.accuracy == pytest.approx(float(knocked.accuracy[i]), abs=1e-6)
+        assert row.knocked.logprob == pytest.approx(float(knocked.logprob[i]), abs=1e-5)
     eval_mask = np.zeros(tokens.shape, bool)
     eval_mask[:, period + 2:] = True
+    np.testing.assert_array_equal(study.task.eval_mask, eval_mask)
     grad = analyses.attribution_gradient(model, tokens, jnp.asarray(eval_mask), top_mask)
-    np.testing.assert_allclose(study.attribution_knocked, grad, atol=1e-5)
+    np.testing.assert_allclose(study.attribution.knocked, grad, atol=1e-5)
+
+
+def test_each_experiment_runs_alone_and_results_are_frozen(study, gemma270m):
+    import dataclasses
+
+    from interp import study as experiments
+
+    model, tokenizer = gemma270m
+    task = experiments.digit_task(model, tokenizer, strings=2, seed=3)
+    assert task.tokens.shape == (2, 41) and task.token_pieces[0] == "<bos>"
+    behaved, patterns = experiments.behaviour(model, task)
+    scores = experiments.score_heads(patterns, task, shown=2)
+    assert scores.top_patterns.shape == (2, 41, 41)
+    assert scores.top(1)[0] in study.scores.top(5)  # the same leading heads on other strings
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        study.task = task
+    as_json = study.to_json()
+    assert as_json["behaviour"]["repetitions"]["accuracy"] == list(
+        study.behaviour.repetitions.accuracy)
+    assert "top_patterns" not in as_json["scores"]
 
 
 def test_command_writes_the_report(tmp_path, gemma270m, capsys):
@@ -74,12 +94,12 @@ def test_command_writes_the_report(tmp_path, gemma270m, capsys):
     printed = capsys.readouterr()
     assert "smallest breaking set" in printed.out and "capturing attention" in printed.err
     report = json.loads((out / "report.json").read_text())
-    assert report["preset"] == "gemma3-270m" and report["period"] == 20
-    assert len(report["tokens"][0]) == 41
-    assert np.asarray(report["induction_scores"]).shape == (18, 4)
-    for key in ("top_heads", "knockout_examples", "attribution_all_ones", "minimal_set",
-                "timings", "repetitions", "knocked_logprobs"):
+    assert report["preset"] == "gemma3-270m" and report["task"]["period"] == 20
+    assert len(report["task"]["tokens"][0]) == 41
+    assert np.asarray(report["scores"]["induction"]).shape == (18, 4)
+    for key in ("behaviour", "scores", "knockout", "attribution", "minimal_set", "timings"):
         assert report[key], key
+    assert report["knockout"]["examples"][0]["knocked"]["accuracy"] >= 0
     assert sorted(p.name for p in out.iterdir()) == [
         "attention_top_heads.png", "attribution.png", "induction_scores.png", "report.html",
         "report.json", "token_probabilities.png",

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_eqx.config import GemmaConfig
+from factories import tiny
 from gemma_eqx.modules import PatternHook, Transformer
 from gemma_eqx.weights import leaf_paths
 from interp.surgery import (
@@ -42,11 +42,8 @@ VOCAB, SEQ, PAD = 53, 11, 3
 
 # A Gemma-3-like tiny config (grouped queries, QK-norm, a sliding window that bites); layer 0
 # is global so that zeroing its queries gives exactly uniform causal attention.
-TINY = GemmaConfig(
-    name="tiny-surgery", num_layers=3, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
-    hidden_dim=48, vocab_size=VOCAB, attention_kinds=("global", "local", "global"),
-    query_pre_attn_scalar=8.0, sliding_window=4, use_qk_norm=True, use_post_norms=True,
-)
+TINY = tiny(("global", "local", "global"), name="tiny-surgery", vocab_size=VOCAB,
+            use_qk_norm=True, use_post_norms=True)
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +221,9 @@ def test_library_forward_compiles_once_for_new_masks(model, tokens):
 
     eval_mask = jnp.zeros((2, SEQ), bool).at[:, 5:].set(True)
     masks = [knockout_mask(model, [(i % 3, i % 4)]) for i in range(4)]
-    knockout_eval(model, tokens, None, masks[0], eval_mask)  # warm-up
+    knockout_eval(model, tokens, masks[0], eval_mask)  # warm-up
     with count_compiles() as events:
-        results = [knockout_eval(model, tokens, None, m, eval_mask) for m in masks[1:]]
+        results = [knockout_eval(model, tokens, m, eval_mask) for m in masks[1:]]
     assert "/jax/core/compile/backend_compile_duration" not in events
     assert len({round(float(r.logprob[0]), 5) for r in results}) == 3
 

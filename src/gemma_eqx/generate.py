@@ -19,6 +19,7 @@ from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
 from .checks import check_finite, check_length, check_padding_mask, check_tokens
 from .modules import LayerCache, Transformer
+from .tokenizer import TokenizerLike
 
 __all__ = [
     "init_cache",
@@ -341,7 +342,7 @@ def generate(
 
 
 def generate_text(
-    model: Transformer, tokenizer: Any, prompts: str | Sequence[str], **kw: Any
+    model: Transformer, tokenizer: TokenizerLike, prompts: str | Sequence[str], **kw: Any
 ) -> list[str]:
     """Continue each prompt (BOS added, left padded) and decode the new tokens up to EOS.
 

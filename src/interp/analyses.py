@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from gemma_eqx.checks import check_finite
 from gemma_eqx.modules import Transformer
+from gemma_eqx.tokenizer import TokenizerLike
 
 from .surgery import _as_inputs, _check_mask, knock_out, knockout_mask, set_knockout_mask
 
@@ -54,7 +55,7 @@ def repeated_random_tokens(
     return jnp.concatenate([bos] + [string] * repeats, axis=1)
 
 
-def digit_ids(tokenizer: Any) -> list[int]:
+def digit_ids(tokenizer: TokenizerLike) -> list[int]:
     """The token id of each digit 0-9; an error if a digit is not exactly one token."""
     ids = []
     for d in "0123456789":
@@ -75,7 +76,7 @@ def _digits(key: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def repeated_digits(
-    tokenizer: Any, key: Any, *, batch: int, period: int = 20, repeats: int = 2
+    tokenizer: TokenizerLike, key: Any, *, batch: int, period: int = 20, repeats: int = 2
 ) -> Int[Array, "batch seq"]:
     """BOS + a random digit string of length `period`, repeated `repeats` times, through the
     tokenizer (`encode(text)` without BOS, `bos_id`), as in the study: `[batch, 1 + P * R]`.
@@ -292,9 +293,10 @@ def _knockout_eval(model, tokens, padding_mask, eval_mask):
 def knockout_eval(
     model: Transformer,
     tokens: Int[Array, "batch seq"],
-    padding_mask: Bool[Array, "batch seq"] | None,
     mask: Float[Array, "layers heads"],
     eval_mask: Bool[Array, "batch seq"],
+    *,
+    padding_mask: Bool[Array, "batch seq"] | None = None,
 ) -> KnockoutResult:
     """Per example: mean correct-token log-prob and accuracy over its `eval_mask` positions,
     with heads knocked out per `mask` (1 keeps, 0 sends attention to BOS). Jitted; a new mask
@@ -317,9 +319,10 @@ def _knockout_sweep(model, tokens, padding_mask, eval_mask, masks):
 def knockout_sweep(
     model: Transformer,
     tokens: Int[Array, "batch seq"],
-    padding_mask: Bool[Array, "batch seq"] | None,
     masks: Float[Array, "n layers heads"],
     eval_mask: Bool[Array, "batch seq"],
+    *,
+    padding_mask: Bool[Array, "batch seq"] | None = None,
 ) -> KnockoutResult:
     """`knockout_eval` for each of `masks` in one compiled loop: fields are `[n, batch]`.
     `single_head_masks(model)` gives the sweep over every head."""
@@ -354,6 +357,7 @@ def attribution_gradient(
     tokens: Int[Array, "batch seq"],
     eval_mask: Bool[Array, "batch seq"],
     mask: Float[Array, "layers heads"],
+    *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
 ) -> Float[Array, "layers heads"]:
     """Gradient, with respect to the knock-out mask at `mask`, of the mean correct-token
@@ -402,7 +406,8 @@ def minimal_breaking_set(
         raise ValueError(f"candidates contain a head twice: {heads}")
 
     def accuracy(knocked: list[Head]) -> float:
-        r = knockout_eval(model, tokens, padding_mask, knockout_mask(model, knocked), eval_mask)
+        r = knockout_eval(model, tokens, knockout_mask(model, knocked), eval_mask,
+                          padding_mask=padding_mask)
         return float((r.accuracy * r.count).sum() / r.count.sum())
 
     def is_broken(acc: float) -> bool:

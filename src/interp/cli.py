@@ -78,7 +78,7 @@ def run_induction(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     if args.text is not None:
-        check_digits(args.text, 1 << 30)
+        check_digits(args.text, 1 << 30, name="--text")
     if args.period < 2 or args.top < 1 or args.strings < 1:
         raise ValueError("--period must be >= 2, --top and --strings >= 1")
     out = Path(args.out)
@@ -87,7 +87,7 @@ def run_induction(args: argparse.Namespace) -> int:
     say(f"loading {args.model}")
     model, tokenizer = from_pretrained(args.model)
     if args.text is not None:
-        check_digits(args.text, model.config.context_length)
+        check_digits(args.text, model.config.context_length, name="--text")
     else:
         check_length(1 + 2 * args.period, model.config.context_length,
                      f"--period {args.period} (BOS and two repetitions)")
@@ -97,17 +97,17 @@ def run_induction(args: argparse.Namespace) -> int:
     )
     say("writing the report")
     path = write_report(result, out)
-    rep = result.repetitions
+    original, knocked = result.behaviour.repetitions, result.knockout.repetitions
     print(f"\nInduction heads in {result.preset} ({args.model})")
-    print(f"  copying accuracy, repetition 1 -> 2: {rep['original']['accuracy'][0]:.2f} -> "
-          f"{rep['original']['accuracy'][1]:.2f}; top {args.top} heads knocked out: "
-          f"{rep['knocked']['accuracy'][1]:.2f}")
+    print(f"  copying accuracy, repetition 1 -> 2: {original.accuracy[0]:.2f} -> "
+          f"{original.accuracy[1]:.2f}; top {args.top} heads knocked out: "
+          f"{knocked.accuracy[1]:.2f}")
     print("  top heads (layer, head, induction score): " + ", ".join(
-        f"({h['layer']}, {h['head']}, {h['score']:.2f})" for h in result.top_heads[:5]))
+        f"({h.layer}, {h.head}, {h.score:.2f})" for h in result.scores.ranked[:5]))
     minimal = result.minimal_set
-    verdict = "broken" if minimal["broken"] else "not broken"
-    print(f"  smallest breaking set: {[tuple(h) for h in minimal['heads']]} "
-          f"(accuracy {minimal['accuracy']:.2f}, {verdict})")
+    verdict = "broken" if minimal.broken else "not broken"
+    print(f"  smallest breaking set: {list(minimal.heads)} (accuracy {minimal.accuracy:.2f}, "
+          f"{verdict})")
     print(f"  {'example':<20} {'original':>9} {'top out':>9} {'control':>9}")
     for name, *cells in summary_rows(result):
         print(f"  {name:<20} " + " ".join(f"{c:>9}" for c in cells))

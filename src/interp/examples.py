@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
+
+from gemma_eqx.tokenizer import TokenizerLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,7 @@ class ExampleBatch(NamedTuple):
 
 def tokenize_examples(
     examples: Sequence[Example],
-    tokenizer: Any,
+    tokenizer: TokenizerLike,
     *,
     pad_side: Literal["left", "right"] = "left",
 ) -> ExampleBatch:

@@ -55,18 +55,19 @@ def _label(piece: str) -> str:
 
 def plot_attention(result: StudyResult, path: Path) -> None:
     plt = _plt()
-    heads = result.top_heads[: len(result.top_patterns)]
+    patterns = result.scores.top_patterns
+    heads = result.scores.ranked[: len(patterns)]
     cols = min(3, len(heads))
     rows = -(-len(heads) // cols)
-    seq = result.top_patterns.shape[-1]
+    seq = patterns.shape[-1]
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 5.0 * rows), squeeze=False)
-    labels = [_label(p) for p in result.token_pieces]
+    labels = [_label(p) for p in result.task.token_pieces]
     causal = np.triu(np.ones((seq, seq), bool), 1)
-    for ax, pattern, head in zip(axes.flat, result.top_patterns, heads, strict=False):
+    for ax, pattern, head in zip(axes.flat, patterns, heads, strict=False):
         shown = np.ma.masked_array(pattern, causal)
         cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")
         ax.imshow(shown, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"layer {head['layer']}, head {head['head']}  (score {head['score']:.2f})")
+        ax.set_title(f"layer {head.layer}, head {head.head}  (score {head.score:.2f})")
         ax.set_xticks(range(seq), labels, rotation=90, fontsize=6)
         ax.set_yticks(range(seq), labels, fontsize=6)
         ax.set_xlabel("key")
@@ -92,7 +93,7 @@ def _heatmap(ax, values: np.ndarray, title: str, cmap: str, symmetric: bool, fig
 
 def plot_scores(result: StudyResult, path: Path) -> None:
     plt = _plt()
-    scores = np.asarray(result.induction_scores)
+    scores = result.scores.induction
     fig, ax = plt.subplots(figsize=(2.0 + 0.6 * scores.shape[1], 1.5 + 0.3 * scores.shape[0]))
     _heatmap(ax, scores, "induction score", "magma", False, fig)
     fig.tight_layout()
@@ -102,12 +103,12 @@ def plot_scores(result: StudyResult, path: Path) -> None:
 
 def plot_token_probabilities(result: StudyResult, path: Path) -> None:
     plt = _plt()
-    probs = np.exp([result.logprobs[0], result.knocked_logprobs[0]])
-    targets = [_label(p) for p in result.token_pieces[1:]]
+    probs = np.exp([result.behaviour.logprobs[0], result.knockout.logprobs[0]])
+    targets = [_label(p) for p in result.task.token_pieces[1:]]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.32 * len(targets)), 2.8), sharex=True)
     for ax, row, name in zip(axes, probs, ["original", "top heads knocked out"], strict=True):
         ax.imshow(row[None], cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        ax.axvline(result.period - 0.5, color="k", ls="--", lw=1)
+        ax.axvline(result.task.period - 0.5, color="k", ls="--", lw=1)
         ax.set_yticks([0], [name])
         for i, p in enumerate(row):
             ax.text(i, 0, f"{p:.2f}".lstrip("0"), ha="center", va="center", fontsize=5)
@@ -120,7 +121,7 @@ def plot_token_probabilities(result: StudyResult, path: Path) -> None:
 
 def plot_attribution(result: StudyResult, path: Path) -> None:
     plt = _plt()
-    a, b = np.asarray(result.attribution_all_ones), np.asarray(result.attribution_knocked)
+    a, b = result.attribution.all_ones, result.attribution.knocked
     fig, axes = plt.subplots(1, 2, figsize=(2 * (2.0 + 0.6 * a.shape[1]), 1.5 + 0.3 * a.shape[0]))
     _heatmap(axes[0], a, "gradient at all heads on", "RdBu", True, fig)
     _heatmap(axes[1], b, "gradient at top heads knocked out", "RdBu", True, fig)
@@ -139,11 +140,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def summary_rows(result: StudyResult) -> list[list[str]]:
     """Per example: accuracy original / top heads knocked out / control knocked out."""
-    return [
-        [row["name"], f"{row['original']['accuracy']:.2f}", f"{row['knocked']['accuracy']:.2f}",
-         f"{row['control']['accuracy']:.2f}"]
-        for row in result.knockout_examples
-    ]
+    return [[row.name, f"{row.original.accuracy:.2f}", f"{row.knocked.accuracy:.2f}",
+             f"{row.control.accuracy:.2f}"] for row in result.knockout.examples]
 
 
 _CSS = """
@@ -163,25 +161,25 @@ def render_html(result: StudyResult, directory: Path) -> str:
         return (f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
                 f"<figcaption>{html.escape(FIGURES[name])}</figcaption></figure>")
 
-    rep = result.repetitions
-    top = ", ".join(f"({layer}, {head})" for layer, head in result.knocked_heads)
+    original, knocked = result.behaviour.repetitions, result.knockout.repetitions
+    top = ", ".join(f"({layer}, {head})" for layer, head in result.knockout.heads)
     minimal = result.minimal_set
-    minimal_text = ", ".join(f"({layer}, {head})" for layer, head in minimal["heads"])
-    trail = [[s["step"], f"({s['layer']}, {s['head']})", f"{s['accuracy']:.2f}"]
-             for s in minimal["trail"]]
+    minimal_text = ", ".join(f"({layer}, {head})" for layer, head in minimal.heads)
+    trail = [[s.step, f"({s.layer}, {s.head})", f"{s.accuracy:.2f}"] for s in minimal.trail]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Induction heads in {html.escape(result.preset)}</title><style>{_CSS}</style></head><body>
 <h1>Induction heads in {html.escape(result.preset)}</h1>
 <p>Model <code>{html.escape(result.model_name)}</code> (preset {html.escape(result.preset)}) read
-BOS followed by {len(result.tokens)} random strings of {result.period} digits, each repeated twice
+BOS followed by {len(result.task.tokens)} random strings of {result.task.period} digits, each
+repeated twice
 (the first is shown below). An induction head, at a digit seen before, attends to the digit that
 followed its earlier occurrence and copies it.</p>
 <h2>1. Behaviour</h2>
-<p>Accuracy of the correct next digit: <b>{rep['original']['accuracy'][0]:.2f}</b> in the first
-repetition, <b>{rep['original']['accuracy'][1]:.2f}</b> in the second. With the top
-{len(result.knocked_heads)} induction heads knocked out (attention sent to BOS):
-{rep['knocked']['accuracy'][0]:.2f} and <b>{rep['knocked']['accuracy'][1]:.2f}</b>.</p>
+<p>Accuracy of the correct next digit: <b>{original.accuracy[0]:.2f}</b> in the first
+repetition, <b>{original.accuracy[1]:.2f}</b> in the second. With the top
+{len(result.knockout.heads)} induction heads knocked out (attention sent to BOS):
+{knocked.accuracy[0]:.2f} and <b>{knocked.accuracy[1]:.2f}</b>.</p>
 {img("token_probabilities.png")}
 <h2>2-3. Attention patterns and induction scores</h2>
 <p>Top heads by induction score (layer, head): {top}.</p>
@@ -196,8 +194,8 @@ alone include previous-token heads, the other half of the induction circuit).</p
 <h2>5. Attribution patching and the smallest breaking set</h2>
 {img("attribution.png")}
 <p>Smallest set found whose knock-out brings second-repetition accuracy to within 0.1 of chance
-({minimal['chance']:.1f}): <b>{minimal_text or "none"}</b> (accuracy {minimal['accuracy']:.2f},
-from {minimal['baseline']:.2f}; {"broken" if minimal['broken'] else "not broken"}).
+({minimal.chance:.1f}): <b>{minimal_text or "none"}</b> (accuracy {minimal.accuracy:.2f},
+from {minimal.baseline:.2f}; {"broken" if minimal.broken else "not broken"}).
 Search trail:</p>
 {_table(["step", "head", "accuracy"], trail)}
 <h2>Timings</h2>

@@ -350,6 +350,7 @@ def _as_inputs(
 def forward_with_records(
     model: Transformer,
     tokens: Int[Array, "batch seq"],
+    *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
 ) -> tuple[Float[Array, "batch seq vocab"], dict[int, Any]]:
     """Logits and `{layer: record}` for every layer whose hooks recorded something (jitted;
@@ -371,5 +372,6 @@ def attention_patterns(
     idx = select_layers(model, layers)
     if not idx:
         raise ValueError("attention_patterns: no layer selected")
-    _, records = forward_with_records(record_attention(model, layers=idx), tokens, padding_mask)
+    _, records = forward_with_records(record_attention(model, layers=idx), tokens,
+                                      padding_mask=padding_mask)
     return jnp.stack([records[i] for i in idx]).astype(jnp.float32)
