@@ -18,6 +18,7 @@ from pathlib import Path
 
 __all__ = [
     "StorageError", "is_partial", "locked_directory", "partial_path", "remove_partials",
+    "replace_directory",
     "replace_file",
 ]
 
@@ -103,3 +104,21 @@ def replace_file(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replace_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """`with replace_directory(path) as new:` write the directory `new` (a writer such as
+    orbax creates it); on success it takes `path`'s place in one rename (a directory already
+    there is moved aside first, then deleted), on any failure it is deleted. Everything is
+    staged inside `partial_path(path)`, so a kill leaves only that, for `remove_partials`."""
+    target = Path(target)
+    box = partial_path(target)
+    box.mkdir()
+    try:
+        yield box / "new"
+        if target.exists():
+            os.replace(target, box / "old")
+        os.replace(box / "new", target)
+    finally:
+        shutil.rmtree(box, ignore_errors=True)

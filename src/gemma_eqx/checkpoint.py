@@ -12,10 +12,7 @@ import gc
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jaxtyping import DTypeLike
 
 from . import params
-from .atomic import StorageError
+from .atomic import StorageError, remove_partials, replace_directory
 from .config import PRESETS, GemmaConfig, get_preset
 from .modules import Transformer
 from .params import LogicalAxes
@@ -371,8 +368,8 @@ def save_checkpoint(
     the gating weight as the official checkpoints of its family store it unless
     `transposed_gating` says).
 
-    The checkpoint is written to a temporary sibling directory and renamed when complete, so
-    `path` never holds a partial checkpoint.
+    The checkpoint is written under a temporary sibling name and renamed when complete
+    (`atomic.replace_directory`), so `path` never holds a partial checkpoint.
     """
     import orbax.checkpoint as ocp
 
@@ -385,20 +382,13 @@ def save_checkpoint(
     flat = kaggle_from_arrays(arrays, model.config, transposed=transposed_gating)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / "checkpoint"
+        remove_partials(path)  # what interrupted saves left
+        with replace_directory(path) as new:
+            _run_orbax(lambda: ocp.PyTreeCheckpointer().save(new, args=ocp.args.PyTreeSave(flat)),
+                       path, "write")
+    except CheckpointError:
+        raise
     except OSError as e:
         raise CheckpointError.writing(e, f"the checkpoint {path}", "write it elsewhere") \
             from None
-    try:
-        _run_orbax(lambda: ocp.PyTreeCheckpointer().save(tmp, args=ocp.args.PyTreeSave(flat)),
-                   path, "write")
-        if path.exists():
-            trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-            path.rename(trash)
-            tmp.rename(path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
     return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -12,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 from jaxtyping import Array, Bool, Int
+
+from .atomic import replace_file
 
 _WHITESPACE_MARK = "\u2581"  # SentencePiece's spelling of a space inside a piece
 
@@ -95,14 +96,8 @@ class Tokenizer:
         renamed, so a reader never sees half a file). Returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._proto)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replace_file(path) as tmp:
+            tmp.write_bytes(self._proto)
         return path
 
     # ------------------------------------------------------------------ vocabulary
