@@ -68,11 +68,6 @@ def gemma3_pattern(num_layers: int) -> tuple[AttentionKind, ...]:
 Family = Literal["gemma", "gemma2", "gemma3"]
 
 
-def family_of(config: GemmaConfig) -> Family:
-    """The generation whose mechanics `config` has (QK-norm: 3; post-norms: 2; else 1)."""
-    return "gemma3" if config.use_qk_norm else "gemma2" if config.use_post_norms else "gemma"
-
-
 def family_config(
     family: Family,
     *,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -216,20 +216,6 @@ def from_storage(
     return stored[0]
 
 
-def to_storage(leaf: Leaf, array: np.ndarray) -> list[np.ndarray]:
-    """The inverse of `from_storage`: the tensors Hugging Face / GGUF hold for our array."""
-    storage = leaf.param.storage
-    if storage is Storage.QKV:
-        return [array.transpose(0, 2, 1).reshape(-1, array.shape[1])]
-    if storage is Storage.OUT:
-        return [array.transpose(2, 0, 1).reshape(array.shape[2], -1)]
-    if storage is Storage.GATE_UP:
-        return [array[0].T, array[1].T]
-    if storage is Storage.TRANSPOSED:
-        return [array.T]
-    return [array]
-
-
 def arrays_from_tensors(
     config: GemmaConfig,
     get: Callable[[str], np.ndarray],
@@ -246,18 +232,4 @@ def arrays_from_tensors(
         if names == "gguf" and leaf.param.gguf_offset:
             stored = [s - np.float32(leaf.param.gguf_offset) for s in stored]
         out[leaf.path] = from_storage(leaf, stored, tensor_names, check)
-    return out
-
-
-def tensors_from_arrays(
-    config: GemmaConfig, arrays: Mapping[str, Any], *, names: str
-) -> dict[str, np.ndarray]:
-    """`{name: tensor}` in Hugging Face or GGUF names and layouts (the inverse)."""
-    out = {}
-    for leaf in leaves(config):
-        stored = to_storage(leaf, np.asarray(arrays[leaf.path]))
-        if names == "gguf" and leaf.param.gguf_offset:
-            stored = [s + np.float32(leaf.param.gguf_offset) for s in stored]
-        for name, tensor in zip(leaf.hf if names == "hf" else leaf.gguf, stored, strict=True):
-            out[name] = tensor
     return out
