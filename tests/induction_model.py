@@ -30,7 +30,8 @@ import optax
 from gemma_eqx.config import GemmaConfig
 from gemma_eqx.modules import Transformer
 from gemma_eqx.weights import abstract_model, map_leaves_with_path
-from interp.surgery import clear_hooks, knock_out, set_knockout_mask
+from interp.interventions import clear_interventions
+from interp.surgery import knock_out, set_knockout_mask
 
 PAD_ID, BOS_ID, VOCAB_LOW, VOCAB = 0, 1, 2, 64
 MIN_PERIOD, MAX_PERIOD = 6, 16
@@ -123,7 +124,7 @@ def trained(seed: int = SEED) -> Trained:
     phase1 = phase1.at[INDUCTION_HEAD].set(1.0)
     # The knock-out mask is a fixed input, not a trained parameter.
     trainable = jax.tree_util.tree_map(eqx.is_inexact_array, knock_out(model, phase1))
-    trainable = eqx.tree_at(lambda m: [b.attn.hook for b in m.blocks], trainable,
+    trainable = eqx.tree_at(lambda m: [b.hooks for b in m.blocks], trainable,
                             replace_fn=lambda _: False)
     params, rest = eqx.partition(knock_out(model, phase1), trainable)
     state = optax.inject_hyperparams(optax.adam)(learning_rate=PHASE1_LR).init(params)
@@ -133,5 +134,5 @@ def trained(seed: int = SEED) -> Trained:
     rest = set_knockout_mask(rest, jnp.ones_like(phase1))
     for _ in range(PHASE2_CHUNKS):
         params, state, loss = _train_chunk(params, rest, state, next(keys), jnp.asarray(1e-3))
-    model = clear_hooks(eqx.combine(params, rest))
+    model = clear_interventions(eqx.combine(params, rest))
     return Trained(model, time.perf_counter() - start, float(loss))

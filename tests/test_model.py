@@ -18,10 +18,10 @@ import pytest
 
 import gemma_eqx
 from factories import random_arrays, random_model, tiny
+from gemma_eqx.sites import Intervention, SiteHooks
 from gemma_eqx import (
     Embedder,
     GemmaConfig,
-    PatternHook,
     RMSNorm,
     Transformer,
     count_params,
@@ -151,11 +151,11 @@ def test_rope_matches_formula_in_float64():
 # Padding: a padded batch computes each real token exactly as the sequence alone would.
 
 
-class RecordPositions(PatternHook):
+class RecordPositions(Intervention):
     """Passes the attention weights through and records the positions the layer was given."""
 
-    def __call__(self, weights, query_positions, key_positions, key_valid):
-        return weights, (query_positions, key_valid)
+    def __call__(self, weights, context):
+        return weights, (context.positions, context.key_valid)
 
 
 @eqx.filter_jit
@@ -166,7 +166,8 @@ def forward_of(model: Transformer, tokens: jax.Array, padding_mask: jax.Array | 
 @pytest.mark.parametrize("config", [G1, G2, G3], ids=["gemma1", "gemma2", "gemma3"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_matches_unpadded(config, side):
-    model = eqx.tree_at(lambda m: m.blocks[0].attn.hook, random_model(config), RecordPositions())
+    model = eqx.tree_at(lambda m: m.blocks[0].hooks, random_model(config),
+                        SiteHooks((RecordPositions("pattern"),)))
     lengths, width = (11, 6), 11  # both longer than the window of 4
     rng = np.random.RandomState(1)
     # Padding slots hold arbitrary valid ids: their content must not leak into real tokens.
@@ -179,7 +180,7 @@ def test_padded_batch_matches_unpadded(config, side):
     out = forward_of(model, jnp.asarray(tokens), jnp.asarray(mask))
     batched = np.asarray(out.logits)
     assert np.isfinite(batched).all()  # pad queries that see nothing stay finite too
-    positions, valid = (np.asarray(a) for a in out.records[0])
+    positions, valid = (np.asarray(a) for a in out.records["blocks.0.pattern"])
     np.testing.assert_array_equal(valid, mask)
     for row, n in enumerate(lengths):
         # Positions count real tokens only (RoPE alone could not tell: it is shift-invariant).
@@ -290,7 +291,7 @@ def test_embedding_normalizer_rounded_in_the_model():
     def replay(normalizer: jax.Array) -> jax.Array:
         x = model.embedder.embedding.astype(jnp.float32)[tokens] * normalizer
         for block in model.blocks:
-            x, _, _ = block(x, positions, valid)
+            x, _ = block(x, positions, valid)
         logits = model.embedder.decode(model.final_norm(x))
         cap = config.final_logit_softcap
         return jnp.tanh(logits / cap) * cap

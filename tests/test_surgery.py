@@ -17,14 +17,12 @@ import numpy as np
 import pytest
 
 from factories import tiny
-from gemma_eqx.modules import PatternHook, Transformer
+from gemma_eqx.modules import Transformer
+from gemma_eqx.sites import SiteHooks
 from gemma_eqx.weights import leaf_paths
+from interp.interventions import KnockOut, Record, clear_interventions
 from interp.surgery import (
-    Compose,
-    KnockOut,
-    RecordPattern,
     attention_patterns,
-    clear_hooks,
     forward_with_records,
     knock_out,
     knockout_mask,
@@ -133,26 +131,25 @@ def test_record_selected_heads_and_queries(model, tokens):
     for layer in (0, 2):
         assert records[layer].shape == (2, 2, 2, SEQ)
         np.testing.assert_allclose(records[layer], full[layer][:, [3, 1]][:, :, [5, 0]], atol=1e-6)
-    # Two records on one layer come back as a tuple, in order.
-    both = Compose((RecordPattern(heads=(0,)), RecordPattern(heads=(2,))))
-    hooked = eqx.tree_at(lambda m: m.blocks[2].attn.hook, model, both)
-    _, records = forward_with_records(hooked, tokens)
-    assert isinstance(records[2], tuple) and len(records[2]) == 2
-    np.testing.assert_allclose(records[2][1], full[2][:, [2]], atol=1e-6)
+    # Two records of one site on one layer would be ambiguous: refused with the site's key.
+    both = SiteHooks((Record("pattern", heads=(0,)), Record("pattern", heads=(2,))))
+    hooked = eqx.tree_at(lambda m: m.blocks[2].hooks, model, both)
+    with pytest.raises(ValueError, match="two interventions record site blocks.2.pattern"):
+        forward_with_records(hooked, tokens)
 
 
 def test_surgery_leaves_the_original_and_shares_weights(model, tokens):
     before = np.asarray(model(tokens))
     changed = record_attention(knock_out(model, knockout_mask(model, [(0, 1)])), layers=[2])
     changed = override_attention(changed, [1], fn=lambda w: w, heads=[0])
-    assert all(type(b.attn.hook) is PatternHook for b in model.blocks)
+    assert all(b.hooks.interventions == () for b in model.blocks)
     ours, theirs = leaf_paths(model), leaf_paths(changed)
     assert set(ours) < set(theirs)  # only hook leaves were added
     for path, leaf in ours.items():
         assert theirs[path] is leaf, path  # the same array object: shared, not copied
     np.testing.assert_array_equal(np.asarray(model(tokens)), before)
     assert not np.allclose(np.asarray(changed(tokens)), before)
-    np.testing.assert_array_equal(np.asarray(clear_hooks(changed)(tokens)), before)
+    np.testing.assert_array_equal(np.asarray(clear_interventions(changed)(tokens)), before)
 
 
 def test_hook_chain_order_and_replacement(model):
@@ -160,9 +157,9 @@ def test_hook_chain_order_and_replacement(model):
     m = knock_out(m, jnp.ones((3, 4)))
     m = record_attention(m, heads=[1])  # replaces the first record
     m = knock_out(m, jnp.zeros((3, 4)))  # replaces the first knock-out
-    hook = m.blocks[0].attn.hook
-    assert isinstance(hook, Compose) and [type(h) for h in hook.hooks] == [KnockOut, RecordPattern]
-    assert hook.hooks[1].heads == (1,) and float(hook.hooks[0].mask.sum()) == 0
+    hooks = m.blocks[0].hooks.interventions
+    assert [type(h) for h in hooks] == [KnockOut, Record]
+    assert hooks[1].heads == (1,) and float(hooks[0].mask.sum()) == 0
 
 
 # ---------------------------------------------------------------------------------- knock-out

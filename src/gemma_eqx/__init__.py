@@ -11,7 +11,6 @@ from .modules import (
     Embedder,
     ForwardOutput,
     LayerCache,
-    PatternHook,
     RMSNorm,
     Transformer,
     count_params,
@@ -22,7 +21,7 @@ from .tokenizer import Tokenizer
 
 __all__ = [
     "DEFAULT_RULES", "LAST_AXIS_RULES", "MLP", "PRESETS", "Attention", "Block", "Embedder",
-    "ForwardOutput", "GemmaConfig", "LayerCache", "PatternHook", "RMSNorm", "ShardingRules",
+    "ForwardOutput", "GemmaConfig", "LayerCache", "RMSNorm", "ShardingRules",
     "Tokenizer", "Transformer", "count_params", "default_mesh", "from_pretrained", "generate",
     "generate_text", "get_preset", "init_cache", "load_checkpoint", "load_gguf",
     "save_checkpoint", "shard_model",

@@ -19,6 +19,7 @@ from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
 from .checks import check_length, check_padding_mask, check_tokens, is_concrete
 from .config import GemmaConfig
+from .sites import SiteContext, SiteHooks
 
 # Large negative instead of -inf, so a row with every key masked (a pad query) stays finite.
 _MASKED_LOGIT = -2.3819763e38
@@ -79,23 +80,6 @@ def apply_rope(
     return rotated.astype(x.dtype)
 
 
-class PatternHook(eqx.Module):
-    """What an attention layer does with its weights after the softmax.
-
-    The default passes them through and records nothing; `interp` swaps in hooks that record,
-    override or knock out heads. Returns the (possibly new) weights and an auxiliary record.
-    """
-
-    def __call__(
-        self,
-        weights: Float[Array, "batch heads query key"],
-        query_positions: Int[Array, "batch query"],
-        key_positions: Int[Array, "batch key"],
-        key_valid: Bool[Array, "batch key"],
-    ) -> tuple[Float[Array, "batch heads query key"], Any]:
-        return weights, None
-
-
 class LayerCache(eqx.Module):
     """Keys and values of one attention layer for generation, with their positions."""
 
@@ -114,7 +98,6 @@ class Attention(eqx.Module):
     w_o: Float[Array, "heads head_dim embed"]
     query_norm: RMSNorm | None
     key_norm: RMSNorm | None
-    hook: PatternHook
     query_scale: float = eqx.field(static=True)
     rope_base: float = eqx.field(static=True)
     rope_scale: float = eqx.field(static=True)
@@ -133,7 +116,6 @@ class Attention(eqx.Module):
             self.key_norm = RMSNorm(jnp.zeros((h,), dtype), config.norm_eps)
         else:
             self.query_norm = self.key_norm = None
-        self.hook = PatternHook()
         self.query_scale = config.query_scale
         is_local = config.attention_kinds[layer] == "local"
         self.rope_base = config.local_rope_base if is_local else config.global_rope_base
@@ -178,15 +160,27 @@ class Attention(eqx.Module):
         valid: Bool[Array, "batch query"],
         cache: LayerCache | None = None,
         cache_index: Int[Array, ""] | None = None,
-    ) -> tuple[Float[Array, "batch query embed"], Any, LayerCache | None]:
-        """Attend over `x` itself, or over the cache after writing `x`'s keys at `cache_index`."""
+        hooks: SiteHooks | None = None,
+        records: dict[str, Any] | None = None,
+        layer: int | None = None,
+    ) -> tuple[Float[Array, "batch query embed"], LayerCache | None]:
+        """Attend over `x` itself, or over the cache after writing `x`'s keys at `cache_index`.
+
+        `hooks` act on the attention sites (see `gemma_eqx.sites`); what they record goes into
+        `records`."""
+        hooks = SiteHooks() if hooks is None else hooks
+        records = {} if records is None else records
+        context = SiteContext(positions, valid, positions, valid, layer)
+        site = lambda name, value: (  # noqa: E731
+            hooks.apply(name, value, context, records) if hooks.wants(name) else value
+        )
         queries = jnp.einsum("bsd,ndh->bsnh", x, self.w_q.astype(x.dtype))
         if self.query_norm is not None:
             queries = self.query_norm(queries)
-        queries = apply_rope(queries, positions, self.rope_base, self.rope_scale) * jnp.asarray(
-            self.query_scale, x.dtype
-        )
+        queries = site("q", apply_rope(queries, positions, self.rope_base, self.rope_scale))
+        queries = queries * jnp.asarray(self.query_scale, x.dtype)
         keys, values = self.project_kv(x, positions)
+        keys, values = site("k", keys), site("v", values)
         key_positions, key_valid = positions, valid
         if cache is not None:
             write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
@@ -200,22 +194,39 @@ class Attention(eqx.Module):
             )
             keys, values = cache.keys.astype(x.dtype), cache.values.astype(x.dtype)
             key_positions, key_valid = cache.positions, cache.valid
+            context = SiteContext(positions, valid, key_positions, key_valid, layer)
 
         b, s, n, h = queries.shape
-        kv = self.num_kv_heads
-        grouped = queries.reshape(b, s, kv, n // kv, h)
-        logits = jnp.einsum("bskgh,btkh->bkgst", grouped, keys).reshape(b, n, s, keys.shape[1])
+        kv, t = self.num_kv_heads, keys.shape[1]
+        per_head_keys, per_head_values = hooks.wants("k_per_head"), hooks.wants("v_per_head")
+        if per_head_keys:
+            # Query head i reads key head i // (n // kv): the grouped einsum below uses the same
+            # layout, so this copy changes nothing until an intervention edits one head's copy.
+            head_keys = site("k_per_head", jnp.repeat(keys, n // kv, axis=2))
+            logits = jnp.einsum("bsnh,btnh->bnst", queries, head_keys)
+        else:
+            grouped = queries.reshape(b, s, kv, n // kv, h)
+            logits = jnp.einsum("bskgh,btkh->bkgst", grouped, keys).reshape(b, n, s, t)
         if self.logit_softcap is not None:
             logits = jnp.tanh(logits / self.logit_softcap) * self.logit_softcap
         allowed = self.mask(positions, key_positions, key_valid)
-        logits = jnp.where(allowed[:, None], _at_least_f32(logits), _MASKED_LOGIT)
-        weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        weights, record = self.hook(weights, positions, key_positions, key_valid)
+        logits = site("attn_logits",
+                      jnp.where(allowed[:, None], _at_least_f32(logits), _MASKED_LOGIT))
+        weights = site("pattern", jax.nn.softmax(logits, axis=-1).astype(x.dtype))
 
-        grouped_weights = weights.reshape(b, kv, n // kv, s, keys.shape[1])
-        heads = jnp.einsum("bkgst,btkh->bskgh", grouped_weights, values).reshape(b, s, n, h)
-        out = jnp.einsum("bsnh,nhd->bsd", heads, self.w_o.astype(x.dtype))
-        return out, record, cache
+        if per_head_values:
+            head_values = site("v_per_head", jnp.repeat(values, n // kv, axis=2))
+            mixed = jnp.einsum("bnst,btnh->bsnh", weights, head_values)
+        else:
+            grouped_weights = weights.reshape(b, kv, n // kv, s, t)
+            mixed = jnp.einsum("bkgst,btkh->bskgh", grouped_weights, values).reshape(b, s, n, h)
+        mixed = site("mixed_values", mixed)
+        w_o = self.w_o.astype(x.dtype)
+        if hooks.wants("head_out"):
+            out = site("head_out", jnp.einsum("bsnh,nhd->bsnd", mixed, w_o)).sum(axis=2)
+        else:
+            out = jnp.einsum("bsnh,nhd->bsd", mixed, w_o)
+        return site("attn_out", out), cache
 
 
 class MLP(eqx.Module):
@@ -230,16 +241,24 @@ class MLP(eqx.Module):
         self.w_gating = _normal(kg, (2, d, f), d, dtype)
         self.w_linear = _normal(kl, (f, d), f, dtype)
 
-    def __call__(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq embed"]:
+    def hidden(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq mlp"]:
         w = self.w_gating.astype(x.dtype)
         gate = jnp.einsum("bsd,df->bsf", x, w[0])
         up = jnp.einsum("bsd,df->bsf", x, w[1])
-        return jnp.einsum("bsf,fd->bsd", jax.nn.gelu(gate, approximate=True) * up,
-                          self.w_linear.astype(x.dtype))
+        return jax.nn.gelu(gate, approximate=True) * up
+
+    def project(self, hidden: Float[Array, "batch seq mlp"]) -> Float[Array, "batch seq embed"]:
+        return jnp.einsum("bsf,fd->bsd", hidden, self.w_linear.astype(hidden.dtype))
+
+    def __call__(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq embed"]:
+        return self.project(self.hidden(x))
 
 
 class Block(eqx.Module):
-    """Pre-norm residual block; Gemma 2 and 3 also normalise each sublayer's output."""
+    """Pre-norm residual block; Gemma 2 and 3 also normalise each sublayer's output.
+
+    `hooks` holds the interventions on this layer's sites (`gemma_eqx.sites`); by default none.
+    """
 
     pre_attention_norm: RMSNorm
     attn: Attention
@@ -247,6 +266,7 @@ class Block(eqx.Module):
     pre_ffw_norm: RMSNorm
     mlp: MLP
     post_ffw_norm: RMSNorm | None
+    hooks: SiteHooks
 
     def __init__(self, config: GemmaConfig, layer: int, *, key: PRNGKeyArray, dtype: DTypeLike):
         ka, km = jax.random.split(key)
@@ -257,6 +277,7 @@ class Block(eqx.Module):
         self.pre_ffw_norm = norm()
         self.mlp = MLP(config, key=km, dtype=dtype)
         self.post_ffw_norm = norm() if config.use_post_norms else None
+        self.hooks = SiteHooks()
 
     def __call__(
         self,
@@ -265,32 +286,56 @@ class Block(eqx.Module):
         valid: Bool[Array, "batch seq"],
         cache: LayerCache | None = None,
         cache_index: Int[Array, ""] | None = None,
-    ) -> tuple[Float[Array, "batch seq embed"], Any, LayerCache | None]:
-        attended, record, cache = self.attn(
-            self.pre_attention_norm(x), positions, valid, cache, cache_index
+        records: dict[str, Any] | None = None,
+        layer: int | None = None,
+    ) -> tuple[Float[Array, "batch seq embed"], LayerCache | None]:
+        """The block's output; what its interventions record goes into `records`."""
+        records = {} if records is None else records
+        hooks = self.hooks
+        context = SiteContext(positions, valid, positions, valid, layer)
+        site = lambda name, value: (  # noqa: E731
+            hooks.apply(name, value, context, records) if hooks.wants(name) else value
+        )
+        x = site("resid_pre", x)
+        attended, cache = self.attn(
+            self.pre_attention_norm(x), positions, valid, cache, cache_index, hooks, records,
+            layer,
         )
         if self.post_attention_norm is not None:
             attended = self.post_attention_norm(attended)
-        x = x + attended
-        update = self.mlp(self.pre_ffw_norm(x))
+        x = site("resid_mid", x + attended)
+        normed = self.pre_ffw_norm(x)
+        if hooks.wants("mlp_hidden"):
+            if not isinstance(self.mlp, MLP):
+                raise ValueError(f"site mlp_hidden of layer {layer}: the MLP was replaced by "
+                                 f"{type(self.mlp).__name__}, which has no hidden activation")
+            update = self.mlp.project(site("mlp_hidden", self.mlp.hidden(normed)))
+        else:
+            update = self.mlp(normed)
+        update = site("mlp_out", update)
         if self.post_ffw_norm is not None:
             update = self.post_ffw_norm(update)
-        return x + update, record, cache
+        return site("resid_post", x + update), cache
 
 
 class ForwardOutput(NamedTuple):
     logits: Float[Array, "batch seq vocab"]
-    records: tuple[Any, ...]  # one entry per layer: what that layer's PatternHook recorded
+    records: dict[str, Any]  # what the interventions recorded, keyed by `sites.site_key`
     cache: tuple[LayerCache, ...] | None
 
 
 class Transformer(eqx.Module):
-    """A Gemma decoder: `model(tokens)` maps `[batch, seq]` token ids to `[batch, seq, vocab]`."""
+    """A Gemma decoder: `model(tokens)` maps `[batch, seq]` token ids to `[batch, seq, vocab]`.
+
+    `hooks` holds the interventions on the model's own sites (`embed`, `final_norm_in`,
+    `final_norm_out`, `logits`); each block holds its own.
+    """
 
     config: GemmaConfig = eqx.field(static=True)
     embedder: Embedder
     blocks: tuple[Block, ...]
     final_norm: RMSNorm
+    hooks: SiteHooks
     activation_dtype: Any = eqx.field(static=True)
 
     def __init__(
@@ -311,6 +356,7 @@ class Transformer(eqx.Module):
             Block(config, i, key=k, dtype=dtype) for i, k in enumerate(kb)
         )
         self.final_norm = RMSNorm(jnp.zeros((config.embed_dim,), dtype), config.norm_eps)
+        self.hooks = SiteHooks()
         self.activation_dtype = jnp.dtype(activation_dtype or dtype)
 
     def with_activation_dtype(self, dtype: DTypeLike) -> Transformer:
@@ -330,7 +376,7 @@ class Transformer(eqx.Module):
         logits_at: Int[Array, "batch k"] | None = None,
         check_ids: bool = True,
     ) -> ForwardOutput:
-        """Logits, each layer's hook record and the updated cache.
+        """Logits, what the installed interventions recorded, and the updated cache.
 
         `padding_mask` marks real tokens (True) against padding; it must have the shape of
         `tokens` and at least one real token per row (see `checks.check_padding_mask`).
@@ -359,20 +405,30 @@ class Transformer(eqx.Module):
             padding_mask = check_padding_mask(padding_mask, tokens.shape)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(padding_mask, axis=1) - 1, 0)
-        x = self.embedder.encode(tokens, self.activation_dtype)
-        records, new_cache = [], []
+        records: dict[str, Any] = {}
+        context = SiteContext(positions, padding_mask, positions, padding_mask, None)
+        site = lambda name, value: (  # noqa: E731
+            self.hooks.apply(name, value, context, records) if self.hooks.wants(name) else value
+        )
+        x = site("embed", self.embedder.encode(tokens, self.activation_dtype))
+        new_cache = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
-            x, record, layer_cache = block(x, positions, padding_mask, layer_cache, cache_index)
-            records.append(record)
+            x, layer_cache = block(x, positions, padding_mask, layer_cache, cache_index,
+                                   records, i)
             new_cache.append(layer_cache)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-        logits = self.embedder.decode(self.final_norm(x))
+            take = lambda a: jnp.take_along_axis(a, logits_at, axis=1)  # noqa: E731
+            context = SiteContext(take(positions), take(padding_mask), positions, padding_mask,
+                                  None)
+        x = site("final_norm_out", self.final_norm(site("final_norm_in", x)))
+        logits = self.embedder.decode(x)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
-        return ForwardOutput(logits, tuple(records), None if cache is None else tuple(new_cache))
+        logits = site("logits", logits)
+        return ForwardOutput(logits, records, None if cache is None else tuple(new_cache))
 
     def __call__(
         self,

@@ -26,7 +26,8 @@ from gemma_eqx.checks import check_finite
 from gemma_eqx.modules import Transformer
 from gemma_eqx.tokenizer import TokenizerLike
 
-from .surgery import _as_inputs, _check_mask, knock_out, knockout_mask, set_knockout_mask
+from .interventions import as_inputs as _as_inputs
+from .surgery import _check_mask, knock_out, knockout_mask, set_knockout_mask
 
 Head = tuple[int, int]
 

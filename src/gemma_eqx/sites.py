@@ -1,0 +1,215 @@
+"""Named activation sites of a `Transformer` and the interventions that act on them.
+
+A *site* is a named place in the forward pass where an intermediate array can be read,
+replaced or transformed. Every `Block` (and the `Transformer` itself, for the sites outside the
+blocks) holds a `SiteHooks`: a tuple of `Intervention` modules, each bound to one site by its
+static `site` name. The model calls the hooks of a site only when some intervention is bound to
+it, so a model without interventions computes exactly (and as fast as) the plain forward, and
+the costly per-head decompositions (`head_out`, `k_per_head`, `v_per_head`) are materialised
+only when an intervention asks for them.
+
+Interventions are ordinary Equinox modules: their arrays are leaves of the model, so new
+values do not recompile a jitted forward and gradients reach them. `interp.interventions`
+builds them; this module only defines the vocabulary and the calling convention.
+
+Sites on every layer, in the order the forward pass reaches them (`TransformerLens` names in
+brackets):
+
+| site          | shape                                | what it is                                   |
+|---------------|--------------------------------------|----------------------------------------------|
+| `resid_pre`   | `batch seq embed`                    | residual stream entering the block [resid_pre] |
+| `q`           | `batch seq heads head_dim`           | queries after QK-norm and RoPE, before the 1/sqrt(d) query scale [rot_q] |
+| `k`           | `batch seq kv_heads head_dim`        | keys after QK-norm and RoPE [rot_k]         |
+| `v`           | `batch seq kv_heads head_dim`        | values [v]                                  |
+| `k_per_head`  | `batch key heads head_dim`           | the keys each *query* head reads (a copy per head of its group's key head) |
+| `v_per_head`  | `batch key heads head_dim`           | the values each query head reads            |
+| `attn_logits` | `batch heads query key`              | scores after the soft-cap and the mask (masked keys hold a large negative number) [attn_scores] |
+| `pattern`     | `batch heads query key`              | attention weights after the softmax [pattern] |
+| `mixed_values`| `batch seq heads head_dim`           | each head's pattern-weighted values [z]      |
+| `head_out`    | `batch seq heads embed`              | each head's output, `mixed_values[h] @ w_o[h]`; sums over heads to `attn_out` [result] |
+| `attn_out`    | `batch seq embed`                    | attention output, before the post-attention norm (Gemma 2, 3) [attn_out] |
+| `resid_mid`   | `batch seq embed`                    | residual stream between attention and MLP [resid_mid] |
+| `mlp_hidden`  | `batch seq mlp`                      | `gelu(gate) * up`, the MLP's hidden activation [mlp.hook_post] |
+| `mlp_out`     | `batch seq embed`                    | MLP output, before the post-MLP norm (Gemma 2, 3) [mlp_out] |
+| `resid_post`  | `batch seq embed`                    | residual stream leaving the block [resid_post] |
+
+Sites of the whole model: `embed` (`batch seq embed`: scaled token embeddings, the stream
+entering block 0), `final_norm_in` and `final_norm_out` (`batch seq embed`) and `logits`
+(`batch seq vocab`, after the final soft-cap). With `logits_at`, these three have the selected
+positions in place of `seq`. In generation with a cache, `k`, `v` are the new tokens' keys and
+values and `k_per_head`, `v_per_head`, `attn_logits`, `pattern` span the whole cache (`key`).
+
+Every site has *units*: `[batch, seq]` for stream sites and `[batch, seq, heads]` for head sites
+(`seq` is the query axis of `attn_logits` and `pattern`, the key axis of `k_per_head` and
+`v_per_head`; `heads` is `kv_heads` on `k` and `v`). Mixing weights and scale factors of the
+interventions are given per unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where a site lives and how its axes read: `axes` names each axis of the array,
+    `seq_axis` and `head_axis` locate the unit axes (`head_axis` is None for stream sites)."""
+
+    name: str
+    axes: tuple[str, ...]
+    seq_axis: int
+    head_axis: int | None
+    per_layer: bool
+    doc: str
+
+    @property
+    def shape(self) -> str:
+        return " ".join(self.axes)
+
+
+def _spec(name: str, axes: str, per_layer: bool, doc: str) -> SiteSpec:
+    names = tuple(axes.split())
+    seq = next(i for i, a in enumerate(names) if a in ("seq", "query", "key"))
+    head = next((i for i, a in enumerate(names) if a in ("heads", "kv_heads")), None)
+    return SiteSpec(name, names, seq, head, per_layer, doc)
+
+
+SITES: dict[str, SiteSpec] = {
+    s.name: s
+    for s in (
+        _spec("embed", "batch seq embed", False, "scaled token embeddings"),
+        _spec("resid_pre", "batch seq embed", True, "residual stream entering the block"),
+        _spec("q", "batch seq heads head_dim", True, "queries after norm and rope"),
+        _spec("k", "batch seq kv_heads head_dim", True, "keys after norm and rope"),
+        _spec("v", "batch seq kv_heads head_dim", True, "values"),
+        _spec("k_per_head", "batch key heads head_dim", True, "keys as read by each query head"),
+        _spec("v_per_head", "batch key heads head_dim", True,
+              "values as read by each query head"),
+        _spec("attn_logits", "batch heads query key", True,
+              "attention scores after soft-cap and mask"),
+        _spec("pattern", "batch heads query key", True, "attention weights after the softmax"),
+        _spec("mixed_values", "batch seq heads head_dim", True, "pattern-weighted values"),
+        _spec("head_out", "batch seq heads embed", True, "each head's output"),
+        _spec("attn_out", "batch seq embed", True, "attention output before the post-norm"),
+        _spec("resid_mid", "batch seq embed", True, "residual stream between attention and MLP"),
+        _spec("mlp_hidden", "batch seq mlp", True, "gelu(gate) * up"),
+        _spec("mlp_out", "batch seq embed", True, "MLP output before the post-norm"),
+        _spec("resid_post", "batch seq embed", True, "residual stream leaving the block"),
+        _spec("final_norm_in", "batch seq embed", False, "input of the final norm"),
+        _spec("final_norm_out", "batch seq embed", False, "output of the final norm"),
+        _spec("logits", "batch seq vocab", False, "logits after the final soft-cap"),
+    )
+}
+LAYER_SITES = tuple(name for name, s in SITES.items() if s.per_layer)
+MODEL_SITES = tuple(name for name, s in SITES.items() if not s.per_layer)
+
+
+def site_spec(name: str) -> SiteSpec:
+    """The spec of site `name`; an unknown name is an error that lists the valid ones."""
+    if not isinstance(name, str) or name not in SITES:
+        raise ValueError(f"unknown site {name!r}; valid sites are: {', '.join(SITES)}")
+    return SITES[name]
+
+
+def site_key(site: str, layer: int | None) -> str:
+    """The key of a record: `'blocks.3.v'` for a layer site, `'logits'` for a model site."""
+    return site if layer is None else f"blocks.{layer}.{site}"
+
+
+class SiteContext(eqx.Module):
+    """What an intervention may need besides the array: the positions of the current queries
+    and keys, which of them are real tokens, and the layer (None for model sites)."""
+
+    positions: Int[Array, "batch seq"]
+    valid: Bool[Array, "batch seq"]
+    key_positions: Int[Array, "batch key"]
+    key_valid: Bool[Array, "batch key"]
+    layer: int | None = eqx.field(static=True)
+
+
+class Intervention(eqx.Module):
+    """Acts on one site: returns the array the model goes on with and a record (or None).
+
+    Subclasses keep their arrays as fields (data: new values do not recompile) and their
+    choices as static fields. `records` is True for interventions that only observe."""
+
+    site: str = eqx.field(static=True)
+
+    records = False
+
+    def __call__(self, x: Array, context: SiteContext) -> tuple[Array, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{type(self).__name__} at {self.site}"
+
+
+class SiteHooks(eqx.Module):
+    """The interventions installed on one layer (or on the model's own sites), in order."""
+
+    interventions: tuple[Intervention, ...] = ()
+
+    def wants(self, site: str) -> bool:
+        """Whether any intervention is bound to `site` (static: decides what is computed)."""
+        return any(i.site == site for i in self.interventions)
+
+    def apply(
+        self, site: str, x: Array, context: SiteContext, records: dict[str, Any]
+    ) -> Array:
+        """`x` after every intervention bound to `site`, in order; records go into `records`
+        under `site_key(site, context.layer)`."""
+        key = site_key(site, context.layer)
+        for intervention in self.interventions:
+            if intervention.site != site:
+                continue
+            x, record = intervention(x, context)
+            if record is not None:
+                if key in records:
+                    raise ValueError(f"two interventions record site {key}; keep one")
+                records[key] = record
+        return x
+
+
+def unit_weights(
+    weights: Float[Array, "batch seq *heads"], x: Array, spec: SiteSpec
+) -> Float[Array, "..."]:
+    """Per-unit weights laid out to multiply `x` of site `spec`: `[batch, seq]` for stream
+    sites, `[batch, seq, heads]` for head sites, exactly (nothing is broadcast silently)."""
+    b, s = x.shape[0], x.shape[spec.seq_axis]
+    expected = (b, s) if spec.head_axis is None else (b, s, x.shape[spec.head_axis])
+    if tuple(weights.shape) != expected:
+        units = "batch seq" if spec.head_axis is None else f"batch seq {spec.axes[spec.head_axis]}"
+        raise ValueError(
+            f"per-unit weights for site {spec.name} must have shape [{units}] = {expected} for "
+            f"this input; got {tuple(weights.shape)}"
+        )
+    w = weights.astype(x.dtype)
+    if spec.head_axis is None:
+        return w.reshape(w.shape + (1,) * (x.ndim - 2))
+    # Move (seq, heads) to the site's own axis order, then add size-1 axes for the rest.
+    order = sorted([(spec.seq_axis, 1), (spec.head_axis, 2)])
+    w = jnp.transpose(w, (0, *(o for _, o in order)))
+    shape = [1] * x.ndim
+    shape[0], shape[spec.seq_axis], shape[spec.head_axis] = b, s, x.shape[spec.head_axis]
+    return w.reshape(shape)
+
+
+def check_site_array(value: Any, x: Array, spec: SiteSpec, layer: int | None, what: str) -> None:
+    """A clear error when `value` (a patch, a recorded array) is not the shape of the site."""
+    if tuple(value.shape) != tuple(x.shape):
+        where = "" if layer is None else f" of layer {layer}"
+        raise ValueError(
+            f"{what} for site {spec.name}{where} must have shape [{spec.shape}] = "
+            f"{tuple(x.shape)}; got {tuple(value.shape)}"
+        )
+
+
+__all__ = [
+    "LAYER_SITES", "MODEL_SITES", "SITES", "Intervention", "SiteContext", "SiteHooks",
+    "SiteSpec", "check_site_array", "site_key", "site_spec", "unit_weights",
+]
