@@ -18,7 +18,6 @@ import pytest
 
 import gemma_eqx
 from factories import random_arrays, random_model, tiny
-from gemma_eqx.sites import Intervention, SiteHooks
 from gemma_eqx import (
     Embedder,
     GemmaConfig,
@@ -28,6 +27,7 @@ from gemma_eqx import (
     get_preset,
 )
 from gemma_eqx.modules import apply_rope
+from gemma_eqx.sites import Intervention, SiteHooks
 from gemma_eqx.weights import abstract_model, leaf_paths, model_from_arrays
 
 VOCAB = 61  # factories.tiny's vocabulary

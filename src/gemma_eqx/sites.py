@@ -12,26 +12,29 @@ Interventions are ordinary Equinox modules: their arrays are leaves of the model
 values do not recompile a jitted forward and gradients reach them. `interp.interventions`
 builds them; this module only defines the vocabulary and the calling convention.
 
-Sites on every layer, in the order the forward pass reaches them (`TransformerLens` names in
+Sites on every layer, in the order the forward pass reaches them (TransformerLens names in
 brackets):
 
-| site          | shape                                | what it is                                   |
-|---------------|--------------------------------------|----------------------------------------------|
-| `resid_pre`   | `batch seq embed`                    | residual stream entering the block [resid_pre] |
-| `q`           | `batch seq heads head_dim`           | queries after QK-norm and RoPE, before the 1/sqrt(d) query scale [rot_q] |
-| `k`           | `batch seq kv_heads head_dim`        | keys after QK-norm and RoPE [rot_k]         |
-| `v`           | `batch seq kv_heads head_dim`        | values [v]                                  |
-| `k_per_head`  | `batch key heads head_dim`           | the keys each *query* head reads (a copy per head of its group's key head) |
-| `v_per_head`  | `batch key heads head_dim`           | the values each query head reads            |
-| `attn_logits` | `batch heads query key`              | scores after the soft-cap and the mask (masked keys hold a large negative number) [attn_scores] |
-| `pattern`     | `batch heads query key`              | attention weights after the softmax [pattern] |
-| `mixed_values`| `batch seq heads head_dim`           | each head's pattern-weighted values [z]      |
-| `head_out`    | `batch seq heads embed`              | each head's output, `mixed_values[h] @ w_o[h]`; sums over heads to `attn_out` [result] |
-| `attn_out`    | `batch seq embed`                    | attention output, before the post-attention norm (Gemma 2, 3) [attn_out] |
-| `resid_mid`   | `batch seq embed`                    | residual stream between attention and MLP [resid_mid] |
-| `mlp_hidden`  | `batch seq mlp`                      | `gelu(gate) * up`, the MLP's hidden activation [mlp.hook_post] |
-| `mlp_out`     | `batch seq embed`                    | MLP output, before the post-MLP norm (Gemma 2, 3) [mlp_out] |
-| `resid_post`  | `batch seq embed`                    | residual stream leaving the block [resid_post] |
+    resid_pre     batch seq embed             stream entering the block [resid_pre]
+    q             batch seq heads head_dim    queries after QK-norm and RoPE, before the
+                                              query scale [rot_q]
+    k             batch seq kv_heads head_dim keys after QK-norm and RoPE [rot_k]
+    v             batch seq kv_heads head_dim values [v]
+    k_per_head    batch key heads head_dim    the keys each *query* head reads (its group's
+                                              key head, one copy per query head)
+    v_per_head    batch key heads head_dim    the values each query head reads
+    attn_logits   batch heads query key       scores after soft-cap and mask (masked keys
+                                              hold a large negative number) [attn_scores]
+    pattern       batch heads query key       weights after the softmax [pattern]
+    mixed_values  batch seq heads head_dim    each head's pattern-weighted values [z]
+    head_out      batch seq heads embed       each head's output `mixed_values[h] @ w_o[h]`;
+                                              sums over heads to attn_out [result]
+    attn_out      batch seq embed             attention output, before the post-attention
+                                              norm of Gemma 2 and 3 [attn_out]
+    resid_mid     batch seq embed             stream between attention and MLP [resid_mid]
+    mlp_hidden    batch seq mlp               gelu(gate) * up [mlp.hook_post]
+    mlp_out       batch seq embed             MLP output, before the post-MLP norm [mlp_out]
+    resid_post    batch seq embed             stream leaving the block [resid_post]
 
 Sites of the whole model: `embed` (`batch seq embed`: scaled token embeddings, the stream
 entering block 0), `final_norm_in` and `final_norm_out` (`batch seq embed`) and `logits`
@@ -177,7 +180,7 @@ class SiteHooks(eqx.Module):
 
 def unit_weights(
     weights: Float[Array, "batch seq *heads"], x: Array, spec: SiteSpec
-) -> Float[Array, "..."]:
+) -> Float[Array, ...]:
     """Per-unit weights laid out to multiply `x` of site `spec`: `[batch, seq]` for stream
     sites, `[batch, seq, heads]` for head sites, exactly (nothing is broadcast silently)."""
     b, s = x.shape[0], x.shape[spec.seq_axis]

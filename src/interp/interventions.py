@@ -83,8 +83,9 @@ def _selection(
         mask = mask * jnp.zeros((size,), x.dtype).at[jnp.asarray(positions)].set(1).reshape(shape)
     if heads is not None:
         if spec.head_axis is None:
+            head_sites = ", ".join(n for n, s in SITES.items() if s.head_axis is not None)
             raise ValueError(f"site {spec.name} has no heads axis; select heads on a head site "
-                             f"({', '.join(n for n, s in SITES.items() if s.head_axis is not None)})")
+                             f"({head_sites})")
         size = x.shape[spec.head_axis]
         for h in heads:
             if not -size <= h < size:

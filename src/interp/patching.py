@@ -1,0 +1,519 @@
+"""Activation patching, path patching, direct logit attribution and the logit lens.
+
+Sweeps run many patches per compiled call: each chunk of `chunk` patches is one batch in which
+row `c * n + i` is input row `i` under patch `c`, and every layer carries a `Replace` whose
+per-unit weights pick that row's patch. The structure never changes between chunks, so a
+sweep compiles once however many patches it has (`sweep_compilations()` counts it).
+
+Conventions: the *target* run is the one patched, the *source* run gives the values. Patching
+clean activations into a corrupted run (target = corrupted, source = clean) measures what
+restores the behaviour; swapping them measures what breaks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from gemma_eqx.checks import check_index
+from gemma_eqx.modules import Transformer
+from gemma_eqx.sites import SITES, site_key, site_spec
+
+from .interventions import (
+    ActivationCache,
+    Layers,
+    Record,
+    Replace,
+    add_interventions,
+    as_inputs,
+    capture,
+    select_layers,
+)
+
+Head = tuple[int, int]
+
+
+# --------------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number per batch row computed from the logits at `positions` (indices into seq):
+    `fn(logits [batch, len(positions), vocab]) -> [batch]`. Only those positions are
+    projected onto the vocabulary (most of a small model's cost)."""
+
+    positions: tuple[int, ...]
+    fn: Callable[[Array], Array]
+    name: str = "metric"
+
+    def __call__(self, logits: Float[Array, "batch k vocab"]) -> Float[Array, " batch"]:
+        return self.fn(logits)
+
+
+def mean_logprob(targets: Sequence[int], positions: Sequence[int]) -> Metric:
+    """Mean over `positions` of the log-probability of `targets` (one token id per position:
+    the token the logits at that position should predict)."""
+    targets, positions = tuple(int(t) for t in targets), tuple(int(p) for p in positions)
+    if len(targets) != len(positions) or not positions:
+        raise ValueError(f"mean_logprob needs one target per position; got {len(targets)} "
+                         f"targets for {len(positions)} positions")
+    ids = jnp.asarray(targets)
+
+    def fn(logits):
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(lp, ids[None, :, None], axis=-1)[..., 0].mean(axis=-1)
+
+    return Metric(positions, fn, "mean log-prob of the target tokens")
+
+
+def logit_difference(
+    correct: Sequence[int], wrong: Sequence[int], positions: Sequence[int]
+) -> Metric:
+    """Mean over `positions` of `logit[correct] - logit[wrong]` (one id of each per position)."""
+    correct, wrong = tuple(int(t) for t in correct), tuple(int(t) for t in wrong)
+    positions = tuple(int(p) for p in positions)
+    if not len(correct) == len(wrong) == len(positions) or not positions:
+        raise ValueError("logit_difference needs one correct and one wrong id per position")
+    c, w = jnp.asarray(correct), jnp.asarray(wrong)
+
+    def fn(logits):
+        logits = logits.astype(jnp.float32)
+        take = lambda ids: jnp.take_along_axis(logits, ids[None, :, None], axis=-1)[..., 0]  # noqa: E731
+        return (take(c) - take(w)).mean(axis=-1)
+
+    return Metric(positions, fn, "logit difference")
+
+
+def _check_metric(metric: Metric, seq: int) -> Int[Array, " k"]:
+    if not isinstance(metric, Metric):
+        raise TypeError(f"metric must be an interp.patching.Metric (see mean_logprob); got "
+                        f"{type(metric).__name__}")
+    for p in metric.positions:
+        check_index(p, seq, "metric position")
+    return jnp.asarray([p % seq for p in metric.positions])
+
+
+@eqx.filter_jit
+def _metric_of(model, tokens, padding_mask, positions, metric_fn):
+    at = jnp.broadcast_to(positions, (tokens.shape[0], positions.shape[0]))
+    out = model.forward(tokens, padding_mask=padding_mask, logits_at=at, check_ids=False)
+    return metric_fn(out.logits), out.records
+
+
+def evaluate(
+    model: Transformer,
+    tokens: Int[Array, "batch seq"],
+    metric: Metric,
+    *,
+    padding_mask: Bool[Array, "batch seq"] | None = None,
+) -> Float[Array, " batch"]:
+    """`metric` of the model (with its interventions) on `tokens`, one value per row."""
+    tokens, padding_mask = as_inputs(model, tokens, padding_mask)
+    positions = _check_metric(metric, tokens.shape[1])
+    return _metric_of(model, tokens, padding_mask, positions, metric.fn)[0]
+
+
+# ----------------------------------------------------------------------- patching sweeps
+
+
+@dataclass(frozen=True)
+class PatchingResult:
+    """A sweep's metric per patch. `values` has the axes named in `axes` (for example
+    `("layer", "head")`), averaged over the input's rows; `target` and `source` are the metric
+    unpatched and on the source input. `normalized` is `(values - target) / (source - target)`:
+    0 = no effect, 1 = the patch alone restores the source's metric."""
+
+    site: str
+    axes: tuple[str, ...]
+    values: np.ndarray
+    target: float
+    source: float
+    compilations: int
+
+    @property
+    def normalized(self) -> np.ndarray:
+        return (self.values - self.target) / (self.source - self.target)
+
+
+_compilations: list[int] = [0]
+
+
+def sweep_compilations() -> int:
+    """How many programs the sweeps of this process have compiled (for tests and benchmarks)."""
+    return _compilations[0]
+
+
+def _count_compiles(fn):
+    """Wraps a jitted function so that each trace (one per new structure or shape) counts."""
+
+    def traced(*args):
+        _compilations[0] += 1
+        return fn(*args)
+
+    return traced
+
+
+@eqx.filter_jit
+@_count_compiles
+def _sweep_chunk(model, tokens, padding_mask, positions, metric_fn):
+    at = jnp.broadcast_to(positions, (tokens.shape[0], positions.shape[0]))
+    out = model.forward(tokens, padding_mask=padding_mask, logits_at=at, check_ids=False)
+    return metric_fn(out.logits), out.records
+
+
+def _source_cache(model, source, tokens_shape, site, layers, padding_mask):
+    if isinstance(source, ActivationCache):
+        source.check_model(model)
+        return source
+    _, cache = capture(model, source, sites=[site], layers=layers, padding_mask=padding_mask)
+    return cache
+
+
+def _tile(x: Array, times: int) -> Array:
+    return jnp.tile(x, (times,) + (1,) * (x.ndim - 1))
+
+
+def _units_count(model: Transformer, site: str) -> int | None:
+    spec = SITES[site]
+    if spec.head_axis is None:
+        return None
+    return model.config.num_kv_heads if spec.axes[spec.head_axis] == "kv_heads" else (
+        model.config.num_heads)
+
+
+def activation_patching(
+    model: Transformer,
+    target: Int[Array, "batch seq"],
+    source: Int[Array, "batch seq"] | ActivationCache,
+    site: str,
+    metric: Metric,
+    *,
+    per: str = "layer",
+    layers: Layers = None,
+    padding_mask: Bool[Array, "batch seq"] | None = None,
+    chunk: int = 8,
+) -> PatchingResult:
+    """Patch `site` from `source` (tokens of the same shape, or a full `capture` of them) into
+    the `target` run, one unit at a time, and measure `metric`.
+
+    `per` names the units: `"layer"` (the whole site of one layer), `"layer_position"`
+    (`values[layer, position]`), `"layer_head"` (head sites: all positions of one head) or
+    `"layer_head_position"`. `chunk` patches run per compiled call; the sweep compiles once.
+    """
+    spec = site_spec(site)
+    if not spec.per_layer:
+        raise ValueError(f"site {site} is not on every layer; patch it with interp.patch")
+    per_options = ("layer", "layer_position", "layer_head", "layer_head_position")
+    if per not in per_options:
+        raise ValueError(f"per must be one of {per_options}; got {per!r}")
+    if "head" in per and spec.head_axis is None:
+        raise ValueError(f"site {site} has no heads; use per='layer' or 'layer_position'")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1; got {chunk}")
+    target, padding_mask = as_inputs(model, target, padding_mask)
+    n, seq = target.shape
+    positions = _check_metric(metric, seq)
+    layer_idx = select_layers(model, layers)
+    cache = _source_cache(model, source, target.shape, site, layer_idx, padding_mask)
+    if cache.input_shape != tuple(target.shape):
+        raise ValueError(f"the source was recorded on inputs of shape {cache.input_shape}; the "
+                         f"target has shape {tuple(target.shape)}")
+    heads = _units_count(model, site)
+    span = seq if spec.seq_axis is not None else 1
+    axes: tuple[str, ...] = ("layer",)
+    grid: list[tuple[int, ...]] = [(layer,) for layer in layer_idx]
+    if per == "layer_position":
+        axes, grid = ("layer", "position"), [(la, p) for la in layer_idx for p in range(span)]
+    elif per == "layer_head":
+        axes, grid = ("layer", "head"), [(la, h) for la in layer_idx for h in range(heads)]
+    elif per == "layer_head_position":
+        axes = ("layer", "head", "position")
+        grid = [(la, h, p) for la in layer_idx for h in range(heads) for p in range(span)]
+
+    rows = chunk * n
+    unit_shape = (rows, seq) if heads is None else (rows, seq, heads)
+    values = {la: _tile(cache[site, la].astype(model.activation_dtype), chunk)
+              for la in layer_idx}
+    tokens = _tile(target, chunk)
+    mask = _tile(padding_mask, chunk)
+    out = np.zeros(len(grid), np.float64)
+    before = _compilations[0]
+    for start in range(0, len(grid), chunk):
+        part = grid[start:start + chunk]
+        weights = {la: np.zeros(unit_shape, np.float32) for la in layer_idx}
+        for c, unit in enumerate(part):
+            w = weights[unit[0]][c * n:(c + 1) * n]
+            if per == "layer":
+                w[...] = 1
+            elif per == "layer_position":
+                w[:, unit[1]] = 1
+            elif per == "layer_head":
+                w[:, :, unit[1]] = 1
+            else:
+                w[:, unit[2], unit[1]] = 1
+        patched = add_interventions(model, {
+            la: Replace(site, value=values[la], weight=jnp.asarray(weights[la]))
+            for la in layer_idx})
+        scores, _ = _sweep_chunk(patched, tokens, mask, positions, metric.fn)
+        scores = np.asarray(scores, np.float64).reshape(chunk, n).mean(axis=1)
+        out[start:start + len(part)] = scores[:len(part)]
+    compiles = _compilations[0] - before
+    shape = [len(layer_idx)] + [heads if a == "head" else span for a in axes[1:]]
+    target_value = float(np.mean(np.asarray(evaluate(model, target, metric,
+                                                     padding_mask=padding_mask))))
+    source_value = _source_metric(model, source, cache, metric, padding_mask, target)
+    return PatchingResult(site, axes, out.reshape(shape), target_value, source_value, compiles)
+
+
+def _source_metric(model, source, cache, metric, padding_mask, target) -> float:
+    if isinstance(source, ActivationCache):
+        # The source's own metric needs its logits: recorded when the cache holds them.
+        if "logits" in source and source["logits"].shape[1] == target.shape[1]:
+            logits = source["logits"][:, _check_metric(metric, target.shape[1])]
+            return float(np.mean(np.asarray(metric.fn(logits))))
+        return float("nan")
+    return float(np.mean(np.asarray(evaluate(model, source, metric, padding_mask=padding_mask))))
+
+
+# -------------------------------------------------------------------------- path patching
+
+
+def path_patching(
+    model: Transformer,
+    target: Int[Array, "batch seq"],
+    source: Int[Array, "batch seq"],
+    receivers: Sequence[Head],
+    via: str,
+    metric: Metric,
+    *,
+    senders: Sequence[Head] | None = None,
+    padding_mask: Bool[Array, "batch seq"] | None = None,
+    chunk: int = 8,
+) -> PatchingResult:
+    """The effect of each sender head on `metric` through the `receivers`' query, key or value
+    input only (`via` = "q", "k" or "v"), as in Wang et al. (2022):
+
+    1. run the target input with the sender's output (`head_out`) taken from the source run
+       and every other head's output frozen to the target run; record the receivers' `via`
+       input (per query head: `q`, `k_per_head`, `v_per_head`);
+    2. run the target input with only those receiver inputs replaced; measure `metric`.
+
+    MLPs are recomputed in step 1 (their paths count). `senders` defaults to every head below
+    the last receiver's layer; `values[layer, head]` is NaN for heads not swept.
+    """
+    site = {"q": "q", "k": "k_per_head", "v": "v_per_head"}.get(via)
+    if site is None:
+        raise ValueError(f"via must be 'q', 'k' or 'v'; got {via!r}")
+    target, padding_mask = as_inputs(model, target, padding_mask)
+    source, _ = as_inputs(model, source, None)
+    if source.shape != target.shape:
+        raise ValueError(f"source shape {tuple(source.shape)} differs from the target's "
+                         f"{tuple(target.shape)}")
+    L, H = len(model.blocks), model.config.num_heads  # noqa: N806
+    receivers = [(check_index(la, L, "layer"), check_index(h, H, "head")) for la, h in receivers]
+    if not receivers:
+        raise ValueError("path_patching needs at least one receiver head")
+    top = max(la for la, _ in receivers)
+    if senders is None:
+        senders = [(la, h) for la in range(top) for h in range(H)]
+    senders = [(check_index(la, L, "layer"), check_index(h, H, "head")) for la, h in senders]
+    n, seq = target.shape
+    positions = _check_metric(metric, seq)
+    _, clean = capture(model, target, sites=["head_out"], padding_mask=padding_mask)
+    _, other = capture(model, source, sites=["head_out"], padding_mask=padding_mask)
+    rows = chunk * n
+    tokens, mask = _tile(target, chunk), _tile(padding_mask, chunk)
+    frozen = {la: _tile(clean["head_out", la], chunk) for la in range(L)}
+    changed = {la: _tile(other["head_out", la], chunk) for la in range(L)}
+    receiver_layers = sorted({la for la, _ in receivers})
+    receiver_heads = {la: [h for l2, h in receivers if l2 == la] for la in receiver_layers}
+    out = np.full((L, H), np.nan)
+    before = _compilations[0]
+    for start in range(0, len(senders), chunk):
+        part = senders[start:start + chunk]
+        pick = {la: np.zeros((rows, seq, H), np.float32) for la in range(L)}
+        for c, (la, h) in enumerate(part):
+            pick[la][c * n:(c + 1) * n, :, h] = 1
+        # Step 1: every head frozen to the target run except the sender (from the source).
+        step1 = {la: [Replace("head_out", value=frozen[la] + jnp.asarray(pick[la])[..., None]
+                              * (changed[la] - frozen[la]))] for la in range(L)}
+        for la in receiver_layers:
+            step1[la].append(Record(site))
+        _, records = _sweep_chunk(add_interventions(model, step1), tokens, mask, positions,
+                                  metric.fn)
+        # Step 2: only the receivers' chosen input comes from step 1.
+        step2 = {}
+        for la in receiver_layers:
+            w = np.zeros((rows, seq, H), np.float32)
+            w[:, :, receiver_heads[la]] = 1
+            step2[la] = Replace(site, value=records[site_key(site, la)].astype(
+                model.activation_dtype), weight=jnp.asarray(w))
+        scores, _ = _sweep_chunk(add_interventions(model, step2), tokens, mask, positions,
+                                 metric.fn)
+        scores = np.asarray(scores, np.float64).reshape(chunk, n).mean(axis=1)
+        for c, (la, h) in enumerate(part):
+            out[la, h] = scores[c]
+    compiles = _compilations[0] - before
+    target_value = float(np.mean(np.asarray(evaluate(model, target, metric,
+                                                     padding_mask=padding_mask))))
+    source_value = float(np.mean(np.asarray(evaluate(model, source, metric))))
+    return PatchingResult(f"path via {via}", ("layer", "head"), out, target_value, source_value,
+                          compiles)
+
+
+# ------------------------------------------------------------------- direct logit attribution
+
+
+@dataclass(frozen=True)
+class LogitAttribution:
+    """Direct logit attribution of `logit` (the pre-soft-cap logit of the target token at each
+    position, `[batch, k]`) to the embedding, each layer's attention and MLP update, and each
+    head (`heads[layer, head]`).
+
+    The final norm's scale is frozen at its value on this input (its input's RMS per
+    position), which makes the map from residual stream to logits linear; likewise the
+    post-attention norm of Gemma 2 and 3 is frozen per position so heads add up to their
+    layer's update. Then exactly (to float rounding):
+    `embed + attn.sum(0) + mlp.sum(0) == logit` and `heads.sum(1) == attn`. With a final
+    soft-cap (Gemma 2) the model's logit is `cap * tanh(logit / cap)`."""
+
+    embed: np.ndarray  # [batch, k]
+    attn: np.ndarray  # [layers, batch, k]
+    mlp: np.ndarray  # [layers, batch, k]
+    heads: np.ndarray  # [layers, heads, batch, k]
+    logit: np.ndarray  # [batch, k]
+
+
+def _rms_factor(norm, x: Array) -> Array:
+    """The per-position factor of an RMSNorm: `rsqrt(mean(x^2) + eps) * (1 + scale)`."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm.eps)
+    return r * (1.0 + norm.scale.astype(x32.dtype))
+
+
+@eqx.filter_jit
+def _dla(model, tokens, padding_mask, positions, targets):
+    sites = ("resid_pre", "resid_mid", "resid_post", "attn_out", "head_out")
+    recorded = add_interventions(model, {i: [Record(s) for s in sites]
+                                         for i in range(len(model.blocks))})
+    recorded = add_interventions(recorded, {None: [Record("embed"), Record("final_norm_in")]})
+    records = recorded.forward(tokens, padding_mask=padding_mask, check_ids=False).records
+    at = lambda a: jnp.take(a, positions, axis=1)  # noqa: E731
+    unembed = jnp.take(model.embedder.embedding, targets, axis=0).astype(jnp.float32)  # [b k d]
+    final = _rms_factor(model.final_norm, at(records["final_norm_in"]))
+
+    def direct(x):  # x [b, k, d] -> [b, k]
+        return jnp.sum(x * final * unembed, axis=-1)
+
+    embed = direct(at(records["embed"]))
+    attn, mlp, heads = [], [], []
+    for i, block in enumerate(model.blocks):
+        key = lambda s, i=i: records[site_key(s, i)]  # noqa: E731
+        attn.append(direct(at(key("resid_mid") - key("resid_pre"))))
+        mlp.append(direct(at(key("resid_post") - key("resid_mid"))))
+        head_out = at(key("head_out"))  # [b k heads d]
+        if block.post_attention_norm is not None:
+            head_out = head_out * _rms_factor(block.post_attention_norm,
+                                              at(key("attn_out")))[:, :, None]
+        heads.append(jnp.moveaxis(direct_heads(head_out, final, unembed), -1, 0))
+    logit = direct(at(records["final_norm_in"]))
+    return embed, jnp.stack(attn), jnp.stack(mlp), jnp.stack(heads), logit
+
+
+def direct_heads(head_out, final, unembed):
+    """`[b, k, heads, d]` head outputs to their direct logit contributions `[b, k, heads]`."""
+    return jnp.einsum("bknd,bkd->bkn", head_out * final[:, :, None], unembed)
+
+
+def direct_logit_attribution(
+    model: Transformer,
+    tokens: Int[Array, "batch seq"],
+    targets: Int[Array, "batch k"],
+    positions: Sequence[int],
+    *,
+    padding_mask: Bool[Array, "batch seq"] | None = None,
+) -> LogitAttribution:
+    """How much each component writes directly onto the logit of `targets[:, j]` at position
+    `positions[j]` (see `LogitAttribution` for how the norms are handled)."""
+    tokens, padding_mask = as_inputs(model, tokens, padding_mask)
+    pos = _check_metric(Metric(tuple(positions), lambda x: x), tokens.shape[1])
+    targets = jnp.asarray(targets)
+    if targets.shape != (tokens.shape[0], len(positions)):
+        raise ValueError(f"targets must have shape [batch, positions] = "
+                         f"{(tokens.shape[0], len(positions))}; got {tuple(targets.shape)}")
+    parts = _dla(model, tokens, padding_mask, pos, targets)
+    embed, attn, mlp, heads, logit = (np.asarray(p, np.float64) for p in parts)
+    return LogitAttribution(embed, attn, mlp, heads, logit)
+
+
+# ------------------------------------------------------------------------------ logit lens
+
+
+@eqx.filter_jit
+def _lens(model, tokens, padding_mask, positions, targets):
+    recorded = add_interventions(
+        model, {i: Record("resid_post") for i in range(len(model.blocks))})
+    recorded = add_interventions(recorded, {None: Record("embed")})
+    records = recorded.forward(tokens, padding_mask=padding_mask, check_ids=False).records
+    streams = [records["embed"]] + [records[site_key("resid_post", i)]
+                                    for i in range(len(model.blocks))]
+    out_lp, out_top = [], []
+    for x in streams:
+        x = jnp.take(x, positions, axis=1).astype(model.activation_dtype)
+        logits = model.embedder.decode(model.final_norm(x))
+        if model.config.final_logit_softcap is not None:
+            cap = model.config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        out_lp.append(jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0])
+        out_top.append(jnp.argmax(lp, axis=-1))
+    return jnp.stack(out_lp), jnp.stack(out_top)
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """The residual stream read out early: after the embedding (row 0) and after each block
+    (row `i + 1`), the final norm and unembedding applied as if the model ended there.
+    `logprobs[row, batch, j]` is the log-prob of `targets[batch, j]` at `positions[j]`;
+    `top[row, batch, j]` the most likely token. The last row is the model's own output."""
+
+    logprobs: np.ndarray
+    top: np.ndarray
+
+
+def logit_lens(
+    model: Transformer,
+    tokens: Int[Array, "batch seq"],
+    targets: Int[Array, "batch k"],
+    positions: Sequence[int],
+    *,
+    padding_mask: Bool[Array, "batch seq"] | None = None,
+) -> LogitLens:
+    """The logit lens over the residual stream (see `LogitLens`)."""
+    tokens, padding_mask = as_inputs(model, tokens, padding_mask)
+    pos = _check_metric(Metric(tuple(positions), lambda x: x), tokens.shape[1])
+    targets = jnp.asarray(targets)
+    if targets.shape != (tokens.shape[0], len(positions)):
+        raise ValueError(f"targets must have shape [batch, positions] = "
+                         f"{(tokens.shape[0], len(positions))}; got {tuple(targets.shape)}")
+    lp, top = _lens(model, tokens, padding_mask, pos, targets)
+    return LogitLens(np.asarray(lp, np.float64), np.asarray(top))
+
+
+def head_grid(model: Transformer, heads: Sequence[Head]) -> list[Head]:
+    """`(layer, head)` pairs checked against the model."""
+    L, H = len(model.blocks), model.config.num_heads  # noqa: N806
+    return [(check_index(la, L, "layer"), check_index(h, H, "head")) for la, h in heads]
+
+
+__all__ = [
+    "LogitAttribution", "LogitLens", "Metric", "PatchingResult", "activation_patching",
+    "direct_logit_attribution", "evaluate", "head_grid", "logit_difference", "logit_lens",
+    "mean_logprob", "path_patching", "sweep_compilations",
+]
