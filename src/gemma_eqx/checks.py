@@ -123,6 +123,10 @@ def check_finite(x: Any, name: str, axes: tuple[str, ...] | None = None) -> None
     host = np.asarray(x)
     if not np.issubdtype(host.dtype, np.inexact):
         return
+    if host.ndim == 0:  # np.argwhere finds nothing in a 0-d array
+        if not np.isfinite(host):
+            raise NonFiniteError(f"{name} must be finite; got {host}")
+        return
     bad = np.argwhere(~np.isfinite(host))
     if bad.size:
         index = tuple(int(i) for i in bad[0])

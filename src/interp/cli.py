@@ -26,6 +26,9 @@ def add_induction_command(commands: Any) -> None:
     cmd.add_argument("--top", type=int, default=10, metavar="K", help="heads to knock out")
     cmd.add_argument("--strings", type=int, default=8,
                      help="how many digit strings to score (the first is shown)")
+    cmd.add_argument("--residual-stride", type=int, default=3, metavar="N",
+                     help="patch the residual stream at every N-th layer and the last "
+                     "(1: every layer; each layer costs one forward per position)")
     cmd.add_argument("--out", default="induction-report", metavar="DIR")
     cmd.set_defaults(run=run_induction,
                      memory_advice="fewer --strings or a shorter --period (or --text)")
@@ -79,8 +82,8 @@ def run_induction(args: argparse.Namespace) -> int:
 
     if args.text is not None:
         check_digits(args.text, 1 << 30, name="--text")
-    if args.period < 2 or args.top < 1 or args.strings < 1:
-        raise ValueError("--period must be >= 2, --top and --strings >= 1")
+    if args.period < 2 or args.top < 1 or args.strings < 1 or args.residual_stride < 1:
+        raise ValueError("--period must be >= 2, --top, --strings and --residual-stride >= 1")
     out = Path(args.out)
     _check_out(out)
     _enable_compilation_cache()
@@ -94,6 +97,7 @@ def run_induction(args: argparse.Namespace) -> int:
     result = run_study(
         model, tokenizer, digits=args.text, period=args.period, seed=args.seed, top=args.top,
         strings=args.strings, model_name=os.fspath(args.model), progress=say,
+        residual_stride=args.residual_stride,
     )
     say("writing the report")
     path = write_report(result, out)
@@ -111,5 +115,10 @@ def run_induction(args: argparse.Namespace) -> int:
     print(f"  {'example':<20} {'original':>9} {'top out':>9} {'control':>9}")
     for name, *cells in summary_rows(result):
         print(f"  {name:<20} " + " ".join(f"{c:>9}" for c in cells))
+    print("  path analysis, relative logit of the correct digit: " + ", ".join(
+        f"{w.world} {w.relative_logit:.2f}" for w in result.path_analysis.worlds))
+    print("  patched between inputs (argmax = the digit copied under the patch, vs unpatched): "
+          + ", ".join(f"{p.name} {p.copy_accuracy:.2f} vs {p.baseline_copy_accuracy:.2f}"
+                      for p in result.counterfactual.patches))
     print(f"  report: {path / 'report.html'}  ({time.perf_counter() - start:.1f}s in all)")
     return 0

@@ -63,6 +63,16 @@ def _index_tuple(values: Any, size: int | None, what: str) -> tuple[int, ...] | 
     return out
 
 
+def _check_positions(
+    positions: tuple[int, ...], size: int, spec: SiteSpec, layer: int | None
+) -> None:
+    for p in positions:
+        if not -size <= p < size:
+            where = "" if layer is None else f" of layer {layer}"
+            raise ValueError(f"position {p} is out of range for site {spec.name}{where} "
+                             f"with {size} positions")
+
+
 def _selection(
     x: Array, spec: SiteSpec, heads: tuple[int, ...] | None, positions: tuple[int, ...] | None,
     layer: int | None,
@@ -73,11 +83,7 @@ def _selection(
     mask = jnp.ones((1,) * x.ndim, x.dtype)
     if positions is not None:
         size = x.shape[spec.seq_axis]
-        for p in positions:
-            if not -size <= p < size:
-                where = "" if layer is None else f" of layer {layer}"
-                raise ValueError(f"position {p} is out of range for site {spec.name}{where} "
-                                 f"with {size} positions")
+        _check_positions(positions, size, spec, layer)
         shape = [1] * x.ndim
         shape[spec.seq_axis] = size
         mask = mask * jnp.zeros((size,), x.dtype).at[jnp.asarray(positions)].set(1).reshape(shape)
@@ -131,6 +137,8 @@ class Record(Intervention):
         spec = SITES[self.site]
         record = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.positions is not None:
+            # jnp.take would fill an out-of-range position with NaN, silently.
+            _check_positions(self.positions, x.shape[spec.seq_axis], spec, context.layer)
             record = jnp.take(record, jnp.asarray(self.positions), axis=spec.seq_axis)
         if self.heads is not None:
             if spec.head_axis is None:

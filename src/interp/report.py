@@ -36,7 +36,16 @@ FIGURES = {
     "marks the start of the second repetition.",
     "attribution.png": "Gradient of the mean correct-digit log-prob in the second repetition "
     "with respect to each head's knock-out mask, at all heads on (left) and at the top heads "
-    "knocked out (right). Blue: removing the head hurts copying.",
+    "knocked out (right). Blue: removing the head hurts copying. Each panel has its own "
+    "colour scale.",
+    "path_analysis.png": "Experiment 6: relative logit of the correct digit (its logit minus "
+    "the mean logit of the ten digits) over the second repetition, in six worlds computed "
+    "side by side: the critical heads knocked out, then their paths restored one kind at a "
+    "time, up to the original model.",
+    "patching.png": "Activation patching, clean (BOS + A + A) into corrupted (BOS + B + A): "
+    "the mean log-prob of A's digits over the second repetition after patching one head's "
+    "output (left) or the residual stream entering a layer at one position (right), "
+    "normalised so 0 is the corrupted run and 1 the clean run.",
 }
 
 
@@ -130,12 +139,70 @@ def plot_attribution(result: StudyResult, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_path_analysis(result: StudyResult, path: Path) -> None:
+    plt = _plt()
+    worlds = result.path_analysis.worlds
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    values = [w.relative_logit for w in worlds]
+    ax.barh(range(len(worlds)), values, color=["#b2182b"] + ["#4393c3"] * (len(worlds) - 2)
+            + ["#1a1a1a"])
+    ax.set_yticks(range(len(worlds)), [w.description for w in worlds], fontsize=9)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f}", va="center", ha="left" if v >= 0 else "right", fontsize=9)
+    ax.set_xlabel("relative logit of the correct digit")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_patching(result: StudyResult, path: Path) -> None:
+    plt = _plt()
+    maps = result.patching
+    heads, residual = maps.heads, maps.residual
+    fig, axes = plt.subplots(1, 2, figsize=(15, 1.8 + 0.32 * heads.shape[0]),
+                             gridspec_kw={"width_ratios": [1, 4]})
+    limit = float(max(np.abs(heads).max(), np.abs(residual).max(), 1e-6))
+    im = axes[0].imshow(heads, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto",
+                        interpolation="nearest")
+    axes[0].set_title("one head's output")
+    axes[0].set_xlabel("head")
+    axes[0].set_ylabel("layer")
+    axes[0].set_xticks(range(heads.shape[1]))
+    axes[0].set_yticks(range(heads.shape[0]))
+    axes[1].imshow(residual, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto",
+                   interpolation="nearest")
+    axes[1].set_title("residual stream entering the layer, one position")
+    labels = [_label(p) for p in result.task.token_pieces]
+    axes[1].set_xticks(range(len(labels)), labels, fontsize=8)
+    axes[1].set_xlabel("position (token of the clean input)")
+    axes[1].set_yticks(range(len(maps.residual_layers)), maps.residual_layers)
+    axes[1].set_ylabel("layer")
+    fig.colorbar(im, ax=axes, shrink=0.85, label="normalised metric (one scale)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def path_rows(result: StudyResult) -> list[list[str]]:
+    """Experiment 6: world, what it restores, relative logit."""
+    return [[w.world, w.description, f"{w.relative_logit:.2f}"]
+            for w in result.path_analysis.worlds]
+
+
+def counterfactual_rows(result: StudyResult) -> list[list[str]]:
+    """Experiment 7: per patch, copy-target accuracy and probability, patched and not."""
+    return [[p.description, p.copy_target, f"{p.copy_accuracy:.2f}", f"{p.copy_prob:.2f}",
+             f"{p.baseline_copy_accuracy:.2f}", f"{p.baseline_copy_prob:.2f}"]
+            for p in result.counterfactual.patches]
 
 
 def summary_rows(result: StudyResult) -> list[list[str]]:
@@ -166,6 +233,7 @@ def render_html(result: StudyResult, directory: Path) -> str:
     minimal = result.minimal_set
     minimal_text = ", ".join(f"({layer}, {head})" for layer, head in minimal.heads)
     trail = [[s.step, f"({s.layer}, {s.head})", f"{s.accuracy:.2f}"] for s in minimal.trail]
+    critical = ", ".join(f"({layer}, {head})" for layer, head in result.path_analysis.heads)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Induction heads in {html.escape(result.preset)}</title><style>{_CSS}</style></head><body>
@@ -198,6 +266,28 @@ alone include previous-token heads, the other half of the induction circuit).</p
 from {minimal.baseline:.2f}; {"broken" if minimal.broken else "not broken"}).
 Search trail:</p>
 {_table(["step", "head", "accuracy"], trail)}
+<h2>6. Path analysis with worlds</h2>
+<p>Six worlds of the same inputs run side by side in one batch; the critical heads
+({critical}) are knocked out in the first only. Each later world restores one more kind of path
+from those heads to the logits (the final norm is linearised around the first world in all of
+them, so only the restored paths differ). Relative logit of the correct digit (its logit
+minus the mean of the ten digits' logits), mean over the second repetition and all strings:</p>
+{_table(["world", "restores", "relative logit"], path_rows(result))}
+{img("path_analysis.png")}
+<h2>7. Activation patching between inputs</h2>
+<p>Worlds: the repeated digits A, random non-repeating digits B (first string:
+{html.escape("".join(result.counterfactual.counterfactual))}...), and a patched world. Over
+the second repetition: how often the argmax is the digit the critical heads would copy
+under the patch (and its mean probability), against the unpatched world with the same
+input.</p>
+{_table(["patch", "the digit copied would be", "patched: argmax", "patched: prob",
+         "unpatched: argmax", "unpatched: prob"], counterfactual_rows(result))}
+<h2>Activation patching of every head and of the residual stream</h2>
+<p>Clean BOS + A + A, corrupted BOS + B + A (first string); the metric, the mean log-prob of
+A's digits over the second repetition, is {result.patching.clean:.2f} clean and
+{result.patching.corrupted:.2f} corrupted. Residual stream at layers
+{", ".join(map(str, result.patching.residual_layers))}.</p>
+{img("patching.png")}
 <h2>Timings</h2>
 {_table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in result.timings.items()])}
 <p>The numbers behind every figure are in <code>report.json</code>.</p>
@@ -278,6 +368,8 @@ def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
                 "induction_scores.png": lambda p: plot_scores(result, p),
                 "token_probabilities.png": lambda p: plot_token_probabilities(result, p),
                 "attribution.png": lambda p: plot_attribution(result, p),
+                "path_analysis.png": lambda p: plot_path_analysis(result, p),
+                "patching.png": lambda p: plot_patching(result, p),
                 "report.html": lambda p: p.write_text(render_html(result, p.parent)),
                 "report.json": lambda p: p.write_text(json.dumps(payload, indent=1)),
             }

@@ -1,10 +1,13 @@
-"""The induction-head study (experiments 1-5): one function per experiment, typed results.
+"""The induction-head study (experiments 1-7): one function per experiment, typed results.
 
 `run_study(model, tokenizer)` runs them all, as `gemma-eqx induction` reports them:
 `behaviour` on repeated random digits (capturing attention too), `score_heads`, `knockout` of
 the top heads (and of as many heads that score low on every pattern, as a control) on the
-study's examples, `attribution` gradients at two mask points, and `minimal_set`, the smallest
-set of heads whose knock-out breaks copying. Each takes a `DigitTask` (`digit_task`).
+study's examples, `attribution` gradients at two mask points, `minimal_set`, the smallest
+set of heads whose knock-out breaks copying, `path_analysis` (experiment 6: worlds that restore
+the heads' paths one kind at a time), `counterfactual_patching` (experiment 7: the heads'
+values, pattern or output taken from another input) and `patching_maps` (clean -> corrupted
+activation patching of every head and of the residual stream). Each takes a `DigitTask`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -22,8 +26,10 @@ from gemma_eqx.checks import check_length
 from gemma_eqx.modules import Transformer
 from gemma_eqx.tokenizer import TokenizerLike
 
-from . import analyses, examples
+from . import analyses, examples, patching
+from .interventions import run
 from .surgery import forward_with_records, knock_out, knockout_mask, record_attention
+from .worlds import Worlds, knock_out_in, linearize, rewire
 
 Progress = Callable[[str], None]
 Head = tuple[int, int]  # (layer, head)
@@ -37,10 +43,11 @@ def _rounded(x: Any) -> Any:
         return {f.name: _rounded(getattr(x, f.name)) for f in dataclasses.fields(x)
                 if f.metadata.get("json", True)}
     if isinstance(x, np.ndarray):
-        return (np.round(x.astype(np.float64), 6).tolist() if x.dtype.kind == "f"
-                else x.tolist())
+        if x.dtype.kind != "f":
+            return x.tolist()
+        return _rounded(x.astype(np.float64).tolist())
     if isinstance(x, float):
-        return round(x, 6)
+        return round(x, 6) if np.isfinite(x) else None  # JSON has no NaN
     if isinstance(x, tuple | list):
         return [_rounded(v) for v in x]
     if isinstance(x, Mapping):
@@ -162,6 +169,69 @@ class MinimalSet:
 
 
 @dataclasses.dataclass(frozen=True)
+class WorldScore:
+    world: str
+    description: str
+    relative_logit: float  # mean over strings and scored positions
+
+
+@dataclasses.dataclass(frozen=True)
+class PathAnalysis:
+    """Experiment 6: the relative logit of the correct digit (its logit minus the mean logit
+    of the ten digits, which equals the same difference of log-probs) over the second
+    repetition, in worlds that restore the ablated heads' paths one kind at a time."""
+
+    heads: tuple[Head, ...]
+    worlds: tuple[WorldScore, ...]
+    per_position: np.ndarray  # [worlds, seq - 1] mean over strings (NaN where not scored)
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterfactualPatch:
+    """One patching of experiment 7. In the patched world, at each scored position: the mean
+    probability of the digit the heads would copy under the patch (`copy_target`) and how
+    often it is the argmax over the vocabulary; the same for the unpatched world that reads
+    the same input (the baseline); and the patched world's probability of its own input's
+    correct next digit."""
+
+    name: str
+    description: str
+    copy_target: str
+    copy_prob: float
+    copy_accuracy: float
+    baseline_copy_prob: float
+    baseline_copy_accuracy: float
+    correct_prob: float
+    # Probability of each digit 0-9 at the scored positions of the first string: [scored, 10].
+    digit_probs: np.ndarray = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterfactualPatching:
+    """Experiment 7: the heads' values, pattern, or both, taken from another input."""
+
+    heads: tuple[Head, ...]
+    counterfactual: tuple[str, ...]  # the non-repeating digits of the first string
+    patches: tuple[CounterfactualPatch, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingMaps:
+    """Clean -> corrupted activation patching (clean = BOS + A + A, corrupted = BOS + B + A)
+    of the first string: the metric (mean log-prob of A's digits over the second repetition)
+    after patching one head's output (`heads`, [layers, heads]) or the residual stream entering
+    a layer at one position (`residual`, [layers, seq]), normalised so 0 is the corrupted run
+    and 1 the clean run."""
+
+    clean: float
+    corrupted: float
+    heads: np.ndarray
+    residual: np.ndarray
+    residual_layers: tuple[int, ...]
+    compilations: int
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyResult:
     """Everything the report shows; `to_json()` gives what `report.json` holds."""
 
@@ -173,6 +243,9 @@ class StudyResult:
     knockout: Knockout
     attribution: Attribution
     minimal_set: MinimalSet
+    path_analysis: PathAnalysis
+    counterfactual: CounterfactualPatching
+    patching: PatchingMaps
     timings: Mapping[str, float]
 
     def to_json(self) -> dict[str, Any]:
@@ -328,6 +401,182 @@ def minimal_set(
     )
 
 
+def _scored_positions(task: DigitTask) -> np.ndarray:
+    """Prediction positions whose target is scored (`task.eval_mask` shifted by one)."""
+    return np.flatnonzero(task.eval_mask[0, 1:])
+
+
+PATH_WORLDS = (
+    ("fully_ablated", "the heads knocked out"),
+    ("restore_direct", "+ their direct effect on the logits"),
+    ("restore_values", "+ their effect on later attention values"),
+    ("restore_patterns", "+ their effect on later attention patterns (queries and keys)"),
+    ("linear_mlps", "+ the linear part of their effect through the MLPs"),
+    ("original", "the original model"),
+)
+
+
+def path_analysis(
+    model: Transformer, tokenizer: TokenizerLike, task: DigitTask, heads: Sequence[Head]
+) -> PathAnalysis:
+    """Experiment 6, as in the Penzai tutorial: six worlds side by side. `heads` are knocked
+    out in `fully_ablated` only. The final norm is linearised around `fully_ablated`'s input
+    in every world, so the worlds differ in what reaches the logits only through the paths
+    each restores: `restore_direct` reads every later attention query, key and value and every
+    MLP input from `fully_ablated` (only the heads' direct write to the final stream differs);
+    `restore_values` reads its own values; `restore_patterns` its own queries and keys too;
+    `linear_mlps` gets the MLPs' first-order response (a JVP around `fully_ablated`); the
+    original gets the exact MLPs."""
+    names = tuple(name for name, _ in PATH_WORLDS)
+    strings = task.tokens.shape[0]
+    worlds = Worlds(names, strings)
+    ablated = "fully_ablated"
+    m = knock_out_in(model, worlds, heads, [ablated])
+    m = linearize(m, worlds, "final_norm", {w: ablated for w in names})
+    frozen_qk = {w: ablated for w in ("restore_direct", "restore_values")}
+    m = rewire(m, worlds, "q", frozen_qk)
+    m = rewire(m, worlds, "k", frozen_qk)
+    m = rewire(m, worlds, "v", {"restore_direct": ablated})
+    m = linearize(m, worlds, "mlp", {w: ablated for w in names if w != "original"},
+                  {w: ablated for w in names[:4]})
+    scored = _scored_positions(task)
+    at = jnp.broadcast_to(jnp.asarray(scored), (worlds.rows, len(scored)))
+    logits = run(m, worlds.tokens(task.tokens), logits_at=at).astype(jnp.float32)
+    logits = worlds.split(logits)  # [W, S, scored, vocab]
+    ids = jnp.asarray(analyses.digit_ids(tokenizer))
+    targets = jnp.asarray(task.tokens[:, scored + 1])
+    correct = jnp.take_along_axis(logits, targets[None, :, :, None], axis=-1)[..., 0]
+    relative = np.asarray(correct - logits[..., ids].mean(axis=-1))  # [W, S, scored]
+    per_position = np.full((len(names), task.tokens.shape[1] - 1), np.nan)
+    per_position[:, scored] = relative.mean(axis=1)
+    return PathAnalysis(
+        heads=tuple(map(tuple, heads)),
+        worlds=tuple(WorldScore(name, text, float(relative[w].mean()))
+                     for w, (name, text) in enumerate(PATH_WORLDS)),
+        per_position=per_position,
+    )
+
+
+def nonrepeating_digits(tokenizer: TokenizerLike, task: DigitTask, *, seed: int) -> np.ndarray:
+    """BOS + 2P random digits per string, drawn independently of the task (the counterfactual
+    input of experiment 7 and the corrupted input of the patching maps)."""
+    ids = np.asarray(analyses.digit_ids(tokenizer))
+    strings, seq = task.tokens.shape
+    rows = np.random.default_rng([seed, 7]).integers(0, 10, (strings, seq - 1))
+    return np.concatenate([task.tokens[:, :1], ids[rows]], axis=1).astype(np.int32)
+
+
+def _per_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for layer, head in heads:
+        out.setdefault(layer, []).append(head)
+    return out
+
+
+def counterfactual_patching(
+    model: Transformer, tokenizer: TokenizerLike, task: DigitTask, heads: Sequence[Head],
+    *, seed: int = 0,
+) -> CounterfactualPatching:
+    """Experiment 7, as in the Penzai tutorial: worlds `original` (the repeated digits A),
+    `nonrepeating` (random digits B) and a patched world, for three patchings of `heads`:
+    their values (as each query head reads them) from B into A (do they now copy B's digits?),
+    their attention pattern from A into B (does the induction pattern alone copy B's earlier
+    digits?), and pattern and values from A into B (their whole output: do they copy A's?)."""
+    period = task.period
+    counterfactual = nonrepeating_digits(tokenizer, task, seed=seed)
+    ids = np.asarray(analyses.digit_ids(tokenizer))
+    worlds = Worlds(("original", "nonrepeating", "patched"), task.tokens.shape[0])
+    scored = _scored_positions(task)
+    by_layer = _per_layer(heads)
+
+    seq, num_heads = task.tokens.shape[1], model.config.num_heads
+    patched_rows = slice(2 * worlds.batch, 3 * worlds.batch)
+
+    def patched_model(sites: Sequence[str], source: str) -> Transformer:
+        # The same structure for every patch (a rewiring of both sites on each layer, with
+        # per-unit weights): the three patchings share one compiled program.
+        m = model
+        for layer, layer_heads in by_layer.items():
+            for site in ("pattern", "v_per_head"):
+                weight = np.zeros((worlds.rows, seq, num_heads), np.float32)
+                if site in sites:
+                    weight[patched_rows, :, layer_heads] = 1
+                m = rewire(m, worlds, site, {"patched": source}, layers=[layer],
+                           weight=jnp.asarray(weight))
+        return m
+
+    def copy_stats(probs: np.ndarray, world: int, target: np.ndarray) -> tuple[float, float]:
+        # probs [W, S, seq-1, vocab] at the scored positions; target [S, seq-1] token ids
+        target = target[:, scored]
+        p = np.take_along_axis(probs[world], target[..., None], axis=-1)[..., 0]
+        hits = probs[world].argmax(-1) == target
+        return float(p.mean()), float(hits.mean())
+
+    # What an induction head at position q copies: the token after the earlier occurrence,
+    # at q - P + 1, of the input whose values it reads.
+    def copied(tokens: np.ndarray) -> np.ndarray:
+        out = np.zeros((tokens.shape[0], tokens.shape[1] - 1), np.int64)
+        q = np.arange(period, tokens.shape[1] - 1)
+        out[:, q] = tokens[:, q - period + 1]
+        return out
+
+    plans = (
+        ("values", "the heads' values (as each query head reads them) from B into A",
+         {"patched": task.tokens}, ("v_per_head",), "nonrepeating",
+         "B's digit after the earlier occurrence", copied(counterfactual), "original"),
+        ("pattern", "the heads' attention pattern from A into B",
+         {"patched": counterfactual}, ("pattern",), "original",
+         "B's digit after the earlier occurrence", copied(counterfactual), "nonrepeating"),
+        ("output", "the heads' pattern and values (their whole output) from A into B",
+         {"patched": counterfactual}, ("pattern", "v_per_head"), "original",
+         "A's digit (what the original copies)", copied(task.tokens), "nonrepeating"),
+    )
+    patches = []
+    for name, text, inputs, sites, source, target_text, target, baseline in plans:
+        tokens = worlds.tokens({"original": task.tokens, "nonrepeating": counterfactual,
+                                **inputs})
+        at = jnp.broadcast_to(jnp.asarray(scored), (worlds.rows, len(scored)))
+        logits = run(patched_model(sites, source), tokens, logits_at=at).astype(jnp.float32)
+        probs = np.asarray(worlds.split(jax.nn.softmax(logits, axis=-1)))  # scored positions
+        own = np.asarray(tokens)[2 * worlds.batch:, 1:]
+        copy_p, copy_acc = copy_stats(probs, 2, target)
+        base_p, base_acc = copy_stats(probs, worlds.index(baseline), target)
+        correct_p, _ = copy_stats(probs, 2, own)
+        patches.append(CounterfactualPatch(
+            name, text, target_text, copy_p, copy_acc, base_p, base_acc, correct_p,
+            probs[2, 0][:, ids]))
+    return CounterfactualPatching(
+        tuple(map(tuple, heads)),
+        tuple(tokenizer.id_to_piece(int(t)) for t in counterfactual[0, 1:period + 1]),
+        tuple(patches))
+
+
+def patching_maps(
+    model: Transformer,
+    tokenizer: TokenizerLike,
+    task: DigitTask,
+    *,
+    seed: int = 0,
+    residual_layers: Sequence[int] | None = None,
+) -> PatchingMaps:
+    """Clean -> corrupted activation patching of every head's output and of the residual
+    stream at each (layer, position) on the first string (see `PatchingMaps`)."""
+    period = task.period
+    clean = task.tokens[:1]
+    other = nonrepeating_digits(tokenizer, task, seed=seed)[:1]
+    corrupted = np.concatenate([other[:, :period + 1], clean[:, period + 1:]], axis=1)
+    scored = _scored_positions(task)
+    metric = patching.mean_logprob(clean[0, scored + 1], scored)
+    heads = patching.activation_patching(model, corrupted, clean, "head_out", metric,
+                                         per="layer_head")
+    layers = list(range(len(model.blocks))) if residual_layers is None else list(
+        residual_layers)
+    residual = patching.activation_patching(model, corrupted, clean, "resid_pre", metric,
+                                            per="layer_position", layers=layers, chunk=16)
+    return PatchingMaps(heads.source, heads.target, heads.normalized, residual.normalized,
+                        tuple(layers), heads.compilations + residual.compilations)
+
+
 def run_study(
     model: Transformer,
     tokenizer: TokenizerLike,
@@ -340,13 +589,17 @@ def run_study(
     shown_heads: int = 6,
     model_name: str = "",
     progress: Progress | None = None,
+    residual_stride: int = 3,
 ) -> StudyResult:
-    """Experiments 1-5 on BOS + random digit strings repeated twice, one function each.
+    """Experiments 1-7 on BOS + random digit strings repeated twice, one function each.
 
     `digits` fixes the first string (its length sets the period); `strings` random strings in
     all are scored so head rankings and accuracies are not one sample's. Heads are ranked by
     induction score; the top `top` are knocked out, and as a control as many heads that score
-    lowest on all three patterns.
+    lowest on all three patterns. Experiments 6 and 7 study the critical heads: the smallest
+    breaking set when one was found, else the top `top`. The residual-stream patching map
+    covers every `residual_stride`-th layer and the last (1: every layer; each layer costs
+    one forward per position).
     """
     say = progress or (lambda _: None)
     timings: dict[str, float] = {}
@@ -360,6 +613,10 @@ def run_study(
 
     if top < 1:
         raise ValueError(f"top must be >= 1; got {top}")
+    if residual_stride < 1:
+        raise ValueError(f"residual_stride must be >= 1; got {residual_stride}")
+    residual_layers = sorted({*range(0, len(model.blocks), residual_stride),
+                              len(model.blocks) - 1})
     task = digit_task(model, tokenizer, digits=digits, period=period, strings=strings,
                       seed=seed)
     say(f"capturing attention of {len(model.blocks)} layers on {strings} sequences of "
@@ -380,5 +637,15 @@ def run_study(
     say("searching the smallest set of heads whose knock-out breaks copying")
     smallest = minimal_set(model, task, scores.top(2 * top))
     lap("search")
+    critical = list(smallest.heads) if smallest.broken else scores.top(top)
+    say(f"path analysis: six worlds around {len(critical)} critical head(s)")
+    paths = path_analysis(model, tokenizer, task, critical)
+    lap("paths")
+    say("patching the critical heads' values, pattern and output between inputs")
+    counterfactual = counterfactual_patching(model, tokenizer, task, critical, seed=seed)
+    lap("counterfactual")
+    say("activation patching: every head, and the residual stream per layer and position")
+    maps = patching_maps(model, tokenizer, task, seed=seed, residual_layers=residual_layers)
+    lap("patching")
     return StudyResult(model_name, model.config.name, task, behaved, scores, knocked,
-                       attributed, smallest, timings)
+                       attributed, smallest, paths, counterfactual, maps, timings)
