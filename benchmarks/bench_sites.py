@@ -221,7 +221,8 @@ def main() -> None:
 
     rows = [
         ("naive loop: 72 x interp.patch + evaluate", "", f"{naive_loop:.1f} s", "1.00x",
-         f"{naive_loop / len(grid) / base:.2f}", f"{naive_compiles} XLA for {k} heads"),
+         f"{naive_loop / len(grid) / base:.2f}",
+         f"XLA {naive_compiles} for {k} heads ({naive_compile_s:.1f} s)"),
         ("  same loop if nothing recompiled", "", f"{naive_loop_compiled:.1f} s",
          f"{naive_loop_compiled / naive_loop:.3f}x",
          f"{naive_loop_compiled / len(grid) / base:.2f}", "0"),
@@ -231,8 +232,8 @@ def main() -> None:
                      f"{s['first_s']:.1f} s (+{s['compile_overhead_s']:.1f})",
                      f"{s['steady_s']:.1f} s", f"{s['steady_s'] / naive_loop:.3f}x",
                      f"{s['steady_s'] / len(grid) / base:.2f}",
-                     f"{s['compilations']} (then {s['compilations_second_run']}); "
-                     f"XLA {s['xla_compiles_first_run']}"))
+                     f"{s['compilations']} (then {s['compilations_second_run']}); XLA "
+                     f"{s['xla_compiles_first_run']} ({s['xla_compile_s_first_run']:.1f} s)"))
     print()
     print(table(rows, ("72-head sweep", "first run (compile)", "steady", "vs naive loop",
                        "plain forwards per head", "compilations, first run")))

@@ -14,6 +14,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -115,16 +116,13 @@ def test_logit_lens_reads_each_stream_and_ends_at_the_model(family):
 # -------------------------------------------------------------------------------- metrics
 
 
-def test_metrics_against_numpy():
+def test_logit_difference_against_numpy():
+    """(`mean_logprob` is checked against numpy in the sweep test.)"""
     family = "gemma2"
     model = model_of(family)
     logits, _ = captured(family, "clean")
-    lp = np_log_softmax(logits.astype(np.float64))
-    metric = P.mean_logprob([5, 9, 17], [2, 6, -1])
-    expected = (lp[:, 2, 5] + lp[:, 6, 9] + lp[:, SEQ - 1, 17]) / 3
-    np.testing.assert_allclose(np.asarray(P.evaluate(model, CLEAN, metric)), expected, atol=1e-5)
-    diff = P.logit_difference([5, 9], [7, 8], [2, 6])
-    expected = (logits[:, 2, 5] - logits[:, 2, 7] + logits[:, 6, 9] - logits[:, 6, 8]) / 2
+    diff = P.logit_difference([5, 9], [7, 8], [2, -1])
+    expected = (logits[:, 2, 5] - logits[:, 2, 7] + logits[:, -1, 9] - logits[:, -1, 8]) / 2
     np.testing.assert_allclose(np.asarray(P.evaluate(model, CLEAN, diff)), expected, atol=1e-5)
 
 
@@ -148,24 +146,34 @@ def head_sweep() -> P.PatchingResult:
 
 
 def one_at_a_time(site_name, units, unit_weight):
-    """The sweep by hand: `interp.patch` of one unit (a one-hot per-unit weight) and
-    `evaluate`, averaged over the rows."""
+    """The sweep by hand: `interp.patch` of one unit (a one-hot per-unit weight on its layer,
+    zero weights on the others: one compiled program for every unit) and `evaluate` of the
+    unbatched input, averaged over the rows."""
     model = model_of(SWEEP_FAMILY)
     _, clean = captured(SWEEP_FAMILY, "clean")
-    out = np.zeros((model.config.num_layers, units))
-    for layer in range(model.config.num_layers):
+    layers = model.config.num_layers
+    out = np.zeros((layers, units))
+    for layer in range(layers):
         for u in range(units):
-            patched = interp.patch(model, clean, site_name, layers=[layer],
-                                   weight=jnp.asarray(unit_weight(u)))
+            patched = model
+            for other in range(layers):
+                w = unit_weight(u) * (other == layer)
+                patched = interp.patch(patched, clean, site_name, layers=[other],
+                                       weight=jnp.asarray(w))
             out[layer, u] = np.mean(np.asarray(P.evaluate(patched, CORRUPT, sweep_metric())))
     return out
 
 
 def test_activation_patching_sweeps_equal_one_patch_at_a_time():
     model, metric = model_of(SWEEP_FAMILY), sweep_metric()
-    clean_logits, clean = captured(SWEEP_FAMILY, "clean")
-    target = float(np.mean(np.asarray(P.evaluate(model, CORRUPT, metric))))
-    source = float(np.mean(np.asarray(P.evaluate(model, CLEAN, metric))))
+    targets = np.asarray(CLEAN)[0, 6:10]
+    per_row = {}
+    for which, tokens in (("clean", CLEAN), ("corrupt", CORRUPT)):
+        lp = np_log_softmax(captured(SWEEP_FAMILY, which)[0].astype(np.float64))
+        per_row[which] = lp[:, [5, 6, 7, 8], targets].mean(axis=-1)
+        np.testing.assert_allclose(np.asarray(P.evaluate(model, tokens, metric)),
+                                   per_row[which], atol=1e-5)
+    target, source = per_row["corrupt"].mean(), per_row["clean"].mean()
 
     heads = head_sweep()
     assert heads.compilations == 1
@@ -182,9 +190,6 @@ def test_activation_patching_sweeps_equal_one_patch_at_a_time():
 
     np.testing.assert_allclose(heads.values, one_at_a_time("head_out", 4, one_head), atol=1e-5)
     assert np.ptp(heads.values) > 1e-3  # the heads differ: the comparison means something
-    static = interp.patch(model, clean, "head_out", layers=[1], heads=[2])
-    np.testing.assert_allclose(np.mean(np.asarray(P.evaluate(static, CORRUPT, metric))),
-                               heads.values[1, 2], atol=1e-5)
 
     before = P.sweep_compilations()
     positions = P.activation_patching(model, CORRUPT, CLEAN, "resid_pre", metric,
@@ -204,14 +209,15 @@ def test_activation_patching_sweeps_equal_one_patch_at_a_time():
     np.testing.assert_allclose(positions.values[:, 9:], target, atol=1e-5)
     assert np.abs(positions.values[0, :9] - target).max() > 1e-3
 
-    # Another source (its values only): no new program, other results.
-    other_tokens = CLEAN[::-1]
-    again = P.activation_patching(model, CORRUPT, other_tokens, "resid_pre", metric,
+    # Another source (a full capture of other tokens): no new program, other results; the
+    # source's metric comes from the logits in its cache.
+    other_logits, other = interp.capture(model, CLEAN[::-1])
+    again = P.activation_patching(model, CORRUPT, other, "resid_pre", metric,
                                   per="layer_position")
     assert again.compilations == 0
     assert np.abs(again.values - positions.values).max() > 1e-3
-    np.testing.assert_allclose(
-        again.source, np.mean(np.asarray(P.evaluate(model, other_tokens, metric))), atol=1e-5)
+    lp = np_log_softmax(np.asarray(other_logits, np.float64))
+    np.testing.assert_allclose(again.source, lp[:, [5, 6, 7, 8], targets].mean(), atol=1e-5)
 
 
 def test_path_patching_equals_two_steps_by_hand():
@@ -226,10 +232,13 @@ def test_path_patching_equals_two_steps_by_hand():
     assert np.isnan(result.values[~swept]).all() and not np.isnan(result.values[swept]).any()
 
     for layer, head in senders:
-        # 1. every head frozen to the target run, the sender from the source run; record the
-        #    values the receiver reads.
+        # 1. every head frozen to the target run, the sender from the source run (a one-hot
+        #    weight: one program for both senders); record the values the receiver reads.
+        sender = np.zeros((2, SEQ, 4), np.float32)
+        sender[:, :, head] = 1
         step1 = interp.patch(model, target_run, "head_out")
-        step1 = interp.patch(step1, source_run, "head_out", layers=[layer], heads=[head])
+        step1 = interp.patch(step1, source_run, "head_out", layers=[layer],
+                             weight=jnp.asarray(sender))
         _, recorded = interp.capture(step1, CORRUPT, sites=["v_per_head"], layers=[1])
         # 2. the target run with only the receiver's values replaced.
         step2 = add_interventions(model, {receiver[0]: Replace(
@@ -270,7 +279,15 @@ def test_a_model_sharded_over_8_devices_captures_and_patches_like_the_unsharded_
 # ------------------------------------------------------------------------------ bad input
 
 
-def test_bad_arguments_of_the_analyses_are_refused():
+@pytest.fixture(params=["runtime-typechecked", "plain"])
+def typecheck_mode(request):
+    """The suite runs under jaxtyping+beartype; users usually don't. Check both paths."""
+    jaxtyping.config.update("jaxtyping_disable", request.param == "plain")
+    yield request.param
+    jaxtyping.config.update("jaxtyping_disable", False)
+
+
+def test_bad_arguments_of_the_analyses_are_refused(typecheck_mode):
     model, metric = model_of("gemma1"), P.mean_logprob([1], [2])
     _, clean = captured("gemma1", "clean")
     sweep = functools.partial(P.activation_patching, model, CORRUPT, clean)
@@ -300,8 +317,9 @@ def test_bad_arguments_of_the_analyses_are_refused():
         P.path_patching(model, CORRUPT, CLEAN, [(1, 0)], "o", metric)
     with pytest.raises(ValueError, match="head index 4 is out of range for 4 heads"):
         P.path_patching(model, CORRUPT, CLEAN, [(1, 4)], "q", metric)
-    with pytest.raises(ValueError, match=re.escape("source shape (1, 12) differs")):
-        P.path_patching(model, CORRUPT, CLEAN[:1], [(1, 0)], "q", metric)
+    if typecheck_mode == "plain":  # (jaxtyping refuses the mismatched batch first)
+        with pytest.raises(ValueError, match=re.escape("source shape (1, 12) differs")):
+            P.path_patching(model, CORRUPT, CLEAN[:1], [(1, 0)], "q", metric)
     with pytest.raises(ValueError, match="one target per position"):
         P.mean_logprob([1, 2], [3])
     with pytest.raises(ValueError, match=re.escape("targets must have shape [batch, positions] "

@@ -583,8 +583,8 @@ def test_new_values_do_not_retrace_and_the_original_is_untouched():
         assert leaf is before[path], path
     assert [type(i).__name__ for _, i in installed(clear_interventions(m, ["v"]))] == [
         "Replace", "Rewire"]
-    np.testing.assert_array_equal(np.asarray(run(cleared, CORRUPT)),
-                                  np.asarray(run(model, CORRUPT)))
+    np.testing.assert_array_equal(np.asarray(forward(cleared, CORRUPT)),
+                                  np.asarray(forward(model, CORRUPT)))
 
 
 def test_interventions_act_in_order_and_a_record_shows_what_the_layer_used():

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from gemma_eqx.cli import main
 from interp import analyses
 from interp.examples import study_examples, tokenize_examples
 from interp.study import run_study
-from interp.surgery import attention_patterns, forward_with_records, knockout_mask
+from interp.surgery import attention_patterns, forward_with_records, knock_out, knockout_mask
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,72 @@ def test_study_numbers_equal_the_library_functions(study, gemma270m):
     np.testing.assert_allclose(study.attribution.knocked, grad, atol=1e-5)
 
 
+def _relative_logit(logits, tokens, scored, digit_ids):
+    """Correct digit's logit minus the mean of the ten digits', mean over scored positions."""
+    logits = np.asarray(logits, np.float64)[:, scored]
+    correct = np.take_along_axis(logits, np.asarray(tokens)[:, scored + 1, None], -1)[..., 0]
+    return float((correct - logits[..., digit_ids].mean(-1)).mean())
+
+
+def test_path_analysis_end_worlds_equal_plain_runs(study, gemma270m):
+    """Experiment 6's first world is the knocked-out model (its linearisations are exact at
+    their own point); the last is the original model read through the final norm linearised
+    around the first world's stream. Both recomputed without any worlds machinery."""
+    model, tokenizer = gemma270m
+    tokens = jnp.asarray(study.task.tokens)
+    scored = np.flatnonzero(study.task.eval_mask[0, 1:])
+    ids = analyses.digit_ids(tokenizer)
+    paths = study.path_analysis
+    assert paths.heads == study.minimal_set.heads
+    worlds = {w.world: w.relative_logit for w in paths.worlds}
+    assert list(worlds) == ["fully_ablated", "restore_direct", "restore_values",
+                            "restore_patterns", "linear_mlps", "original"]
+    from interp import capture
+
+    knocked_model = knock_out(model, knockout_mask(model, paths.heads))
+    knocked, ablated = capture(knocked_model, tokens, sites=["final_norm_in"])
+    assert worlds["fully_ablated"] == pytest.approx(
+        _relative_logit(knocked, tokens, scored, ids), abs=2e-4)
+    _, original = capture(model, tokens, sites=["final_norm_in"])
+    a, b = ablated["final_norm_in"], original["final_norm_in"]
+    primal, tangent = jax.jvp(model.final_norm, (a,), (b - a,))
+    linearised = model.embedder.decode(primal + tangent)
+    assert worlds["original"] == pytest.approx(
+        _relative_logit(linearised, tokens, scored, ids), abs=2e-4)
+    # The restore_direct world puts back most of what the knock-out took (measured: the
+    # direct path alone restores the relative logit on the 270M).
+    assert worlds["fully_ablated"] < worlds["original"] - 2
+    assert worlds["restore_direct"] > worlds["fully_ablated"] + 2
+
+
+def test_counterfactual_values_patch_equals_a_plain_patch(study, gemma270m):
+    """Experiment 7's value patching, recomputed without worlds: capture the counterfactual
+    input's per-head values, patch them into the repeated input with `interp.patch`."""
+    from interp import capture, patch, run
+    from interp.study import nonrepeating_digits
+
+    model, tokenizer = gemma270m
+    tokens = study.task.tokens
+    counterfactual = nonrepeating_digits(tokenizer, study.task, seed=0)
+    _, cache = capture(model, counterfactual, sites=["v_per_head"])
+    patched = model
+    for layer, head in study.counterfactual.heads:
+        patched = patch(patched, cache, "v_per_head", layers=[layer], heads=[head])
+    probs = np.asarray(jnp.exp(jax.nn.log_softmax(run(patched, tokens).astype(jnp.float32))))
+    scored = np.flatnonzero(study.task.eval_mask[0, 1:])
+    period = study.task.period
+    target = counterfactual[:, scored - period + 1]
+    p = np.take_along_axis(probs[:, scored], target[..., None], -1)[..., 0]
+    values = study.counterfactual.patches[0]
+    assert values.name == "values"
+    assert values.copy_prob == pytest.approx(float(p.mean()), abs=1e-4)
+    hits = probs[:, scored].argmax(-1) == target
+    assert values.copy_accuracy == pytest.approx(float(hits.mean()), abs=1e-6)
+    # Measured on the 270M: the model copies the counterfactual's digits once the critical
+    # head reads its values.
+    assert values.copy_accuracy > 0.6 > 0.3 > values.baseline_copy_accuracy
+
+
 def test_each_experiment_runs_alone_and_results_are_frozen(study, gemma270m):
     import dataclasses
 
@@ -89,7 +156,7 @@ def test_each_experiment_runs_alone_and_results_are_frozen(study, gemma270m):
 def test_command_writes_the_report(tmp_path, gemma270m, capsys):
     out = tmp_path / "report"
     code = main(["induction", "--model", "gemma3-270m", "--text", "01976954310149754605",
-                 "--out", str(out), "--strings", "4"])
+                 "--out", str(out), "--strings", "4", "--residual-stride", "17"])
     assert code == 0
     printed = capsys.readouterr()
     assert "smallest breaking set" in printed.out and "capturing attention" in printed.err
@@ -97,13 +164,16 @@ def test_command_writes_the_report(tmp_path, gemma270m, capsys):
     assert report["preset"] == "gemma3-270m" and report["task"]["period"] == 20
     assert len(report["task"]["tokens"][0]) == 41
     assert np.asarray(report["scores"]["induction"]).shape == (18, 4)
-    for key in ("behaviour", "scores", "knockout", "attribution", "minimal_set", "timings"):
+    for key in ("behaviour", "scores", "knockout", "attribution", "minimal_set",
+                "path_analysis", "counterfactual", "patching", "timings"):
         assert report[key], key
     assert report["knockout"]["examples"][0]["knocked"]["accuracy"] >= 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "attention_top_heads.png", "attribution.png", "induction_scores.png", "report.html",
-        "report.json", "token_probabilities.png",
+        "attention_top_heads.png", "attribution.png", "induction_scores.png", "patching.png",
+        "path_analysis.png", "report.html", "report.json", "token_probabilities.png",
     ]
+    assert report["patching"]["residual_layers"] == [0, 17]
+    assert np.asarray(report["patching"]["residual"]).shape == (2, 41)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -37,6 +37,7 @@ from .interventions import (
 )
 
 Head = tuple[int, int]
+Ints = Sequence[int] | Int[np.ndarray, " k"] | Int[Array, " k"]  # token ids or positions
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -56,7 +57,7 @@ class Metric:
         return self.fn(logits)
 
 
-def mean_logprob(targets: Sequence[int], positions: Sequence[int]) -> Metric:
+def mean_logprob(targets: Ints, positions: Ints) -> Metric:
     """Mean over `positions` of the log-probability of `targets` (one token id per position:
     the token the logits at that position should predict)."""
     targets, positions = tuple(int(t) for t in targets), tuple(int(p) for p in positions)
@@ -73,7 +74,7 @@ def mean_logprob(targets: Sequence[int], positions: Sequence[int]) -> Metric:
 
 
 def logit_difference(
-    correct: Sequence[int], wrong: Sequence[int], positions: Sequence[int]
+    correct: Ints, wrong: Ints, positions: Ints
 ) -> Metric:
     """Mean over `positions` of `logit[correct] - logit[wrong]` (one id of each per position)."""
     correct, wrong = tuple(int(t) for t in correct), tuple(int(t) for t in wrong)
@@ -435,7 +436,7 @@ def direct_logit_attribution(
     model: Transformer,
     tokens: Int[Array, "batch seq"],
     targets: Int[Array, "batch k"],
-    positions: Sequence[int],
+    positions: Ints,
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
 ) -> LogitAttribution:
@@ -491,7 +492,7 @@ def logit_lens(
     model: Transformer,
     tokens: Int[Array, "batch seq"],
     targets: Int[Array, "batch k"],
-    positions: Sequence[int],
+    positions: Ints,
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
 ) -> LogitLens:
