@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 import interp
-from factories import VOCAB, random_model, tiny_config
+from factories import VOCAB, random_arrays, tiny_config
 from gemma_eqx.checks import NonFiniteError
 from gemma_eqx.sites import LAYER_SITES, MODEL_SITES, SITES
-from gemma_eqx.weights import leaf_paths
+from gemma_eqx.weights import leaf_paths, model_from_arrays
 from interp.interventions import (
     ActivationCache,
     Linearized,
@@ -56,8 +56,10 @@ MASKED = -1e30  # attention logits of masked keys are a large negative number, b
 
 @functools.cache
 def model_of(family: str):
-    """Random weights, norm scales included (numpy-drawn: quicker than `varied_model`)."""
-    return random_model(CONFIGS[family])
+    """`factories.random_model`'s weights, norm scales included (drawn with numpy: quicker
+    than `varied_model`), without the finiteness check (a compiled program per config)."""
+    arrays = {p: jnp.asarray(a) for p, a in random_arrays(CONFIGS[family]).items()}
+    return model_from_arrays(CONFIGS[family], arrays, check_finite=False)
 
 
 @functools.cache
@@ -386,7 +388,7 @@ def test_record_filters_heads_and_positions():
         same(get(cache, "pattern"), get(full, "pattern")[:, heads][:, :, p])
         same(get(cache, "head_out"), get(full, "head_out")[:, p][:, :, heads])
         same(get(cache, "k_per_head"), get(full, "k_per_head")[:, p][:, :, heads])
-        same(get(cache, "v"), get(full, "v")[:, p][:, :, heads])
+        same(get(cache, "v"), get(full, "v")[:, p])  # query-head filters keep k, v whole
     np.testing.assert_allclose(site(cache, "logits"), site(full, "logits")[:, p], atol=1e-5)
     filtered = full.filter(sites=["v"], layers=[0])
     assert filtered.keys() == ["blocks.0.v"]
@@ -419,6 +421,18 @@ def test_zero_ablation_and_scaling_of_a_head_equal_editing_its_output_weights():
         factor[:, :, head] = value
         per_unit = interp.scale(model, "head_out", jnp.asarray(factor), layers=[layer])
         np.testing.assert_allclose(logits(per_unit), expected, atol=1e-5)
+
+
+def test_zero_ablated_attention_scores_stay_masked():
+    """Zero scores give uniform attention over the keys a query may read (earlier positions
+    inside the window), never over later tokens: an intervention cannot unmask a key."""
+    family, layer = "gemma2", 0  # a local layer: the window bites too
+    model = model_of(family)
+    ablated = interp.ablate(model, "attn_logits", layers=[layer])
+    _, cache = interp.capture(ablated, CLEAN, sites=["pattern"], layers=[layer])
+    allowed = np_allowed(model.config, layer)
+    expected = np.broadcast_to(allowed / allowed.sum(-1, keepdims=True), (2, 4, SEQ, SEQ))
+    np.testing.assert_allclose(site(cache, "pattern", layer), expected, atol=1e-6)
 
 
 def test_mean_and_resample_ablation():

@@ -209,9 +209,12 @@ class Attention(eqx.Module):
             logits = jnp.einsum("bskgh,btkh->bkgst", grouped, keys).reshape(b, n, s, t)
         if self.logit_softcap is not None:
             logits = jnp.tanh(logits / self.logit_softcap) * self.logit_softcap
-        allowed = self.mask(positions, key_positions, key_valid)
-        logits = site("attn_logits",
-                      jnp.where(allowed[:, None], _at_least_f32(logits), _MASKED_LOGIT))
+        allowed = self.mask(positions, key_positions, key_valid)[:, None]
+        logits = jnp.where(allowed, _at_least_f32(logits), _MASKED_LOGIT)
+        if hooks.wants("attn_logits"):
+            # An intervention cannot unmask a key: a zero-ablated or scaled score of a masked
+            # key (a later position, padding, outside the window) stays masked.
+            logits = jnp.where(allowed, site("attn_logits", logits), _MASKED_LOGIT)
         weights = site("pattern", jax.nn.softmax(logits, axis=-1).astype(x.dtype))
 
         if per_head_values:

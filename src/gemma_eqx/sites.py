@@ -24,7 +24,8 @@ brackets):
                                               key head, one copy per query head)
     v_per_head    batch key heads head_dim    the values each query head reads
     attn_logits   batch heads query key       scores after soft-cap and mask (masked keys
-                                              hold a large negative number) [attn_scores]
+                                              hold a large negative number, and stay masked
+                                              whatever an intervention does) [attn_scores]
     pattern       batch heads query key       weights after the softmax [pattern]
     mixed_values  batch seq heads head_dim    each head's pattern-weighted values [z]
     head_out      batch seq heads embed       each head's output `mixed_values[h] @ w_o[h]`;

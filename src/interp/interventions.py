@@ -103,6 +103,14 @@ def _selection(
     return mask
 
 
+def _as_array(x: Any) -> Array:
+    """Python numbers as float32 arrays (a leaf, not a weakly typed constant: a new value must
+    not recompile, and `0.0` must trace like `jnp.zeros(())`)."""
+    if isinstance(x, (int, float)):
+        return jnp.asarray(x, jnp.float32)
+    return jnp.asarray(x)
+
+
 class _Selective(Intervention):
     """An intervention acting on the units picked by static `heads` / `positions` and the
     optional per-unit array `weight` (their product; all units when all three are None)."""
@@ -181,7 +189,7 @@ class Scale(_Selective):
     """`x * factor` on the selected units; `factor` is a scalar or per-unit array (soft and
     differentiable, like the knock-out mask; 0 zero-ablates)."""
 
-    factor: Float[Array, ""] | Units = 0.0
+    factor: Float[Array, ""] | Units = eqx.field(default=0.0, converter=_as_array)
 
     def __call__(self, x: Array, context: SiteContext) -> tuple[Array, None]:
         spec = SITES[self.site]
@@ -311,7 +319,7 @@ class Linearized(eqx.Module):
 
 def select_layers(model: Transformer, layers: Layers) -> list[int]:
     """Layer indices from None (all), a sequence of indices (negative ones count from the
-    end) or a predicate `(layer_index, block) -> bool`."""
+    end) or a predicate `(layer_index, attention) -> bool`."""
     n = len(model.blocks)
     if layers is None:
         return list(range(n))
@@ -565,8 +573,9 @@ def capture(
     logits_at: Int[Array, "batch k"] | None = None,
 ) -> tuple[Float[Array, "batch seq vocab"], ActivationCache]:
     """Logits and an `ActivationCache` of `sites` (default: every site) on `layers` (default:
-    all), like TransformerLens' `run_with_cache`. `heads` and `positions` filter what is kept
-    (heads only on head sites); a filtered cache cannot be a patch source."""
+    all), like TransformerLens' `run_with_cache`. `heads` (query heads) and `positions` filter
+    what is kept (heads only on query-head sites: `k` and `v` are kept whole); a filtered cache
+    cannot be a patch source."""
     names = list(SITES) if sites is None else [site_spec(s).name for s in sites]
     head_idx = _index_tuple(heads, None, "head")
     pos_idx = _index_tuple(positions, None, "position")
@@ -574,7 +583,9 @@ def capture(
     layer_idx = select_layers(model, layers)
     for name in names:
         spec = SITES[name]
-        h = head_idx if spec.head_axis is not None else None
+        # `heads` are query heads: the key/value-head sites `k` and `v` are kept whole.
+        h = head_idx if spec.head_axis is not None and spec.axes[spec.head_axis] == "heads" \
+            else None
         rec = Record(name, heads=h, positions=pos_idx)
         if spec.per_layer:
             for i in layer_idx:
@@ -675,7 +686,7 @@ def scale(
     """A model with `site` multiplied by `factor` on the selected units (differentiable)."""
     spec = site_spec(site)
     idx = [None] if not spec.per_layer else select_layers(model, layers)
-    item = Scale(spec.name, factor=jnp.asarray(factor), heads=_index_tuple(heads, None, "head"),
+    item = Scale(spec.name, factor=_as_array(factor), heads=_index_tuple(heads, None, "head"),
                  positions=_index_tuple(positions, None, "position"))
     return add_interventions(model, {i: item for i in idx})
 
