@@ -8,6 +8,10 @@ as ratios against baselines measured in the same run:
   one program per head: it is timed on `--naive-heads` heads and scaled to 72;
 - the same sweep of `v_per_head` (the values each query head reads: the GQA per-head copy).
 
+Each sweep runs twice: the first run compiles, the second is timed. The cores may be shared, so
+every long step is also expressed in plain forwards timed right next to it, and its ratio to the
+naive loop uses those. Three to six minutes on 2 shared cores (about 3 at load average 4).
+
     python benchmarks/bench_sites.py [--repeats 3] [--chunks 4 8 18] [--naive-heads 2]
                                      [--json benchmarks/results/sites.json]
 """
@@ -140,6 +144,9 @@ def main() -> None:
     logits_bytes = int(logits.nbytes)
 
     # ----------------------------------------------------- naive loop of patched forwards
+    # Seconds of a plain forward taken next to each long measurement: this machine's speed
+    # can change within a run (shared cores), so the long steps are also given in these.
+    plain = lambda: once(steps[base_name])[1]  # noqa: E731
     grid = [(la, h) for la in range(n_layers) for h in range(n_heads)]
     k = max(1, min(args.naive_heads, len(grid) - 1))
     sample = [grid[i] for i in np.linspace(1, len(grid) - 1, k).round().astype(int)]
@@ -149,6 +156,7 @@ def main() -> None:
         return patching.evaluate(patched, corrupted, metric)
 
     _, warm_s = once(lambda: naive(*grid[0]))
+    naive_base = [plain()]
     entries_before, mark = jit_entries(patching._metric_of), compiles.mark()
     naive_first, naive_values = [], {}
     for la, h in sample:
@@ -157,8 +165,11 @@ def main() -> None:
         naive_values[la, h] = float(np.asarray(value)[0])
     naive_compiles, naive_compile_s = compiles.since(mark)
     entries_after = jit_entries(patching._metric_of)
+    naive_base.append(plain())
     naive_cached = [once(lambda la=la, h=h: naive(la, h))[1] for la, h in sample]
-    # The loop after its warm-up: the warm-up head runs compiled, the other 71 compile.
+    naive_base.append(plain())
+    naive_fwd = statistics.median(naive_base)
+    # The loop after its warm-up: the warm-up head runs compiled, every other head compiles.
     naive_loop = statistics.median(naive_cached) + (len(grid) - 1) * statistics.mean(naive_first)
     naive_loop_compiled = len(grid) * statistics.median(naive_cached)
 
@@ -169,29 +180,36 @@ def main() -> None:
 
     configs = [("head_out", c) for c in dict.fromkeys([*args.chunks, args.v_chunk])]
     configs.append(("v_per_head", args.v_chunk))
-    # First (compiling) runs, then the timed runs taking turns like the forward-sized steps.
+    # First (compiling) runs, then the timed runs taking turns, each between plain forwards.
     first_runs = {}
     for config in configs:
         mark = compiles.mark()
         result, seconds = once(sweep(*config))
         first_runs[config] = (result, seconds, *compiles.since(mark))
-    timed_runs: dict[tuple[str, int], list[tuple[Any, float]]] = {c: [] for c in configs}
+    timed: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    local: dict[tuple[str, int], list[float]] = {c: [plain()] for c in configs}
+    results = {}
     for _ in range(max(1, args.sweep_repeats)):
         for config in configs:
-            timed_runs[config].append(once(sweep(*config)))
+            results[config], seconds = once(sweep(*config))
+            timed[config].append(seconds)
+            local[config].append(plain())
     sweeps = []
     for config in configs:
         first_result, first_s, xla, xla_s = first_runs[config]
-        steady_s = statistics.median(seconds for _, seconds in timed_runs[config])
-        result = timed_runs[config][-1][0]
+        steady_s = statistics.median(timed[config])
+        fwd = statistics.median(local[config])
         sweeps.append({
             "site": config[0], "chunk": config[1], "first_s": first_s, "steady_s": steady_s,
+            "steady_runs_s": timed[config], "local_forward_s": fwd,
             "compile_overhead_s": first_s - steady_s,
             "compilations": first_result.compilations,
-            "compilations_second_run": result.compilations,
+            "compilations_second_run": results[config].compilations,
             "xla_compiles_first_run": xla, "xla_compile_s_first_run": xla_s,
-            "values": result.values, "normalized": result.normalized,
-            "target": result.target, "source": result.source,
+            "ratio_vs_naive": (steady_s / fwd) / (naive_loop / naive_fwd),
+            "forwards_per_head": steady_s / fwd / len(grid),
+            "values": results[config].values, "normalized": results[config].normalized,
+            "target": results[config].target, "source": results[config].source,
         })
     head_at_v_chunk = next(s for s in sweeps if s["site"] == "head_out"
                            and s["chunk"] == args.v_chunk)
@@ -220,33 +238,36 @@ def main() -> None:
     print("  by site: " + ", ".join(f"{s} {mb(n)}" for s, n in per_site.items()))
 
     rows = [
-        ("naive loop: 72 x interp.patch + evaluate", "", f"{naive_loop:.1f} s", "1.00x",
-         f"{naive_loop / len(grid) / base:.2f}",
+        (f"naive loop: {len(grid)} x interp.patch + evaluate", "", f"{naive_loop:.1f} s",
+         f"{naive_fwd:.2f} s", "1.00x", f"{naive_loop / naive_fwd / len(grid):.2f}",
          f"XLA {naive_compiles} for {k} heads ({naive_compile_s:.1f} s)"),
         ("  same loop if nothing recompiled", "", f"{naive_loop_compiled:.1f} s",
-         f"{naive_loop_compiled / naive_loop:.3f}x",
-         f"{naive_loop_compiled / len(grid) / base:.2f}", "0"),
+         f"{naive_fwd:.2f} s", f"{naive_loop_compiled / naive_loop:.3f}x",
+         f"{naive_loop_compiled / naive_fwd / len(grid):.2f}", "0"),
     ]
     for s in sweeps:
         rows.append((f"activation_patching {s['site']}, chunk {s['chunk']}",
                      f"{s['first_s']:.1f} s (+{s['compile_overhead_s']:.1f})",
-                     f"{s['steady_s']:.1f} s", f"{s['steady_s'] / naive_loop:.3f}x",
-                     f"{s['steady_s'] / len(grid) / base:.2f}",
+                     f"{s['steady_s']:.1f} s", f"{s['local_forward_s']:.2f} s",
+                     f"{s['ratio_vs_naive']:.3f}x", f"{s['forwards_per_head']:.2f}",
                      f"{s['compilations']} (then {s['compilations_second_run']}); XLA "
                      f"{s['xla_compiles_first_run']} ({s['xla_compile_s_first_run']:.1f} s)"))
     print()
-    print(table(rows, ("72-head sweep", "first run (compile)", "steady", "vs naive loop",
-                       "plain forwards per head", "compilations, first run")))
+    print(table(rows, (f"{len(grid)}-head sweep", "first run (+compile)", "steady",
+                       "plain fwd then", "vs naive loop", "plain fwds per head",
+                       "compilations, first run")))
     print(f"\nnaive loop: warm-up {warm_s:.1f} s; {k} more heads timed {sample}: "
           f"{statistics.mean(naive_first):.2f} s each when new, "
           f"{statistics.median(naive_cached):.2f} s when compiled; XLA compiled "
           f"{naive_compiles} programs ({naive_compile_s:.1f} s) for those {k} heads; "
           f"evaluate's jit cache {entries_before} -> {entries_after} entries")
-    print(f"v_per_head vs head_out sweep at chunk {args.v_chunk}: "
-          f"{sweeps[-1]['steady_s'] / head_at_v_chunk['steady_s']:.2f}x")
+    v_vs_head = sweeps[-1]["forwards_per_head"] / head_at_v_chunk["forwards_per_head"]
+    print(f"v_per_head vs head_out sweep at chunk {args.v_chunk}: {v_vs_head:.2f}x "
+          f"(in plain forwards)")
     print(f"checks: head_out sweeps agree to {sweep_spread:.1e}, and with the naive patched "
           f"forwards to {naive_diff:.1e}; metric clean {sweeps[0]['source']:.3f}, corrupted "
           f"{sweeps[0]['target']:.3f}")
+    print("ratios of the long steps are in plain forwards timed next to them ('plain fwd then')")
     print(f"total run time {total_s:.0f} s")
 
     out = {
@@ -262,15 +283,16 @@ def main() -> None:
         "capture_cache_bytes": cache_bytes, "capture_cache_bytes_by_site": per_site,
         "attention_patterns_bytes": patterns_bytes, "logits_bytes": logits_bytes,
         "naive_loop": {
-            "estimated_72_s": naive_loop, "estimated_72_if_compiled_s": naive_loop_compiled,
-            "warmup_s": warm_s, "heads_timed": sample, "first_s": naive_first,
-            "cached_s": naive_cached, "xla_compiles": naive_compiles,
+            "heads": len(grid), "estimated_s": naive_loop,
+            "estimated_if_compiled_s": naive_loop_compiled,
+            "local_forward_s": naive_fwd, "warmup_s": warm_s, "heads_timed": sample,
+            "first_s": naive_first, "cached_s": naive_cached, "xla_compiles": naive_compiles,
             "xla_compile_s": naive_compile_s, "jit_entries_before": entries_before,
             "jit_entries_after": entries_after,
         },
         "sweeps": [{key: (v.tolist() if isinstance(v, np.ndarray) else v)
-                    for key, v in s.items()} | {"ratio_vs_naive": s["steady_s"] / naive_loop}
-                   for s in sweeps],
+                    for key, v in s.items()} for s in sweeps],
+        "v_per_head_vs_head_out": v_vs_head,
         "checks": {"head_out_sweeps_max_diff": sweep_spread, "naive_vs_sweep_max_diff": naive_diff},
     }
     path = Path(args.json)

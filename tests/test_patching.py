@@ -325,5 +325,5 @@ def test_bad_arguments_of_the_analyses_are_refused(typecheck_mode):
     with pytest.raises(ValueError, match=re.escape("targets must have shape [batch, positions] "
                                                    "= (2, 2); got (2, 3)")):
         P.direct_logit_attribution(model, CLEAN, jnp.zeros((2, 3), jnp.int32), [0, 1])
-    with pytest.raises(ValueError, match="metric position index -13 is out of range"):
+    with pytest.raises(ValueError, match="position index -13 is out of range"):
         P.logit_lens(model, CLEAN, jnp.zeros((2, 1), jnp.int32), [-13])

@@ -18,8 +18,10 @@ References:
 HF's logits come from its own `lm_head` (`logits_to_keep` = the metric positions) and go
 through log_softmax in float64.
 
-Measured here (seed 0, 2 CPU cores): max |ours - HF| is ~1e-5 on both sweeps (see the prints
-with `-s`); the whole file takes ~3 minutes, ~40 s of it loading the two models.
+Measured here (seed 0, 2 CPU cores): max |ours - HF| is 2.6e-6 over the 72 heads and over
+the 12 resid_pre patches (see the prints with `-s`). The whole file takes ~2.5 minutes, ~45 s
+of it loading the two models. Patching single clean heads restores most at (11, 2), (15, 2),
+(12, 1); several do the opposite and lower the metric: (5, 2), (9, 3), (4, 1), (11, 3).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ SEQ = 1 + 2 * PERIOD
 LAYERS, HEADS = 18, 4
 TOL = 1e-4
 METRIC_POSITIONS = tuple(range(PERIOD + 1, 2 * PERIOD))  # 21..39, predicting tokens 22..40
-# resid_pre: our sweep covers every position of these layers (all 18 would take ~4 minutes
-# alone on 2 cores); HF patches these positions of those layers: one in the first copy, the
+# resid_pre: our sweep covers every position of these layers (all 18 layers would add ~2
+# minutes on 2 cores); HF patches these positions of those layers: one in the first copy, the
 # last of the first copy, one in the second copy.
 RESID_LAYERS = (0, 6, 12, 17)
 RESID_POSITIONS = (7, PERIOD, 30)
@@ -217,13 +219,19 @@ def test_head_patching_matches_hf(head_sweep, hf270m, experiment, hf_clean):
 
 
 def test_head_sweep_compiles_once(head_sweep, model, experiment):
-    """72 patches, one compiled program; a new clean input (another A) compiles nothing."""
+    """72 patches, one compiled program; a new clean input (another A) compiles nothing.
+
+    The re-run builds a new metric object (the targets are array data of the metric, so a
+    new `mean_logprob` with the same positions reuses the program)."""
     result, counted = head_sweep
-    assert result.compilations == 1 and counted == 1
+    # At most one program (none when an identical sweep ran earlier in this process, as the
+    # study's patching map does).
+    assert result.compilations == counted <= 1
     before, start = sweep_compilations(), time.perf_counter()
     again = activation_patching(
         model, jnp.asarray(experiment["corrupted"], jnp.int32),
-        jnp.asarray(experiment["clean2"], jnp.int32), "head_out", experiment["metric"],
+        jnp.asarray(experiment["clean2"], jnp.int32), "head_out",
+        mean_logprob(list(experiment["metric"].data.tolist()), experiment["metric"].positions),
         per="layer_head")
     _say(f"our 72-head sweep again, new clean input: {time.perf_counter() - start:.1f} s")
     assert sweep_compilations() == before and again.compilations == 0
@@ -243,7 +251,7 @@ def test_resid_patching_matches_hf(model, hf270m, experiment, hf_clean):
         "resid_pre", experiment["metric"], per="layer_position", layers=list(RESID_LAYERS))
     ours_time = time.perf_counter() - start
     assert result.axes == ("layer", "position")
-    assert result.values.shape == (len(RESID_LAYERS), SEQ) and result.compilations == 1
+    assert result.values.shape == (len(RESID_LAYERS), SEQ) and result.compilations <= 1
     # HF: one batch, row k patches layer RESID_LAYERS[k // P] at RESID_POSITIONS[k % P].
     start = time.perf_counter()
     units = [(layer, p) for layer in RESID_LAYERS for p in RESID_POSITIONS]

@@ -110,4 +110,4 @@ def test_sharded_model_gives_the_same_sites_and_sweep(gemma270m, inputs, clean_c
     plain = patching.activation_patching(model, corrupted, clean, "head_out", metric,
                                          per="layer_head", layers=layers)
     np.testing.assert_allclose(ours.values, plain.values, atol=1e-5)
-    assert ours.compilations == 1
+    assert ours.compilations <= 1  # one program for the 8 patches (none if cached)

@@ -458,7 +458,13 @@ def as_inputs(
 @eqx.filter_jit
 def _run(model, tokens, padding_mask, logits_at):
     out = model.forward(tokens, padding_mask=padding_mask, logits_at=logits_at, check_ids=False)
-    return out.logits, out.records
+    records, logits = dict(out.records), out.logits
+    recorded = records.get("logits")
+    if recorded is not None and recorded.shape == logits.shape and recorded.dtype == logits.dtype:
+        # One buffer for both (the logits are often half of a capture's memory).
+        del records["logits"]
+        return recorded, records, True
+    return logits, records, False
 
 
 def run_with_records(
@@ -471,7 +477,9 @@ def run_with_records(
     """Logits and what the installed `Record`s recorded (jitted: compiles once per model
     structure and input shape; new intervention values do not recompile)."""
     tokens, padding_mask = as_inputs(model, tokens, padding_mask)
-    logits, records = _run(model, tokens, padding_mask, logits_at)
+    logits, records, shared = _run(model, tokens, padding_mask, logits_at)
+    if shared:
+        records["logits"] = logits
     return logits, ActivationCache(records, model.config, tuple(tokens.shape))
 
 
@@ -622,7 +630,11 @@ def patch(
 ) -> Transformer:
     """A model that, at `site` of `layers`, takes the recorded values of `source` (another
     input's `capture`) on the selected heads / positions / per-unit `weight`. The input the
-    patched model then runs must have the shape the source was recorded with."""
+    patched model then runs must have the shape the source was recorded with.
+
+    `heads` and `positions` are static (a new choice compiles a new program); to loop over
+    heads or positions, vary the per-unit `weight` array instead, or use
+    `patching.activation_patching`, which does so in batches."""
     spec = site_spec(site)
     idx = [None] if not spec.per_layer else select_layers(model, layers)
     items = {}

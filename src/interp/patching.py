@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -43,18 +44,31 @@ Ints = Sequence[int] | Int[np.ndarray, " k"] | Int[Array, " k"]  # token ids or 
 # --------------------------------------------------------------------------------- metrics
 
 
-@dataclass(frozen=True)
-class Metric:
+class Metric(eqx.Module):
     """A number per batch row computed from the logits at `positions` (indices into seq):
-    `fn(logits [batch, len(positions), vocab]) -> [batch]`. Only those positions are
-    projected onto the vocabulary (most of a small model's cost)."""
+    `fn(logits [batch, len(positions), vocab], data) -> [batch]`. Only those positions are
+    projected onto the vocabulary (most of a small model's cost). `data` (token ids, a
+    direction) is an array leaf: a metric with other targets reuses the compiled sweep;
+    `fn` and `positions` are part of the program."""
 
-    positions: tuple[int, ...]
-    fn: Callable[[Array], Array]
-    name: str = "metric"
+    positions: tuple[int, ...] = eqx.field(static=True)
+    fn: Callable[[Array, Any], Array] = eqx.field(static=True)
+    data: Any = None
+    name: str = eqx.field(static=True, default="metric")
 
     def __call__(self, logits: Float[Array, "batch k vocab"]) -> Float[Array, " batch"]:
-        return self.fn(logits)
+        return self.fn(logits, self.data)
+
+
+def _mean_logprob(logits: Array, ids: Array) -> Array:
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(lp, ids[None, :, None], axis=-1)[..., 0].mean(axis=-1)
+
+
+def _logit_difference(logits: Array, ids: tuple[Array, Array]) -> Array:
+    logits = logits.astype(jnp.float32)
+    take = lambda i: jnp.take_along_axis(logits, i[None, :, None], axis=-1)[..., 0]  # noqa: E731
+    return (take(ids[0]) - take(ids[1])).mean(axis=-1)
 
 
 def mean_logprob(targets: Ints, positions: Ints) -> Metric:
@@ -64,47 +78,42 @@ def mean_logprob(targets: Ints, positions: Ints) -> Metric:
     if len(targets) != len(positions) or not positions:
         raise ValueError(f"mean_logprob needs one target per position; got {len(targets)} "
                          f"targets for {len(positions)} positions")
-    ids = jnp.asarray(targets)
-
-    def fn(logits):
-        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(lp, ids[None, :, None], axis=-1)[..., 0].mean(axis=-1)
-
-    return Metric(positions, fn, "mean log-prob of the target tokens")
+    return Metric(positions, _mean_logprob, jnp.asarray(targets, jnp.int32),
+                  "mean log-prob of the target tokens")
 
 
-def logit_difference(
-    correct: Ints, wrong: Ints, positions: Ints
-) -> Metric:
+def logit_difference(correct: Ints, wrong: Ints, positions: Ints) -> Metric:
     """Mean over `positions` of `logit[correct] - logit[wrong]` (one id of each per position)."""
     correct, wrong = tuple(int(t) for t in correct), tuple(int(t) for t in wrong)
     positions = tuple(int(p) for p in positions)
     if not len(correct) == len(wrong) == len(positions) or not positions:
         raise ValueError("logit_difference needs one correct and one wrong id per position")
-    c, w = jnp.asarray(correct), jnp.asarray(wrong)
+    return Metric(positions, _logit_difference,
+                  (jnp.asarray(correct, jnp.int32), jnp.asarray(wrong, jnp.int32)),
+                  "logit difference")
 
-    def fn(logits):
-        logits = logits.astype(jnp.float32)
-        take = lambda ids: jnp.take_along_axis(logits, ids[None, :, None], axis=-1)[..., 0]  # noqa: E731
-        return (take(c) - take(w)).mean(axis=-1)
 
-    return Metric(positions, fn, "logit difference")
+def _positions(positions: Ints, seq: int, what: str = "position") -> Int[Array, " k"]:
+    out = []
+    for p in positions:
+        out.append(check_index(p, seq, what) % seq)
+    if not out:
+        raise ValueError("no positions given")
+    return jnp.asarray(out)
 
 
 def _check_metric(metric: Metric, seq: int) -> Int[Array, " k"]:
     if not isinstance(metric, Metric):
         raise TypeError(f"metric must be an interp.patching.Metric (see mean_logprob); got "
                         f"{type(metric).__name__}")
-    for p in metric.positions:
-        check_index(p, seq, "metric position")
-    return jnp.asarray([p % seq for p in metric.positions])
+    return _positions(metric.positions, seq, "metric position")
 
 
 @eqx.filter_jit
-def _metric_of(model, tokens, padding_mask, positions, metric_fn):
+def _metric_of(model, tokens, padding_mask, positions, metric):
     at = jnp.broadcast_to(positions, (tokens.shape[0], positions.shape[0]))
     out = model.forward(tokens, padding_mask=padding_mask, logits_at=at, check_ids=False)
-    return metric_fn(out.logits), out.records
+    return metric(out.logits), out.records
 
 
 def evaluate(
@@ -117,7 +126,7 @@ def evaluate(
     """`metric` of the model (with its interventions) on `tokens`, one value per row."""
     tokens, padding_mask = as_inputs(model, tokens, padding_mask)
     positions = _check_metric(metric, tokens.shape[1])
-    return _metric_of(model, tokens, padding_mask, positions, metric.fn)[0]
+    return _metric_of(model, tokens, padding_mask, positions, metric)[0]
 
 
 # ----------------------------------------------------------------------- patching sweeps
@@ -162,10 +171,10 @@ def _count_compiles(fn):
 
 @eqx.filter_jit
 @_count_compiles
-def _sweep_chunk(model, tokens, padding_mask, positions, metric_fn):
+def _sweep_chunk(model, tokens, padding_mask, positions, metric):
     at = jnp.broadcast_to(positions, (tokens.shape[0], positions.shape[0]))
     out = model.forward(tokens, padding_mask=padding_mask, logits_at=at, check_ids=False)
-    return metric_fn(out.logits), out.records
+    return metric(out.logits), out.records
 
 
 def _source_cache(model, source, tokens_shape, site, layers, padding_mask):
@@ -261,7 +270,7 @@ def activation_patching(
         patched = add_interventions(model, {
             la: Replace(site, value=values[la], weight=jnp.asarray(weights[la]))
             for la in layer_idx})
-        scores, _ = _sweep_chunk(patched, tokens, mask, positions, metric.fn)
+        scores, _ = _sweep_chunk(patched, tokens, mask, positions, metric)
         scores = np.asarray(scores, np.float64).reshape(chunk, n).mean(axis=1)
         out[start:start + len(part)] = scores[:len(part)]
     compiles = _compilations[0] - before
@@ -277,7 +286,7 @@ def _source_metric(model, source, cache, metric, padding_mask, target) -> float:
         # The source's own metric needs its logits: recorded when the cache holds them.
         if "logits" in source and source["logits"].shape[1] == target.shape[1]:
             logits = source["logits"][:, _check_metric(metric, target.shape[1])]
-            return float(np.mean(np.asarray(metric.fn(logits))))
+            return float(np.mean(np.asarray(metric(logits))))
         return float("nan")
     return float(np.mean(np.asarray(evaluate(model, source, metric, padding_mask=padding_mask))))
 
@@ -347,7 +356,7 @@ def path_patching(
         for la in receiver_layers:
             step1[la].append(Record(site))
         _, records = _sweep_chunk(add_interventions(model, step1), tokens, mask, positions,
-                                  metric.fn)
+                                  metric)
         # Step 2: only the receivers' chosen input comes from step 1.
         step2 = {}
         for la in receiver_layers:
@@ -356,7 +365,7 @@ def path_patching(
             step2[la] = Replace(site, value=records[site_key(site, la)].astype(
                 model.activation_dtype), weight=jnp.asarray(w))
         scores, _ = _sweep_chunk(add_interventions(model, step2), tokens, mask, positions,
-                                 metric.fn)
+                                 metric)
         scores = np.asarray(scores, np.float64).reshape(chunk, n).mean(axis=1)
         for c, (la, h) in enumerate(part):
             out[la, h] = scores[c]
@@ -443,7 +452,7 @@ def direct_logit_attribution(
     """How much each component writes directly onto the logit of `targets[:, j]` at position
     `positions[j]` (see `LogitAttribution` for how the norms are handled)."""
     tokens, padding_mask = as_inputs(model, tokens, padding_mask)
-    pos = _check_metric(Metric(tuple(positions), lambda x: x), tokens.shape[1])
+    pos = _positions(positions, tokens.shape[1])
     targets = jnp.asarray(targets)
     if targets.shape != (tokens.shape[0], len(positions)):
         raise ValueError(f"targets must have shape [batch, positions] = "
@@ -498,7 +507,7 @@ def logit_lens(
 ) -> LogitLens:
     """The logit lens over the residual stream (see `LogitLens`)."""
     tokens, padding_mask = as_inputs(model, tokens, padding_mask)
-    pos = _check_metric(Metric(tuple(positions), lambda x: x), tokens.shape[1])
+    pos = _positions(positions, tokens.shape[1])
     targets = jnp.asarray(targets)
     if targets.shape != (tokens.shape[0], len(positions)):
         raise ValueError(f"targets must have shape [batch, positions] = "

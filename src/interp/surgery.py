@@ -31,6 +31,7 @@ from .interventions import (
     OverridePattern,
     Record,
     add_interventions,
+    as_inputs,
     run_with_records,
     select_layers,
 )
@@ -180,6 +181,9 @@ def attention_patterns(
     idx = select_layers(model, layers)
     if not idx:
         raise ValueError("attention_patterns: no layer selected")
-    _, records = forward_with_records(record_attention(model, layers=idx), tokens,
-                                      padding_mask=padding_mask)
-    return jnp.stack([records[i] for i in idx]).astype(jnp.float32)
+    tokens, padding_mask = as_inputs(model, tokens, padding_mask)
+    # Logits of the last position only: the vocabulary projection is most of a small model.
+    last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1)
+    _, cache = run_with_records(record_attention(model, layers=idx), tokens,
+                                padding_mask=padding_mask, logits_at=last)
+    return jnp.stack([cache["pattern", i] for i in idx]).astype(jnp.float32)
