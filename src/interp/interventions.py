@@ -47,6 +47,7 @@ from gemma_eqx.sites import (
 
 Layers = Sequence[int] | Callable[[int, Any], bool] | None
 Units = Float[Array, "batch seq"] | Float[Array, "batch seq heads"]
+TokenIds = Int[Array, "batch seq"] | Int[np.ndarray, "batch seq"]
 
 
 # ------------------------------------------------------------------------------ selection
@@ -469,11 +470,11 @@ def _run(model, tokens, padding_mask, logits_at):
 
 def run_with_records(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
     logits_at: Int[Array, "batch k"] | None = None,
-) -> tuple[Float[Array, "batch seq vocab"], ActivationCache]:
+) -> tuple[Float[Array, "batch _positions vocab"], ActivationCache]:
     """Logits and what the installed `Record`s recorded (jitted: compiles once per model
     structure and input shape; new intervention values do not recompile)."""
     tokens, padding_mask = as_inputs(model, tokens, padding_mask)
@@ -485,11 +486,11 @@ def run_with_records(
 
 def run(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
     logits_at: Int[Array, "batch k"] | None = None,
-) -> Float[Array, "batch seq vocab"]:
+) -> Float[Array, "batch _positions vocab"]:
     """Logits of the model with its interventions (jitted, like `run_with_records`)."""
     return run_with_records(model, tokens, padding_mask=padding_mask, logits_at=logits_at)[0]
 
@@ -571,7 +572,7 @@ class ActivationCache(eqx.Module):
 
 def capture(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     *,
     sites: Sequence[str] | None = None,
     layers: Layers = None,
@@ -579,7 +580,7 @@ def capture(
     positions: Sequence[int] | None = None,
     padding_mask: Bool[Array, "batch seq"] | None = None,
     logits_at: Int[Array, "batch k"] | None = None,
-) -> tuple[Float[Array, "batch seq vocab"], ActivationCache]:
+) -> tuple[Float[Array, "batch _positions vocab"], ActivationCache]:
     """Logits and an `ActivationCache` of `sites` (default: every site) on `layers` (default:
     all), like TransformerLens' `run_with_cache`. `heads` (query heads) and `positions` filter
     what is kept (heads only on query-head sites: `k` and `v` are kept whole); a filtered cache

@@ -31,6 +31,7 @@ from .interventions import (
     Layers,
     Record,
     Replace,
+    TokenIds,
     add_interventions,
     as_inputs,
     capture,
@@ -118,7 +119,7 @@ def _metric_of(model, tokens, padding_mask, positions, metric):
 
 def evaluate(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     metric: Metric,
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
@@ -199,8 +200,8 @@ def _units_count(model: Transformer, site: str) -> int | None:
 
 def activation_patching(
     model: Transformer,
-    target: Int[Array, "batch seq"],
-    source: Int[Array, "batch seq"] | ActivationCache,
+    target: TokenIds,
+    source: TokenIds | ActivationCache,
     site: str,
     metric: Metric,
     *,
@@ -296,8 +297,8 @@ def _source_metric(model, source, cache, metric, padding_mask, target) -> float:
 
 def path_patching(
     model: Transformer,
-    target: Int[Array, "batch seq"],
-    source: Int[Array, "batch seq"],
+    target: TokenIds,
+    source: TokenIds,
     receivers: Sequence[Head],
     via: str,
     metric: Metric,
@@ -443,7 +444,7 @@ def direct_heads(head_out, final, unembed):
 
 def direct_logit_attribution(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     targets: Int[Array, "batch k"],
     positions: Ints,
     *,
@@ -499,7 +500,7 @@ class LogitLens:
 
 def logit_lens(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     targets: Int[Array, "batch k"],
     positions: Ints,
     *,

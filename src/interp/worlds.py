@@ -37,6 +37,7 @@ from .interventions import (
 )
 
 Head = tuple[int, int]
+Tokens = Int[Array, "batch seq"] | Int[np.ndarray, "batch seq"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Worlds:
         return self.names.index(name)
 
     def tokens(
-        self, tokens: Int[Array, "batch seq"] | Mapping[str, Int[Array, "batch seq"]]
+        self, tokens: Tokens | Mapping[str, Tokens]
     ) -> Int[Array, "rows seq"]:
         """The model's input: the same `tokens` in every world, or per world a
         `{name: tokens}` mapping (every world given, all of one shape)."""
@@ -88,7 +89,7 @@ class Worlds:
         return jnp.asarray(np.asarray([table[w] * self.batch + i for w in range(len(self.names))
                                        for i in range(self.batch)], np.int32))
 
-    def split(self, x: Array) -> Array:
+    def split(self, x: Array | np.ndarray) -> Array | np.ndarray:
         """`[rows, ...]` to `[worlds, batch, ...]`."""
         if x.shape[0] != self.rows:
             raise ValueError(f"expected {self.rows} rows ({len(self.names)} worlds x "
