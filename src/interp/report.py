@@ -150,7 +150,7 @@ def plot_path_analysis(result: StudyResult, path: Path) -> None:
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
     for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.2f}", va="center", ha="left" if v >= 0 else "right", fontsize=9)
+        ax.text(max(v, 0), i, f" {v:.2f}", va="center", ha="left", fontsize=9)
     ax.set_xlabel("relative logit of the correct digit")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -274,6 +274,9 @@ them, so only the restored paths differ). Relative logit of the correct digit (i
 minus the mean of the ten digits' logits), mean over the second repetition and all strings:</p>
 {_table(["world", "restores", "relative logit"], path_rows(result))}
 {img("path_analysis.png")}
+<p>What the tutorial saw on Gemma 7B (four critical heads), step by step: the direct effect
+about +1.5, later values +1.1, later patterns -0.9, the linear part of the MLPs +3.7, their
+non-linear part -1.7: the heads' effect there runs mostly through the MLPs.</p>
 <h2>7. Activation patching between inputs</h2>
 <p>Worlds: the repeated digits A, random non-repeating digits B (first string:
 {html.escape("".join(result.counterfactual.counterfactual))}...), and a patched world. Over
@@ -282,6 +285,10 @@ under the patch (and its mean probability), against the unpatched world with the
 input.</p>
 {_table(["patch", "the digit copied would be", "patched: argmax", "patched: prob",
          "unpatched: argmax", "unpatched: prob"], counterfactual_rows(result))}
+<p>What the tutorial saw on Gemma 7B: with the values patched, the model confidently copies
+the counterfactual's digits; with only the pattern patched, a very faint copy; with pattern
+and values (the heads' whole output), still no copying (on 2B a slightly stronger, unconfident
+copy), which it read as later MLPs gating what the heads write.</p>
 <h2>Activation patching of every head and of the residual stream</h2>
 <p>Clean BOS + A + A, corrupted BOS + B + A (first string); the metric, the mean log-prob of
 A's digits over the second repetition, is {result.patching.clean:.2f} clean and
