@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(params=["runtime-typechecked", "plain"])
+def typecheck_mode(request):
+    """The suite runs under jaxtyping+beartype; users usually don't. Check both paths."""
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", request.param == "plain")
+    yield request.param
+    jaxtyping.config.update("jaxtyping_disable", False)
+
+
 @pytest.fixture(scope="session")
 def gguf_path(tmp_path_factory):
     """The real Gemma 3 270M GGUF, assembled once per session from its PyPI package."""

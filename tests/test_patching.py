@@ -14,7 +14,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 
@@ -277,14 +276,6 @@ def test_a_model_sharded_over_8_devices_captures_and_patches_like_the_unsharded_
 
 
 # ------------------------------------------------------------------------------ bad input
-
-
-@pytest.fixture(params=["runtime-typechecked", "plain"])
-def typecheck_mode(request):
-    """The suite runs under jaxtyping+beartype; users usually don't. Check both paths."""
-    jaxtyping.config.update("jaxtyping_disable", request.param == "plain")
-    yield request.param
-    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 def test_bad_arguments_of_the_analyses_are_refused(typecheck_mode):

@@ -17,7 +17,6 @@ import re
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 
@@ -620,14 +619,6 @@ def test_interventions_act_in_order_and_a_record_shows_what_the_layer_used():
 
 
 # -------------------------------------------------------------------------- 7. bad input
-
-
-@pytest.fixture(params=["runtime-typechecked", "plain"])
-def typecheck_mode(request):
-    """The suite runs under jaxtyping+beartype; users usually don't. Check both paths."""
-    jaxtyping.config.update("jaxtyping_disable", request.param == "plain")
-    yield request.param
-    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 def test_bad_input_is_refused_with_a_clear_message(typecheck_mode):

@@ -432,12 +432,23 @@ def _dla(model, tokens, padding_mask, positions, targets):
         if block.post_attention_norm is not None:
             head_out = head_out * _rms_factor(block.post_attention_norm,
                                               at(key("attn_out")))[:, :, None]
-        heads.append(jnp.moveaxis(direct_heads(head_out, final, unembed), -1, 0))
+        heads.append(jnp.moveaxis(_direct_heads(head_out, final, unembed), -1, 0))
     logit = direct(at(records["final_norm_in"]))
     return embed, jnp.stack(attn), jnp.stack(mlp), jnp.stack(heads), logit
 
 
-def direct_heads(head_out, final, unembed):
+def _readout_inputs(model, tokens, targets, positions, padding_mask):
+    """Checked tokens, mask, positions and `[batch, positions]` targets for a read-out."""
+    tokens, padding_mask = as_inputs(model, tokens, padding_mask)
+    pos = _positions(positions, tokens.shape[1])
+    targets = jnp.asarray(targets)
+    if targets.shape != (tokens.shape[0], len(positions)):
+        raise ValueError(f"targets must have shape [batch, positions] = "
+                         f"{(tokens.shape[0], len(positions))}; got {tuple(targets.shape)}")
+    return tokens, padding_mask, pos, targets
+
+
+def _direct_heads(head_out, final, unembed):
     """`[b, k, heads, d]` head outputs to their direct logit contributions `[b, k, heads]`."""
     return jnp.einsum("bknd,bkd->bkn", head_out * final[:, :, None], unembed)
 
@@ -452,12 +463,8 @@ def direct_logit_attribution(
 ) -> LogitAttribution:
     """How much each component writes directly onto the logit of `targets[:, j]` at position
     `positions[j]` (see `LogitAttribution` for how the norms are handled)."""
-    tokens, padding_mask = as_inputs(model, tokens, padding_mask)
-    pos = _positions(positions, tokens.shape[1])
-    targets = jnp.asarray(targets)
-    if targets.shape != (tokens.shape[0], len(positions)):
-        raise ValueError(f"targets must have shape [batch, positions] = "
-                         f"{(tokens.shape[0], len(positions))}; got {tuple(targets.shape)}")
+    tokens, padding_mask, pos, targets = _readout_inputs(model, tokens, targets, positions,
+                                                         padding_mask)
     parts = _dla(model, tokens, padding_mask, pos, targets)
     embed, attn, mlp, heads, logit = (np.asarray(p, np.float64) for p in parts)
     return LogitAttribution(embed, attn, mlp, heads, logit)
@@ -507,12 +514,8 @@ def logit_lens(
     padding_mask: Bool[Array, "batch seq"] | None = None,
 ) -> LogitLens:
     """The logit lens over the residual stream (see `LogitLens`)."""
-    tokens, padding_mask = as_inputs(model, tokens, padding_mask)
-    pos = _positions(positions, tokens.shape[1])
-    targets = jnp.asarray(targets)
-    if targets.shape != (tokens.shape[0], len(positions)):
-        raise ValueError(f"targets must have shape [batch, positions] = "
-                         f"{(tokens.shape[0], len(positions))}; got {tuple(targets.shape)}")
+    tokens, padding_mask, pos, targets = _readout_inputs(model, tokens, targets, positions,
+                                                         padding_mask)
     lp, top = _lens(model, tokens, padding_mask, pos, targets)
     return LogitLens(np.asarray(lp, np.float64), np.asarray(top))
 
