@@ -171,9 +171,7 @@ class Attention(eqx.Module):
         hooks = SiteHooks() if hooks is None else hooks
         records = {} if records is None else records
         context = SiteContext(positions, valid, positions, valid, layer)
-        site = lambda name, value: (  # noqa: E731
-            hooks.apply(name, value, context, records) if hooks.wants(name) else value
-        )
+        site = lambda name, value: hooks.apply(name, value, context, records)  # noqa: E731
         queries = jnp.einsum("bsd,ndh->bsnh", x, self.w_q.astype(x.dtype))
         if self.query_norm is not None:
             queries = self.query_norm(queries)
@@ -296,9 +294,7 @@ class Block(eqx.Module):
         records = {} if records is None else records
         hooks = self.hooks
         context = SiteContext(positions, valid, positions, valid, layer)
-        site = lambda name, value: (  # noqa: E731
-            hooks.apply(name, value, context, records) if hooks.wants(name) else value
-        )
+        site = lambda name, value: hooks.apply(name, value, context, records)  # noqa: E731
         x = site("resid_pre", x)
         attended, cache = self.attn(
             self.pre_attention_norm(x), positions, valid, cache, cache_index, hooks, records,
@@ -410,9 +406,7 @@ class Transformer(eqx.Module):
             positions = jnp.maximum(jnp.cumsum(padding_mask, axis=1) - 1, 0)
         records: dict[str, Any] = {}
         context = SiteContext(positions, padding_mask, positions, padding_mask, None)
-        site = lambda name, value: (  # noqa: E731
-            self.hooks.apply(name, value, context, records) if self.hooks.wants(name) else value
-        )
+        site = lambda name, value: self.hooks.apply(name, value, context, records)  # noqa: E731
         x = site("embed", self.embedder.encode(tokens, self.activation_dtype))
         new_cache = []
         for i, block in enumerate(self.blocks):

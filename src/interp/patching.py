@@ -110,11 +110,13 @@ def _check_metric(metric: Metric, seq: int) -> Int[Array, " k"]:
     return _positions(metric.positions, seq, "metric position")
 
 
-@eqx.filter_jit
-def _metric_of(model, tokens, padding_mask, positions, metric):
+def _metric_body(model, tokens, padding_mask, positions, metric):
     at = jnp.broadcast_to(positions, (tokens.shape[0], positions.shape[0]))
     out = model.forward(tokens, padding_mask=padding_mask, logits_at=at, check_ids=False)
     return metric(out.logits), out.records
+
+
+_metric_of = eqx.filter_jit(_metric_body)
 
 
 def evaluate(
@@ -170,12 +172,8 @@ def _count_compiles(fn):
     return traced
 
 
-@eqx.filter_jit
-@_count_compiles
-def _sweep_chunk(model, tokens, padding_mask, positions, metric):
-    at = jnp.broadcast_to(positions, (tokens.shape[0], positions.shape[0]))
-    out = model.forward(tokens, padding_mask=padding_mask, logits_at=at, check_ids=False)
-    return metric(out.logits), out.records
+# The sweeps' own program (counted apart from `evaluate`'s, which compiles per input shape).
+_sweep_chunk = eqx.filter_jit(_count_compiles(_metric_body))
 
 
 def _source_cache(model, source, tokens_shape, site, layers, padding_mask):
