@@ -176,7 +176,7 @@ def _count_compiles(fn):
 _sweep_chunk = eqx.filter_jit(_count_compiles(_metric_body))
 
 
-def _source_cache(model, source, tokens_shape, site, layers, padding_mask):
+def _source_cache(model, source, site, layers, padding_mask):
     if isinstance(source, ActivationCache):
         source.check_model(model)
         return source
@@ -229,7 +229,7 @@ def activation_patching(
     n, seq = target.shape
     positions = _check_metric(metric, seq)
     layer_idx = select_layers(model, layers)
-    cache = _source_cache(model, source, target.shape, site, layer_idx, padding_mask)
+    cache = _source_cache(model, source, site, layer_idx, padding_mask)
     if cache.input_shape != tuple(target.shape):
         raise ValueError(f"the source was recorded on inputs of shape {cache.input_shape}; the "
                          f"target has shape {tuple(target.shape)}")
@@ -325,13 +325,13 @@ def path_patching(
         raise ValueError(f"source shape {tuple(source.shape)} differs from the target's "
                          f"{tuple(target.shape)}")
     L, H = len(model.blocks), model.config.num_heads  # noqa: N806
-    receivers = [(check_index(la, L, "layer"), check_index(h, H, "head")) for la, h in receivers]
+    receivers = head_grid(model, receivers)
     if not receivers:
         raise ValueError("path_patching needs at least one receiver head")
     top = max(la for la, _ in receivers)
     if senders is None:
         senders = [(la, h) for la in range(top) for h in range(H)]
-    senders = [(check_index(la, L, "layer"), check_index(h, H, "head")) for la, h in senders]
+    senders = head_grid(model, senders)
     n, seq = target.shape
     positions = _check_metric(metric, seq)
     _, clean = capture(model, target, sites=["head_out"], padding_mask=padding_mask)
