@@ -10,6 +10,7 @@ import pytest
 
 from factories import CharTokenizer
 from induction_model import BOS_ID, INDUCTION_HEAD, PAD_ID, VOCAB, VOCAB_LOW, trained
+from interp import staged
 from interp.analyses import (
     attribution_gradient,
     correct_token_logprobs,
@@ -238,15 +239,35 @@ def test_knockout_of_the_induction_head_breaks_copying(model, padded):
 
 
 def test_sweep_over_every_head(model, padded):
+    """The staged sweep (layers below a mask's first knocked-out head shared, logits at the
+    eval positions only, the vocabulary streamed) equals one knock-out at a time."""
     tokens, real, eval_mask = padded
     masks = single_head_masks(model)
     sweep = knockout_sweep(model, tokens, masks, eval_mask, padding_mask=real)
     assert sweep.accuracy.shape == (8, 16)
-    for i in (0, 6):
+    for i in range(len(masks)):
         one = knockout_eval(model, tokens, masks[i], eval_mask, padding_mask=real)
         np.testing.assert_allclose(sweep.logprob[i], one.logprob, atol=1e-5)
+        np.testing.assert_allclose(sweep.accuracy[i], one.accuracy, atol=1e-6)
+        np.testing.assert_array_equal(sweep.count[i], one.count)
     worst = int(np.argmin(np.asarray(sweep.accuracy.mean(1))))
     assert divmod(worst, 4) == INDUCTION_HEAD
+
+    # Masks of several heads, soft values, nothing knocked out; split 2 per program (padded
+    # to one schedule: a single compilation).
+    mixed = np.ones((5, 2, 4), np.float32)
+    mixed[0, 1, 3] = 0
+    mixed[1, 0, 1], mixed[1, 1, 2] = 0.5, 0
+    mixed[3, 0] = 0
+    mixed[4, 1, 0] = 0.25
+    before = staged.compilations()
+    chunked = knockout_sweep(model, tokens, jnp.asarray(mixed), eval_mask, padding_mask=real,
+                             chunk=2)
+    assert staged.compilations() - before == 1
+    for i, mask in enumerate(mixed):
+        one = knockout_eval(model, tokens, jnp.asarray(mask), eval_mask, padding_mask=real)
+        np.testing.assert_allclose(chunked.logprob[i], one.logprob, atol=1e-5)
+        np.testing.assert_allclose(chunked.accuracy[i], one.accuracy, atol=1e-6)
 
 
 def test_attribution_gradient_points_at_the_induction_head(model, tokens, patterns):

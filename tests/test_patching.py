@@ -115,6 +115,22 @@ def test_logit_lens_reads_each_stream_and_ends_at_the_model(family):
 # -------------------------------------------------------------------------------- metrics
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_target_logprobs_equal_the_log_softmax_of_the_logits(family):
+    """The vocabulary streamed in chunks (uneven: the last one padded) gives the log-softmax
+    and the argmax of the full logits, soft-cap included."""
+    model = model_of(family)
+    logits, cache = interp.capture(model, CLEAN, sites=["final_norm_out"])
+    lp = np_log_softmax(np.asarray(logits, np.float64))
+    targets = np.asarray(CLEAN)
+    for chunk in (7, model.config.vocab_size, 4096):
+        got, argmax = model.target_logprobs(cache["final_norm_out"], jnp.asarray(targets),
+                                            chunk=chunk)
+        np.testing.assert_allclose(got, np.take_along_axis(lp, targets[..., None], -1)[..., 0],
+                                   atol=1e-5)
+        np.testing.assert_array_equal(argmax, np.asarray(logits).argmax(-1))
+
+
 def test_logit_difference_against_numpy():
     """(`mean_logprob` is checked against numpy in the sweep test.)"""
     family = "gemma2"
@@ -191,8 +207,9 @@ def test_activation_patching_sweeps_equal_one_patch_at_a_time():
     assert np.ptp(heads.values) > 1e-3  # the heads differ: the comparison means something
 
     before = P.sweep_compilations()
+    # 24 patches, 5 per program: 5 programs of one schedule (padded with no-op patches).
     positions = P.activation_patching(model, CORRUPT, CLEAN, "resid_pre", metric,
-                                      per="layer_position")  # 24 patches: 3 chunks of 8
+                                      per="layer_position", chunk=5)
     assert positions.compilations == 1 == P.sweep_compilations() - before
     assert positions.axes == ("layer", "position") and positions.values.shape == (2, SEQ)
 
@@ -212,7 +229,7 @@ def test_activation_patching_sweeps_equal_one_patch_at_a_time():
     # source's metric comes from the logits in its cache.
     other_logits, other = interp.capture(model, CLEAN[::-1])
     again = P.activation_patching(model, CORRUPT, other, "resid_pre", metric,
-                                  per="layer_position")
+                                  per="layer_position", chunk=5)
     assert again.compilations == 0
     assert np.abs(again.values - positions.values).max() > 1e-3
     lp = np_log_softmax(np.asarray(other_logits, np.float64))

@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; a bad argument, a missing or corrupted file, a full disk or an
     out-of-memory prints one line and exits 2 (an interrupt exits 130)."""
     args = build_parser().parse_args(argv)
+    from .runtime import tune_cpu_flags
+
+    tune_cpu_flags()  # before JAX starts its backend
     import jax
 
     from .pretrained import ModelUnavailableError

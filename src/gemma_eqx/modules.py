@@ -364,6 +364,107 @@ class Transformer(eqx.Module):
         object.__setattr__(model, "activation_dtype", jnp.dtype(dtype))
         return model
 
+    def embed(
+        self,
+        tokens: Int[Array, "batch seq"],
+        positions: Int[Array, "batch seq"],
+        padding_mask: Bool[Array, "batch seq"],
+        records: dict[str, Any],
+    ) -> Float[Array, "batch seq embed"]:
+        """The stream entering block 0 (the `embed` site applied; ids already checked)."""
+        context = SiteContext(positions, padding_mask, positions, padding_mask, None)
+        return self.hooks.apply("embed", self.embedder.encode(tokens, self.activation_dtype),
+                                context, records)
+
+    def final_stream(
+        self,
+        x: Float[Array, "batch seq embed"],
+        positions: Int[Array, "batch seq"],
+        padding_mask: Bool[Array, "batch seq"],
+        logits_at: Int[Array, "batch k"] | None,
+        records: dict[str, Any],
+    ) -> Float[Array, "batch _k embed"]:
+        """The last block's output after the final norm, at `logits_at` (indices into seq) or
+        everywhere; the sites `final_norm_in` and `final_norm_out` applied."""
+        context = SiteContext(positions, padding_mask, positions, padding_mask, None)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
+            take = lambda a: jnp.take_along_axis(a, logits_at, axis=1)  # noqa: E731
+            context = SiteContext(take(positions), take(padding_mask), positions, padding_mask,
+                                  None)
+        site = lambda name, value: self.hooks.apply(name, value, context, records)  # noqa: E731
+        return site("final_norm_out", self.final_norm(site("final_norm_in", x)))
+
+    def _softcap(self, logits: Array) -> Array:
+        if self.config.final_logit_softcap is None:
+            return logits
+        cap = self.config.final_logit_softcap
+        return jnp.tanh(logits / cap) * cap
+
+    def readout(
+        self,
+        x: Float[Array, "batch seq embed"],
+        positions: Int[Array, "batch seq"],
+        padding_mask: Bool[Array, "batch seq"],
+        logits_at: Int[Array, "batch k"] | None,
+        records: dict[str, Any],
+    ) -> Float[Array, "batch _k vocab"]:
+        """Final norm, vocabulary projection and soft-cap of the last block's output, at
+        `logits_at` (indices into seq) or everywhere; the model's own sites applied."""
+        normed = self.final_stream(x, positions, padding_mask, logits_at, records)
+        logits = self._softcap(self.embedder.decode(normed))
+        if logits_at is not None:
+            positions = jnp.take_along_axis(positions, logits_at, axis=1)
+            padding_mask = jnp.take_along_axis(padding_mask, logits_at, axis=1)
+        context = SiteContext(positions, padding_mask, positions, padding_mask, None)
+        return self.hooks.apply("logits", logits, context, records)
+
+    def target_logprobs(
+        self,
+        normed: Float[Array, "*rows embed"],
+        targets: Int[Array, "*rows"],
+        *,
+        chunk: int = 4096,
+    ) -> tuple[Float[Array, "*rows"], Int[Array, "*rows"]]:
+        """Log-probability of `targets` and the argmax token, from the final norm's output
+        (`final_stream`), streaming the vocabulary `chunk` tokens at a time: the `[rows,
+        vocab]` logits never exist at once, and writing them out costs more than the
+        projection on a CPU. Equal to `log_softmax(readout)` up to float rounding; not for a
+        model with an intervention on its `logits` site (that needs the logits)."""
+        if self.hooks.wants("logits"):
+            raise ValueError("target_logprobs cannot apply the intervention on the logits "
+                             "site; use readout")
+        lead = normed.shape[:-1]
+        x = _at_least_f32(normed.reshape(-1, normed.shape[-1]))
+        table = self.embedder.embedding
+        vocab = table.shape[0]
+        chunk = min(chunk, vocab)
+        n_chunks = -(-vocab // chunk)
+        table = jnp.pad(table, ((0, n_chunks * chunk - vocab), (0, 0)))
+        rows = x.shape[0]
+
+        def step(carry, i):
+            top, total, best, arg = carry
+            part = jax.lax.dynamic_slice_in_dim(table, i * chunk, chunk).astype(x.dtype)
+            logits = self._softcap(x @ part.T)
+            ids = i * chunk + jnp.arange(chunk)
+            logits = jnp.where(ids < vocab, logits, -jnp.inf)
+            high = logits.max(-1)
+            new_top = jnp.maximum(top, high)
+            total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[:, None]).sum(-1)
+            better = high > best
+            arg = jnp.where(better, i * chunk + jnp.argmax(logits, -1), arg)
+            return (new_top, total, jnp.maximum(best, high), arg), None
+
+        init = (jnp.full((rows,), -jnp.inf, x.dtype), jnp.zeros((rows,), x.dtype),
+                jnp.full((rows,), -jnp.inf, x.dtype), jnp.zeros((rows,), jnp.int32))
+        (top, total, _, arg), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
+        flat_targets = targets.reshape(-1)
+        target = self._softcap(jnp.einsum(
+            "rd,rd->r", x, self.embedder.embedding[flat_targets].astype(x.dtype)))
+        logprob = target - (top + jnp.log(total))
+        return logprob.reshape(lead), arg.reshape(lead)
+
     def forward(
         self,
         tokens: Int[Array, "batch seq"],
@@ -405,26 +506,14 @@ class Transformer(eqx.Module):
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(padding_mask, axis=1) - 1, 0)
         records: dict[str, Any] = {}
-        context = SiteContext(positions, padding_mask, positions, padding_mask, None)
-        site = lambda name, value: self.hooks.apply(name, value, context, records)  # noqa: E731
-        x = site("embed", self.embedder.encode(tokens, self.activation_dtype))
+        x = self.embed(tokens, positions, padding_mask, records)
         new_cache = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
             x, layer_cache = block(x, positions, padding_mask, layer_cache, cache_index,
                                    records, i)
             new_cache.append(layer_cache)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-            take = lambda a: jnp.take_along_axis(a, logits_at, axis=1)  # noqa: E731
-            context = SiteContext(take(positions), take(padding_mask), positions, padding_mask,
-                                  None)
-        x = site("final_norm_out", self.final_norm(site("final_norm_in", x)))
-        logits = self.embedder.decode(x)
-        if self.config.final_logit_softcap is not None:
-            cap = self.config.final_logit_softcap
-            logits = jnp.tanh(logits / cap) * cap
-        logits = site("logits", logits)
+        logits = self.readout(x, positions, padding_mask, logits_at, records)
         return ForwardOutput(logits, records, None if cache is None else tuple(new_cache))
 
     def __call__(

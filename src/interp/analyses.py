@@ -26,7 +26,9 @@ from gemma_eqx.checks import check_finite
 from gemma_eqx.modules import Transformer
 from gemma_eqx.tokenizer import TokenizerLike
 
+from .interventions import KnockOut
 from .interventions import as_inputs as _as_inputs
+from .staged import scored_forward, staged_scores
 from .surgery import _check_mask, knock_out, knockout_mask, set_knockout_mask
 
 Head = tuple[int, int]
@@ -272,22 +274,52 @@ def _check_eval_mask(eval_mask: Any, tokens: Any, padding_mask: Any) -> Bool[Arr
     return eval_mask
 
 
-def _eval_sums(
-    model: Transformer,
-    tokens: Int[Array, "batch seq"],
-    padding_mask: Bool[Array, "batch seq"],
-    eval_mask: Bool[Array, "batch seq"],
-) -> tuple[Float[Array, " batch"], Float[Array, " batch"], Int[Array, " batch"]]:
-    logits = model(tokens, padding_mask=padding_mask, check_ids=False)  # checked before jit
-    weight = eval_mask[:, 1:]
-    lp = jnp.where(weight, correct_token_logprobs(logits, tokens), 0.0).sum(-1)
-    hits = (correct_token_hits(logits, tokens) & weight).sum(-1).astype(jnp.float32)
-    return lp, hits, weight.sum(-1)
+class _EvalScore(eqx.Module):
+    """Summed correct-token log-prob and argmax hits over each row's eval positions, from the
+    logits at the scored positions only (`[batch, k, vocab]`)."""
+
+    targets: Int[Array, "batch k"]
+    weights: Bool[Array, "batch k"]
+    # Streaming the vocabulary saves memory traffic forward, but its backward pass recomputes
+    # every chunk: gradients take the logits.
+    can_stream: bool = eqx.field(static=True, default=True)
+
+    def __call__(self, logits: Float[Array, "batch k vocab"]) -> tuple[Array, Array]:
+        logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+        lp = jnp.take_along_axis(logp, self.targets[..., None], axis=-1)[..., 0]
+        return self._sums(lp, jnp.argmax(logits, axis=-1))
+
+    def stream_score(self, model: Transformer, normed: Float[Array, "batch k embed"]):
+        return self._sums(*model.target_logprobs(normed, self.targets))
+
+    def _sums(self, lp: Array, argmax: Array) -> tuple[Array, Array]:
+        hits = argmax == self.targets
+        return (jnp.where(self.weights, lp, 0.0).sum(-1),
+                (hits & self.weights).sum(-1).astype(jnp.float32))
+
+
+def _scored(
+    tokens: Int[Array, "batch seq"], eval_mask: Bool[Array, "batch seq"]
+) -> tuple[Int[Array, " k"], _EvalScore]:
+    """The positions whose predictions some row scores, and the score over them. The
+    vocabulary projection then runs at those positions only (most of a small model's cost)."""
+    if isinstance(eval_mask, jax.core.Tracer):
+        cols = np.arange(tokens.shape[1] - 1)
+    else:
+        cols = np.flatnonzero(np.asarray(eval_mask)[:, 1:].any(0))
+    targets = jnp.take(tokens, cols + 1, axis=1)
+    weights = jnp.take(eval_mask, cols + 1, axis=1)
+    return jnp.asarray(cols, jnp.int32), _EvalScore(targets, weights)
+
+
+def _eval_sums(model, tokens, padding_mask, cols, score):
+    return scored_forward(model, tokens, padding_mask, cols, score)[0]
 
 
 @eqx.filter_jit
-def _knockout_eval(model, tokens, padding_mask, eval_mask):
-    lp, hits, count = _eval_sums(model, tokens, padding_mask, eval_mask)
+def _knockout_eval(model, tokens, padding_mask, cols, score):
+    lp, hits = _eval_sums(model, tokens, padding_mask, cols, score)
+    count = score.weights.sum(-1)
     return KnockoutResult(lp / count, hits / count, count)
 
 
@@ -304,17 +336,8 @@ def knockout_eval(
     value reuses the compilation."""
     tokens, padding_mask = _as_inputs(model, tokens, padding_mask)
     eval_mask = _check_eval_mask(eval_mask, tokens, padding_mask)
-    return _knockout_eval(knock_out(model, mask), tokens, padding_mask, eval_mask)
-
-
-@eqx.filter_jit
-def _knockout_sweep(model, tokens, padding_mask, eval_mask, masks):
-    def one(mask):
-        lp, hits, count = _eval_sums(set_knockout_mask(model, mask), tokens, padding_mask,
-                                     eval_mask)
-        return KnockoutResult(lp / count, hits / count, count)
-
-    return jax.lax.map(one, masks)
+    return _knockout_eval(knock_out(model, mask), tokens, padding_mask,
+                          *_scored(tokens, eval_mask))
 
 
 def knockout_sweep(
@@ -324,9 +347,16 @@ def knockout_sweep(
     eval_mask: Bool[Array, "batch seq"],
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
+    chunk: int = 128,
 ) -> KnockoutResult:
-    """`knockout_eval` for each of `masks` in one compiled loop: fields are `[n, batch]`.
-    `single_head_masks(model)` gives the sweep over every head."""
+    """`knockout_eval` for each of `masks`: fields are `[n, batch]`. `single_head_masks(model)`
+    gives the sweep over every head.
+
+    One program runs up to `chunk` masks together (`interp.staged`): a mask whose first
+    knocked-out head sits in layer `l` shares the unchanged layers below `l` with the others,
+    and logits are computed at the eval positions only. Results equal one `knockout_eval` per
+    mask (to float rounding); a new set of masks with the same first layers reuses the
+    compilation."""
     tokens, padding_mask = _as_inputs(model, tokens, padding_mask)
     eval_mask = _check_eval_mask(eval_mask, tokens, padding_mask)
     expected = (len(model.blocks), model.config.num_heads)
@@ -335,7 +365,22 @@ def knockout_sweep(
         raise ValueError(f"masks must be [n, layers, heads] = [n >= 1, {expected[0]}, "
                          f"{expected[1]}]; got {getattr(masks, 'shape', type(masks).__name__)}")
     check_finite(masks, "masks", axes=("mask", "layer", "head"))
-    return _knockout_sweep(knock_out(model, masks[0]), tokens, padding_mask, eval_mask, masks)
+    host = np.asarray(masks, np.float32)
+    changed = (host != 1).any(axis=2)  # [n, layers]
+    starts = np.where(changed.any(1), changed.argmax(1), len(model.blocks))
+    batch = tokens.shape[0]
+
+    def knock(layer: int, groups: np.ndarray) -> tuple[KnockOut, ...]:
+        rows = np.where((groups >= 0)[:, None], host[groups, layer], 1.0)
+        return (KnockOut(jnp.asarray(np.repeat(rows, batch, axis=0))),)
+
+    cols, score = _scored(tokens, eval_mask)
+    _, (lp, hits) = staged_scores(model, tokens, padding_mask, starts, knock, cols, score,
+                                  chunk=chunk)
+    count = np.asarray(score.weights.sum(-1))
+    return KnockoutResult(jnp.asarray((lp / count).astype(np.float32)),
+                          jnp.asarray((hits / count).astype(np.float32)),
+                          jnp.asarray(np.broadcast_to(count, lp.shape)))
 
 
 def single_head_masks(model: Transformer) -> Float[Array, "n layers heads"]:
@@ -345,10 +390,10 @@ def single_head_masks(model: Transformer) -> Float[Array, "n layers heads"]:
 
 
 @eqx.filter_jit
-def _attribution(model, tokens, padding_mask, eval_mask, mask):
+def _attribution(model, tokens, padding_mask, cols, score, mask):
     def objective(m):
-        lp, _, count = _eval_sums(set_knockout_mask(model, m), tokens, padding_mask, eval_mask)
-        return lp.sum() / count.sum()
+        lp, _ = _eval_sums(set_knockout_mask(model, m), tokens, padding_mask, cols, score)
+        return lp.sum() / score.weights.sum()
 
     return jax.value_and_grad(objective)(mask)
 
@@ -367,7 +412,9 @@ def attribution_gradient(
     eval_mask = _check_eval_mask(eval_mask, tokens, padding_mask)
     _check_mask(model, mask)
     mask = jnp.asarray(mask, jnp.float32)
-    _, grad = _attribution(knock_out(model, mask), tokens, padding_mask, eval_mask, mask)
+    cols, score = _scored(tokens, eval_mask)
+    score = _EvalScore(score.targets, score.weights, can_stream=False)
+    _, grad = _attribution(knock_out(model, mask), tokens, padding_mask, cols, score, mask)
     return grad
 
 

@@ -56,16 +56,16 @@ def _read_only(path: Path) -> bool:
 
 
 def _enable_compilation_cache() -> None:
-    """Keep XLA's compiled programs next to the converted models, so a second run skips most
-    compilation (set GEMMA_EQX_NO_COMPILE_CACHE=1 to turn this off)."""
+    """Keep XLA's compiled programs next to the converted models (or in
+    GEMMA_EQX_COMPILE_CACHE), so a second run skips compilation (set
+    GEMMA_EQX_NO_COMPILE_CACHE=1 to turn this off)."""
     if os.environ.get("GEMMA_EQX_NO_COMPILE_CACHE"):
         return
-    import jax
-
     from gemma_eqx.pretrained import cache_dir
+    from gemma_eqx.runtime import enable_compilation_cache
 
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    enable_compilation_cache(Path(os.environ.get("GEMMA_EQX_COMPILE_CACHE")
+                                  or cache_dir() / "xla"))
 
 
 def run_induction(args: argparse.Namespace) -> int:

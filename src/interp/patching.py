@@ -1,9 +1,11 @@
 """Activation patching, path patching, direct logit attribution and the logit lens.
 
-Sweeps run many patches per compiled call: each chunk of `chunk` patches is one batch in which
-row `c * n + i` is input row `i` under patch `c`, and every layer carries a `Replace` whose
-per-unit weights pick that row's patch. The structure never changes between chunks, so a
-sweep compiles once however many patches it has (`sweep_compilations()` counts it).
+Sweeps run many patches per compiled call. Activation patching uses `interp.staged`: a patch
+at layer `l` runs only layers `l..` (the layers below are shared with the unpatched run) and
+many patches share each matmul. Path patching runs chunks of `chunk` patches as one batch in
+which row `c * n + i` is input row `i` under patch `c`, each layer carrying a `Replace` whose
+per-unit weights pick that row's patch. Either way the structure never changes between
+chunks, so a sweep compiles once however many patches it has (`sweep_compilations()`).
 
 Conventions: the *target* run is the one patched, the *source* run gives the values. Patching
 clean activations into a corrupted run (target = corrupted, source = clean) measures what
@@ -24,19 +26,30 @@ from jaxtyping import Array, Bool, Float, Int
 
 from gemma_eqx.checks import check_index
 from gemma_eqx.modules import Transformer
-from gemma_eqx.sites import SITES, site_key, site_spec
+from gemma_eqx.sites import (
+    SITES,
+    Intervention,
+    SiteContext,
+    check_site_array,
+    site_key,
+    site_spec,
+    unit_weights,
+)
 
+from . import staged
 from .interventions import (
     ActivationCache,
     Layers,
     Record,
     Replace,
     TokenIds,
+    Units,
     add_interventions,
     as_inputs,
     capture,
     select_layers,
 )
+from .staged import scored_forward, staged_scores
 
 Head = tuple[int, int]
 Ints = Sequence[int] | Int[np.ndarray, " k"] | Int[Array, " k"]  # token ids or positions
@@ -56,14 +69,30 @@ class Metric(eqx.Module):
     fn: Callable[[Array, Any], Array] = eqx.field(static=True)
     data: Any = None
     name: str = eqx.field(static=True, default="metric")
+    # Optional: the same number from the final norm's output, `(model, normed [batch, k,
+    # embed], data) -> [batch]`, without the full logits (see `Transformer.target_logprobs`).
+    stream_fn: Callable[[Transformer, Array, Any], Array] | None = eqx.field(
+        static=True, default=None)
 
     def __call__(self, logits: Float[Array, "batch k vocab"]) -> Float[Array, " batch"]:
         return self.fn(logits, self.data)
+
+    @property
+    def can_stream(self) -> bool:
+        return self.stream_fn is not None
+
+    def stream_score(self, model: Transformer, normed: Float[Array, "batch k embed"]) -> Array:
+        return self.stream_fn(model, normed, self.data)
 
 
 def _mean_logprob(logits: Array, ids: Array) -> Array:
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(lp, ids[None, :, None], axis=-1)[..., 0].mean(axis=-1)
+
+
+def _mean_logprob_streamed(model: Transformer, normed: Array, ids: Array) -> Array:
+    targets = jnp.broadcast_to(ids, normed.shape[:2])
+    return model.target_logprobs(normed, targets)[0].mean(axis=-1)
 
 
 def _logit_difference(logits: Array, ids: tuple[Array, Array]) -> Array:
@@ -80,7 +109,7 @@ def mean_logprob(targets: Ints, positions: Ints) -> Metric:
         raise ValueError(f"mean_logprob needs one target per position; got {len(targets)} "
                          f"targets for {len(positions)} positions")
     return Metric(positions, _mean_logprob, jnp.asarray(targets, jnp.int32),
-                  "mean log-prob of the target tokens")
+                  "mean log-prob of the target tokens", _mean_logprob_streamed)
 
 
 def logit_difference(correct: Ints, wrong: Ints, positions: Ints) -> Metric:
@@ -110,10 +139,7 @@ def _check_metric(metric: Metric, seq: int) -> Int[Array, " k"]:
     return _positions(metric.positions, seq, "metric position")
 
 
-def _metric_body(model, tokens, padding_mask, positions, metric):
-    at = jnp.broadcast_to(positions, (tokens.shape[0], positions.shape[0]))
-    out = model.forward(tokens, padding_mask=padding_mask, logits_at=at, check_ids=False)
-    return metric(out.logits), out.records
+_metric_body = scored_forward
 
 
 _metric_of = eqx.filter_jit(_metric_body)
@@ -159,7 +185,7 @@ _compilations: list[int] = [0]
 
 def sweep_compilations() -> int:
     """How many programs the sweeps of this process have compiled (for tests and benchmarks)."""
-    return _compilations[0]
+    return _compilations[0] + staged.compilations()
 
 
 def _count_compiles(fn):
@@ -206,14 +232,16 @@ def activation_patching(
     per: str = "layer",
     layers: Layers = None,
     padding_mask: Bool[Array, "batch seq"] | None = None,
-    chunk: int = 8,
+    chunk: int = 128,
 ) -> PatchingResult:
     """Patch `site` from `source` (tokens of the same shape, or a full `capture` of them) into
     the `target` run, one unit at a time, and measure `metric`.
 
     `per` names the units: `"layer"` (the whole site of one layer), `"layer_position"`
     (`values[layer, position]`), `"layer_head"` (head sites: all positions of one head) or
-    `"layer_head_position"`. `chunk` patches run per compiled call; the sweep compiles once.
+    `"layer_head_position"`. Up to `chunk` patches run in one program (`interp.staged`): a
+    patch at layer `l` shares the unpatched layers below it with the others, and the sweep
+    compiles once.
     """
     spec = site_spec(site)
     if not spec.per_layer:
@@ -245,39 +273,53 @@ def activation_patching(
         axes = ("layer", "head", "position")
         grid = [(la, h, p) for la in layer_idx for h in range(heads) for p in range(span)]
 
-    rows = chunk * n
-    unit_shape = (rows, seq) if heads is None else (rows, seq, heads)
-    values = {la: _tile(cache[site, la].astype(model.activation_dtype), chunk)
-              for la in layer_idx}
-    tokens = _tile(target, chunk)
-    mask = _tile(padding_mask, chunk)
-    out = np.zeros(len(grid), np.float64)
-    before = _compilations[0]
-    for start in range(0, len(grid), chunk):
-        part = grid[start:start + chunk]
-        weights = {la: np.zeros(unit_shape, np.float32) for la in layer_idx}
-        for c, unit in enumerate(part):
-            w = weights[unit[0]][c * n:(c + 1) * n]
+    values = {la: cache[site, la].astype(model.activation_dtype) for la in layer_idx}
+    unit_shape = (n, seq) if heads is None else (n, seq, heads)
+    units = np.asarray(grid)
+
+    def patches(layer: int, groups: np.ndarray) -> tuple[Intervention, ...]:
+        if layer not in values:
+            return ()
+        weight = np.zeros((len(groups), *unit_shape), np.float32)
+        for g, v in enumerate(groups):
+            if v < 0 or units[v, 0] != layer:
+                continue
             if per == "layer":
-                w[...] = 1
+                weight[g] = 1
             elif per == "layer_position":
-                w[:, unit[1]] = 1
+                weight[g, :, units[v, 1]] = 1
             elif per == "layer_head":
-                w[:, :, unit[1]] = 1
+                weight[g, :, :, units[v, 1]] = 1
             else:
-                w[:, unit[2], unit[1]] = 1
-        patched = add_interventions(model, {
-            la: Replace(site, value=values[la], weight=jnp.asarray(weights[la]))
-            for la in layer_idx})
-        scores, _ = _sweep_chunk(patched, tokens, mask, positions, metric)
-        scores = np.asarray(scores, np.float64).reshape(chunk, n).mean(axis=1)
-        out[start:start + len(part)] = scores[:len(part)]
-    compiles = _compilations[0] - before
+                weight[g, :, units[v, 2], units[v, 1]] = 1
+        return (_GroupReplace(site, values[layer],
+                              jnp.asarray(weight.reshape(-1, *unit_shape[1:]))),)
+
+    before = sweep_compilations()
+    target_scores, scores = staged_scores(model, target, padding_mask, units[:, 0], patches,
+                                          positions, metric, chunk=chunk)
+    compiles = sweep_compilations() - before
+    out = np.asarray(scores, np.float64).mean(axis=1)
     shape = [len(layer_idx)] + [heads if a == "head" else span for a in axes[1:]]
-    target_value = float(np.mean(np.asarray(evaluate(model, target, metric,
-                                                     padding_mask=padding_mask))))
+    target_value = float(np.mean(np.asarray(target_scores, np.float64)))
     source_value = _source_metric(model, source, cache, metric, padding_mask, target)
     return PatchingResult(site, axes, out.reshape(shape), target_value, source_value, compiles)
+
+
+class _GroupReplace(Intervention):
+    """`Replace` for a staged sweep: the batch is row groups of the input's `n` rows, `value`
+    is the input's (`[n, ...]`, the same for every group) and `weight` picks units per row."""
+
+    value: Array
+    weight: Units
+
+    def __call__(self, x: Array, context: SiteContext) -> tuple[Array, None]:
+        spec = SITES[self.site]
+        n = self.value.shape[0]
+        check_site_array(self.value, x[:n], spec, context.layer, "a patch")
+        w = unit_weights(self.weight, x, spec)
+        value = jnp.tile(self.value.astype(x.dtype), (x.shape[0] // n,) + (1,) * (x.ndim - 1))
+        return (1 - w) * x + w * value, None
 
 
 def _source_metric(model, source, cache, metric, padding_mask, target) -> float:

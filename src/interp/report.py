@@ -184,6 +184,12 @@ def plot_patching(result: StudyResult, path: Path) -> None:
     plt.close(fig)
 
 
+def _compiled(stats: dict | None) -> list[str]:
+    if not stats:
+        return ["", "", ""]
+    return [str(stats["programs"]), str(stats["cache_hits"]), f"{stats['seconds']:.1f}"]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
@@ -296,7 +302,9 @@ A's digits over the second repetition, is {result.patching.clean:.2f} clean and
 {", ".join(map(str, result.patching.residual_layers))}.</p>
 {img("patching.png")}
 <h2>Timings</h2>
-{_table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in result.timings.items()])}
+{_table(["step", "seconds", "programs compiled", "from the compile cache", "compile seconds"],
+        [[k, f"{v:.1f}", *_compiled(result.compilation.get(k))]
+         for k, v in result.timings.items()])}
 <p>The numbers behind every figure are in <code>report.json</code>.</p>
 <script>
 // Lets a headless browser confirm that every figure decoded (see the report's tests).

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float
 
 from gemma_eqx.checks import check_length
 from gemma_eqx.modules import Transformer
+from gemma_eqx.runtime import CompileLog
 from gemma_eqx.tokenizer import TokenizerLike
 
 from . import analyses, examples, patching
@@ -247,6 +248,8 @@ class StudyResult:
     counterfactual: CounterfactualPatching
     patching: PatchingMaps
     timings: Mapping[str, float]
+    # Per step: programs compiled (or loaded from the persistent cache), cache hits, seconds.
+    compilation: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return _rounded(self)
@@ -572,7 +575,7 @@ def patching_maps(
     layers = list(range(len(model.blocks))) if residual_layers is None else list(
         residual_layers)
     residual = patching.activation_patching(model, corrupted, clean, "resid_pre", metric,
-                                            per="layer_position", layers=layers, chunk=16)
+                                            per="layer_position", layers=layers)
     return PatchingMaps(heads.source, heads.target, heads.normalized, residual.normalized,
                         tuple(layers), heads.compilations + residual.compilations)
 
@@ -604,12 +607,21 @@ def run_study(
     say = progress or (lambda _: None)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    compiles = CompileLog()
+    compiles.start("capture")
+    steps = iter(["scores", "knockout", "attribution", "search", "paths", "counterfactual",
+                  "patching"])
 
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
         timings[name] = round(now - clock, 3)
         clock = now
+        following = next(steps, None)
+        if following is None:
+            compiles.close()
+        else:
+            compiles.start(following)
 
     if top < 1:
         raise ValueError(f"top must be >= 1; got {top}")
@@ -617,35 +629,39 @@ def run_study(
         raise ValueError(f"residual_stride must be >= 1; got {residual_stride}")
     residual_layers = sorted({*range(0, len(model.blocks), residual_stride),
                               len(model.blocks) - 1})
-    task = digit_task(model, tokenizer, digits=digits, period=period, strings=strings,
-                      seed=seed)
-    say(f"capturing attention of {len(model.blocks)} layers on {strings} sequences of "
-        f"{task.tokens.shape[1]}")
-    behaved, patterns = behaviour(model, task)
-    lap("capture")
-    say("scoring heads")
-    scores = score_heads(patterns, task, shown=shown_heads)
-    del patterns
-    lap("scores")
-    say(f"knocking out the top {top} heads (and {top} low-scoring heads as a control)")
-    knocked = knockout(model, tokenizer, task, scores.top(top), scores.quietest(top),
-                       seed=seed)
-    lap("knockout")
-    say("attribution gradients at all-ones and at the top heads knocked out")
-    attributed = attribution(model, task, scores.top(top))
-    lap("attribution")
-    say("searching the smallest set of heads whose knock-out breaks copying")
-    smallest = minimal_set(model, task, scores.top(2 * top))
-    lap("search")
-    critical = list(smallest.heads) if smallest.broken else scores.top(top)
-    say(f"path analysis: six worlds around {len(critical)} critical head(s)")
-    paths = path_analysis(model, tokenizer, task, critical)
-    lap("paths")
-    say("patching the critical heads' values, pattern and output between inputs")
-    counterfactual = counterfactual_patching(model, tokenizer, task, critical, seed=seed)
-    lap("counterfactual")
-    say("activation patching: every head, and the residual stream per layer and position")
-    maps = patching_maps(model, tokenizer, task, seed=seed, residual_layers=residual_layers)
-    lap("patching")
+    try:
+        task = digit_task(model, tokenizer, digits=digits, period=period, strings=strings,
+                          seed=seed)
+        say(f"capturing attention of {len(model.blocks)} layers on {strings} sequences of "
+            f"{task.tokens.shape[1]}")
+        behaved, patterns = behaviour(model, task)
+        lap("capture")
+        say("scoring heads")
+        scores = score_heads(patterns, task, shown=shown_heads)
+        del patterns
+        lap("scores")
+        say(f"knocking out the top {top} heads (and {top} low-scoring heads as a control)")
+        knocked = knockout(model, tokenizer, task, scores.top(top), scores.quietest(top),
+                           seed=seed)
+        lap("knockout")
+        say("attribution gradients at all-ones and at the top heads knocked out")
+        attributed = attribution(model, task, scores.top(top))
+        lap("attribution")
+        say("searching the smallest set of heads whose knock-out breaks copying")
+        smallest = minimal_set(model, task, scores.top(2 * top))
+        lap("search")
+        critical = list(smallest.heads) if smallest.broken else scores.top(top)
+        say(f"path analysis: six worlds around {len(critical)} critical head(s)")
+        paths = path_analysis(model, tokenizer, task, critical)
+        lap("paths")
+        say("patching the critical heads' values, pattern and output between inputs")
+        counterfactual = counterfactual_patching(model, tokenizer, task, critical, seed=seed)
+        lap("counterfactual")
+        say("activation patching: every head, and the residual stream per layer and position")
+        maps = patching_maps(model, tokenizer, task, seed=seed, residual_layers=residual_layers)
+        lap("patching")
+    finally:
+        compiles.close()
     return StudyResult(model_name, model.config.name, task, behaved, scores, knocked,
-                       attributed, smallest, paths, counterfactual, maps, timings)
+                       attributed, smallest, paths, counterfactual, maps, timings,
+                       compiles.as_dict())
