@@ -108,13 +108,14 @@ def run_ours(out: Path, repeats: int) -> None:
             model, corrupted, clean, "mixed_values", metric, per="layer_head").values,
         "forward_long": lambda: forward(model, long_tokens),
         "decode": lambda: generate(model, prompt, max_new_tokens=NEW_TOKENS),
+        "decode_first": lambda: generate(model, prompt, max_new_tokens=1),  # prefill + 1
     }
     first, times = {}, {}
     for name, fn in ops.items():
         start = time.perf_counter()
         sync(fn())
         first[name] = time.perf_counter() - start
-        n = 2 if name in ("knockout_each", "patching_sweep", "decode") else repeats
+        n = 2 if name in ("knockout_each", "patching_sweep") else repeats
         times[name] = _median(fn, n, warmup=0, sync=sync)
 
     sweep = analyses.knockout_sweep(model, tokens, masks, eval_mask)
@@ -313,7 +314,7 @@ GOALS = [
     ("capture_vs_forward", "capture every pattern / our forward", 1.05),
     ("gradient_vs_forward", "mask gradient / our forward", 2.0),
     ("decode_vs_hf", "greedy decode: Hugging Face / ours", 1.5),
-    ("decode_roofline_fraction", "greedy decode: fraction of the bandwidth roofline", 0.7),
+    ("decode_roofline_fraction", "one decode step: fraction of the bandwidth roofline", 0.7),
 ]
 HIGHER_IS_BETTER = {"knockout_sweep_vs_tl", "patching_sweep_vs_tl", "forward_long_peak_fraction",
                     "decode_vs_hf", "decode_roofline_fraction"}
@@ -323,7 +324,8 @@ def _goals(ours: dict, tl: dict, cli: dict | None) -> dict:
     t, r, m = ours["times"], tl["times"], ours["machine"]
     flops = _flops(m)
     peak = m["matmul_peak_flops"]
-    per_token = t["decode"] / NEW_TOKENS
+    # One decode step (prefill and first token apart): it reads every weight once.
+    per_token = (t["decode"] - t["decode_first"]) / (NEW_TOKENS - 1)
     values = {
         "knockout_sweep_vs_tl": r["knockout_sweep"] / t["knockout_sweep"],
         "knockout_sweep_vs_bound": t["knockout_sweep"] / (flops["knockout_sweep"] / peak),
@@ -368,6 +370,7 @@ ROWS = [
     ("forward_long", f"forward, {LONG} tokens (TL column: Hugging Face)"),
     ("decode", f"greedy decode, {NEW_TOKENS} tokens (TL column: Hugging Face)"),
 ]
+
 
 
 def main() -> None:
@@ -431,6 +434,10 @@ def report(ours: dict, tl: dict, cli: dict | None, out: Path) -> None:
     print(f"agreement: knock-out scores differ by at most {agreement['knockout_max_abs_diff']:.1e}"
           f" (same top 5: {same_rank}), patching by {agreement['patching_max_abs_diff']:.1e}, "
           f"decoded tokens equal: {agreement['decode_same_tokens']}")
+    if not agreement["decode_same_tokens"]:
+        print(f"  greedy tokens, gemma-eqx: {ours['decoded'][:8]}...\n"
+              f"  Hugging Face generate:    {tl['decoded'][:8]}...\n"
+              f"  the prompt's repeated string starts {ours['inputs'][0][0][1:9]}")
     values = _goals(ours, tl, cli)
     goal_rows = []
     for key, what, goal in GOALS:

@@ -3,6 +3,8 @@ construction (see tests/induction_model.py), and on hand-made inputs with known 
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -317,3 +319,34 @@ def test_minimal_breaking_set(model, tokens, patterns):
     found = minimal_breaking_set(model, tokens, eval_mask, others[:1], chance_accuracy=CHANCE,
                                  threshold=0.1)
     assert not found.broken and found.heads == others[:1]
+
+
+def test_compile_log_counts_programs_per_step_and_cache_hits(tmp_path):
+    """`CompileLog` counts each new program in the step that compiled it, not a cached call;
+    a persistent compilation cache turns a fresh process's compilations into hits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import json, jax, jax.numpy as jnp
+        from gemma_eqx.runtime import CompileLog, enable_compilation_cache
+        enable_compilation_cache({str(tmp_path / "xla")!r})
+        log = CompileLog()
+        f = jax.jit(lambda x: jnp.sin(x) * 3)
+        log.start("first")
+        f(jnp.ones(3)); f(jnp.ones(3) * 2)
+        log.start("second")
+        f(jnp.ones(3)); f(jnp.ones(4))
+        log.close()
+        f(jnp.ones(5))  # after close: not counted
+        print(json.dumps(log.as_dict()))
+    """)
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                      text=True, check=True).stdout) for _ in range(2)]
+    for run in runs:
+        assert run["first"]["programs"] >= 1 and run["second"]["programs"] >= 1
+    first, second = runs
+    assert first["first"]["cache_hits"] == 0 and first["second"]["cache_hits"] == 0
+    assert second["first"]["cache_hits"] == second["first"]["programs"]
+    assert second["second"]["cache_hits"] == second["second"]["programs"]

@@ -399,3 +399,38 @@ def test_logits_at_selected_positions_equal_the_full_logits():
     assert picked.shape == (2, 3, 64)
     np.testing.assert_allclose(picked, jnp.take_along_axis(full, at[:, :, None], axis=1),
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (2, 8), (1, 17), (3, 41)])
+def test_project_equals_the_einsum_on_both_sides_of_its_few_rows_path(rows):
+    """`project` takes a batched matmul up to `_FEW_ROWS` rows and an einsum above; both are
+    `x @ w[i]` for each matrix of the stack, against float64 numpy."""
+    from gemma_eqx.modules import _FEW_ROWS, project
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(*rows, 24)).astype(np.float32)
+    w = rng.normal(size=(3, 24, 5)).astype(np.float32)
+    got = project(jnp.asarray(x), jnp.asarray(w))
+    want = np.einsum("bsd,kdh->bskh", x.astype(np.float64), w.astype(np.float64))
+    assert got.shape == (*rows, 3, 5)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    assert (rows[0] * rows[1] <= _FEW_ROWS) == (rows in [(1, 1), (2, 8)])
+
+
+def test_one_decode_step_equals_the_full_forward_at_that_position():
+    """The few-rows path (one token per row against a cache) gives the logits of the whole
+    sequence's forward at the same position."""
+    from gemma_eqx.generate import decode_step, init_cache, prefill
+
+    config = gemma_eqx.get_preset("gemma3-270m").replace(
+        num_layers=2, attention_kinds=("local", "global"), embed_dim=32, hidden_dim=64,
+        head_dim=16, num_heads=4, num_kv_heads=1, vocab_size=64, sliding_window=4,
+    )
+    model = gemma_eqx.Transformer(config, key=jax.random.key(5))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(1, 64, (2, 9)), jnp.int32)
+    full = model(tokens)
+    cache = init_cache(model, 2, 9)
+    _, cache = prefill(model, tokens[:, :8], jnp.ones((2, 8), bool), cache)
+    logits, _ = decode_step(model, tokens[:, 8], jnp.full((2,), 8), jnp.ones((2,), bool), cache,
+                            jnp.asarray(8))
+    np.testing.assert_allclose(logits, full[:, 8], atol=1e-5)

@@ -166,8 +166,13 @@ def test_command_writes_the_report(tmp_path, gemma270m, capsys):
     assert len(report["task"]["tokens"][0]) == 41
     assert np.asarray(report["scores"]["induction"]).shape == (18, 4)
     for key in ("behaviour", "scores", "knockout", "attribution", "minimal_set",
-                "path_analysis", "counterfactual", "patching", "timings"):
+                "path_analysis", "counterfactual", "patching", "timings", "compilation"):
         assert report[key], key
+    # Compilations per step, the same steps as the timings; a new process compiles something.
+    assert set(report["compilation"]) == set(report["timings"])
+    assert sum(step["programs"] for step in report["compilation"].values()) > 0
+    assert all(0 <= step["cache_hits"] <= step["programs"]
+               for step in report["compilation"].values())
     assert report["knockout"]["examples"][0]["knocked"]["accuracy"] >= 0
     assert sorted(p.name for p in out.iterdir()) == [
         "attention_top_heads.png", "attribution.png", "induction_scores.png", "patching.png",
