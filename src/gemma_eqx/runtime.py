@@ -52,7 +52,7 @@ class CompileStats:
     cache_hits: int = 0
     seconds: float = 0.0
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, int | float]:
         return {"programs": self.programs, "cache_hits": self.cache_hits,
                 "seconds": round(self.seconds, 3)}
 
@@ -99,5 +99,5 @@ class CompileLog:
         jax.monitoring.unregister_event_duration_listener(on_duration)
         jax.monitoring.unregister_event_listener(on_event)
 
-    def as_dict(self) -> dict[str, dict[str, float]]:
+    def as_dict(self) -> dict[str, dict[str, int | float]]:
         return {name: stats.as_dict() for name, stats in self.steps.items()}

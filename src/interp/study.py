@@ -249,7 +249,7 @@ class StudyResult:
     patching: PatchingMaps
     timings: Mapping[str, float]
     # Per step: programs compiled (or loaded from the persistent cache), cache hits, seconds.
-    compilation: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    compilation: Mapping[str, Mapping[str, int | float]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return _rounded(self)
