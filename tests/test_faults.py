@@ -76,9 +76,16 @@ def child(code: str, *args: object, env: dict[str, str] | None = None, timeout: 
     command = [sys.executable, "-c", code, *map(str, args)]
     if not wait:
         return subprocess.Popen(command, env=environ, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     return subprocess.run(command, env=environ, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    # A test run started in the background (`cmd &` in a script) inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: the children that test Ctrl-C need
+    # the default disposition back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
