@@ -49,7 +49,7 @@ from .interventions import (
     capture,
     select_layers,
 )
-from .staged import scored_forward, staged_scores
+from .staged import _tile, scored_forward, staged_scores
 
 Head = tuple[int, int]
 Ints = Sequence[int] | Int[np.ndarray, " k"] | Int[Array, " k"]  # token ids or positions
@@ -210,10 +210,6 @@ def _source_cache(model, source, site, layers, padding_mask):
     return cache
 
 
-def _tile(x: Array, times: int) -> Array:
-    return jnp.tile(x, (times,) + (1,) * (x.ndim - 1))
-
-
 def _units_count(model: Transformer, site: str) -> int | None:
     spec = SITES[site]
     if spec.head_axis is None:
@@ -318,7 +314,7 @@ class _GroupReplace(Intervention):
         n = self.value.shape[0]
         check_site_array(self.value, x[:n], spec, context.layer, "a patch")
         w = unit_weights(self.weight, x, spec)
-        value = jnp.tile(self.value.astype(x.dtype), (x.shape[0] // n,) + (1,) * (x.ndim - 1))
+        value = _tile(self.value.astype(x.dtype), x.shape[0] // n)
         return (1 - w) * x + w * value, None
 
 
