@@ -343,6 +343,19 @@ class Block(eqx.Module):
         return site("resid_post", x + update), cache
 
 
+def _readout_context(
+    positions: Int[Array, "batch seq"],
+    padding_mask: Bool[Array, "batch seq"],
+    logits_at: Int[Array, "batch k"] | None,
+) -> SiteContext:
+    """The context of the model's read-out sites: the selected positions as queries, every
+    position as keys."""
+    if logits_at is None:
+        return SiteContext(positions, padding_mask, positions, padding_mask, None)
+    take = lambda a: jnp.take_along_axis(a, logits_at, axis=1)  # noqa: E731
+    return SiteContext(take(positions), take(padding_mask), positions, padding_mask, None)
+
+
 class ForwardOutput(NamedTuple):
     logits: Float[Array, "batch seq vocab"]
     records: dict[str, Any]  # what the interventions recorded, keyed by `sites.site_key`
@@ -412,12 +425,9 @@ class Transformer(eqx.Module):
     ) -> Float[Array, "batch _k embed"]:
         """The last block's output after the final norm, at `logits_at` (indices into seq) or
         everywhere; the sites `final_norm_in` and `final_norm_out` applied."""
-        context = SiteContext(positions, padding_mask, positions, padding_mask, None)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-            take = lambda a: jnp.take_along_axis(a, logits_at, axis=1)  # noqa: E731
-            context = SiteContext(take(positions), take(padding_mask), positions, padding_mask,
-                                  None)
+        context = _readout_context(positions, padding_mask, logits_at)
         site = lambda name, value: self.hooks.apply(name, value, context, records)  # noqa: E731
         return site("final_norm_out", self.final_norm(site("final_norm_in", x)))
 
@@ -439,11 +449,8 @@ class Transformer(eqx.Module):
         `logits_at` (indices into seq) or everywhere; the model's own sites applied."""
         normed = self.final_stream(x, positions, padding_mask, logits_at, records)
         logits = self._softcap(self.embedder.decode(normed))
-        if logits_at is not None:
-            positions = jnp.take_along_axis(positions, logits_at, axis=1)
-            padding_mask = jnp.take_along_axis(padding_mask, logits_at, axis=1)
-        context = SiteContext(positions, padding_mask, positions, padding_mask, None)
-        return self.hooks.apply("logits", logits, context, records)
+        return self.hooks.apply("logits", logits,
+                                _readout_context(positions, padding_mask, logits_at), records)
 
     def target_logprobs(
         self,
