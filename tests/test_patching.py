@@ -335,3 +335,38 @@ def test_bad_arguments_of_the_analyses_are_refused(typecheck_mode):
         P.direct_logit_attribution(model, CLEAN, jnp.zeros((2, 3), jnp.int32), [0, 1])
     with pytest.raises(ValueError, match="position index -13 is out of range"):
         P.logit_lens(model, CLEAN, jnp.zeros((2, 1), jnp.int32), [-13])
+
+
+def test_patches_that_cannot_change_the_metric_are_not_run_and_score_the_target():
+    """A corrupted input that shares its first 4 tokens with the clean one: there every layer's
+    activations agree, and positions after the last measured one (8) cannot matter. Those
+    patches are skipped; the sweep still equals one patch at a time."""
+    model, metric = model_of(SWEEP_FAMILY), sweep_metric()
+    corrupt = np.asarray(CORRUPT).copy()
+    corrupt[:, :4] = np.asarray(CLEAN)[:, :4]
+    corrupt = jnp.asarray(corrupt)
+    target = float(np.mean(np.asarray(P.evaluate(model, corrupt, metric))))
+    _, clean = captured(SWEEP_FAMILY, "clean")
+    layers = model.config.num_layers
+    for site_name, per, units in (("resid_pre", "layer_position", SEQ),
+                             ("v_per_head", "layer_head_position", 4 * SEQ)):
+        swept = P.activation_patching(model, corrupt, CLEAN, site_name, metric, per=per, chunk=7)
+        values = swept.values.reshape(layers, -1, SEQ)  # [layer, (head,) position]
+        # 4 shared positions and the 3 after position 8, on every layer (and head)
+        assert swept.patches_run == layers * (units // SEQ) * (SEQ - 7)
+        np.testing.assert_allclose(values[..., :4], target, atol=1e-5)
+        np.testing.assert_allclose(values[..., 9:], target, atol=1e-5)
+        assert np.abs(values[..., 4:9] - target).max() > 1e-3
+        model_patched = []
+        checked = ((0, 5), (1, 2), (1, 6)) if units == SEQ else ((0, 5), (1, 2), (1, 3 * SEQ + 6))
+        for layer, unit in checked:
+            w = np.zeros((2, SEQ) if units == SEQ else (2, SEQ, 4), np.float32)
+            if units == SEQ:
+                w[:, unit] = 1
+            else:
+                w[:, unit % SEQ, unit // SEQ] = 1
+            patched = interp.patch(model, clean, site_name, layers=[layer], weight=jnp.asarray(w))
+            model_patched.append(
+                (np.mean(np.asarray(P.evaluate(patched, corrupt, metric))),
+                 values.reshape(layers, -1)[layer, unit]))
+        np.testing.assert_allclose(*np.asarray(model_patched).T, atol=1e-5)

@@ -166,7 +166,8 @@ class PatchingResult:
     """A sweep's metric per patch. `values` has the axes named in `axes` (for example
     `("layer", "head")`), averaged over the input's rows; `target` and `source` are the metric
     unpatched and on the source input. `normalized` is `(values - target) / (source - target)`:
-    0 = no effect, 1 = the patch alone restores the source's metric."""
+    0 = no effect, 1 = the patch alone restores the source's metric. `patches_run` counts the
+    patches computed: a per-position sweep does not run those that cannot change the metric."""
 
     site: str
     axes: tuple[str, ...]
@@ -174,6 +175,7 @@ class PatchingResult:
     target: float
     source: float
     compilations: int
+    patches_run: int | None = None
 
     @property
     def normalized(self) -> np.ndarray:
@@ -291,15 +293,50 @@ def activation_patching(
         return (_GroupReplace(site, values[layer],
                               jnp.asarray(weight.reshape(-1, *unit_shape[1:]))),)
 
+    run = np.ones(len(units), bool)
+    if per.endswith("position") and spec.seq_axis is not None:
+        # A sweep over positions is mostly units that inputs agreeing up to some position
+        # leave unchanged: one more forward finds them, and they are not run.
+        run = ~_without_effect(model, target, padding_mask, site, values, units,
+                               "head" in per, positions)
+        run[np.argmax(run) if run.any() else 0] = True  # the base score comes from the sweep
     before = sweep_compilations()
-    target_scores, scores = staged_scores(model, target, padding_mask, units[:, 0], patches,
+    target_scores, scores = staged_scores(model, target, padding_mask, units[run, 0],
+                                          lambda layer, groups: patches(
+                                              layer, np.where(groups < 0, -1,
+                                                              np.flatnonzero(run)[groups])),
                                           positions, metric, chunk=chunk)
     compiles = sweep_compilations() - before
-    out = np.asarray(scores, np.float64).mean(axis=1)
+    every = np.broadcast_to(np.asarray(target_scores), (len(units), n)).copy()
+    every[run] = np.asarray(scores)
+    out = every.astype(np.float64).mean(axis=1)
     shape = [len(layer_idx)] + [heads if a == "head" else span for a in axes[1:]]
     target_value = float(np.mean(np.asarray(target_scores, np.float64)))
     source_value = _source_metric(model, source, cache, metric, padding_mask, target)
-    return PatchingResult(site, axes, out.reshape(shape), target_value, source_value, compiles)
+    return PatchingResult(site, axes, out.reshape(shape), target_value, source_value, compiles,
+                          int(run.sum()))
+
+
+def _without_effect(model, target, padding_mask, site, values, units, by_head,
+                    positions) -> np.ndarray:
+    """Units at one position (`units` rows: layer, [head,] position) whose patch cannot change
+    the metric: the patched value equals the target run's own (inputs that agree up to a
+    position agree there on every layer), or the position comes after every position the
+    metric reads (attention is causal). Their score is the target's."""
+    spec = SITES[site]
+    later = units[:, -1] > int(np.max(np.asarray(positions)))
+    _, own = capture(model, target, sites=[site], layers=sorted(values),
+                     padding_mask=padding_mask)
+    keep = [spec.seq_axis] + ([spec.head_axis] if by_head else [])
+    same = {}
+    for layer, value in values.items():
+        equal = np.asarray(value == own[site, layer].astype(value.dtype))
+        equal = equal.all(axis=tuple(a for a in range(equal.ndim) if a not in keep))
+        same[layer] = equal.T if by_head and spec.head_axis < spec.seq_axis else equal
+    # same[layer]: [seq] or [seq, heads]
+    unchanged = np.asarray([same[u[0]][u[2], u[1]] if by_head else same[u[0]][u[1]]
+                            for u in units])
+    return later | unchanged
 
 
 class _GroupReplace(Intervention):

@@ -481,77 +481,83 @@ def counterfactual_patching(
     *, seed: int = 0,
 ) -> CounterfactualPatching:
     """Experiment 7, as in the Penzai tutorial: worlds `original` (the repeated digits A),
-    `nonrepeating` (random digits B) and a patched world, for three patchings of `heads`:
-    their values (as each query head reads them) from B into A (do they now copy B's digits?),
-    their attention pattern from A into B (does the induction pattern alone copy B's earlier
-    digits?), and pattern and values from A into B (their whole output: do they copy A's?)."""
+    `nonrepeating` (random digits B) and three patched worlds, all in one forward: the
+    heads' values (as each query head reads them) from B into A (do they now copy B's
+    digits?), their attention pattern from A into B (does the induction pattern alone copy B's
+    earlier digits?), and pattern and values from A into B (their whole output: do they copy
+    A's?)."""
     period = task.period
     counterfactual = nonrepeating_digits(tokenizer, task, seed=seed)
     ids = np.asarray(analyses.digit_ids(tokenizer))
-    worlds = Worlds(("original", "nonrepeating", "patched"), task.tokens.shape[0])
-    scored = _scored_positions(task)
-    by_layer = _per_layer(heads)
-
+    # (name, description, input, {site: source world}, copy target text, copy target, the
+    # unpatched world reading the same input)
+    plans = (
+        ("values", "the heads' values (as each query head reads them) from B into A",
+         task.tokens, {"v_per_head": "nonrepeating"},
+         "B's digit after the earlier occurrence", counterfactual, "original"),
+        ("pattern", "the heads' attention pattern from A into B",
+         counterfactual, {"pattern": "original"},
+         "B's digit after the earlier occurrence", counterfactual, "nonrepeating"),
+        ("output", "the heads' pattern and values (their whole output) from A into B",
+         counterfactual, {"pattern": "original", "v_per_head": "original"},
+         "A's digit (what the original copies)", task.tokens, "nonrepeating"),
+    )
+    worlds = Worlds(("original", "nonrepeating", *(plan[0] for plan in plans)),
+                    task.tokens.shape[0])
+    tokens = worlds.tokens({"original": task.tokens, "nonrepeating": counterfactual,
+                            **{plan[0]: plan[2] for plan in plans}})
     seq, num_heads = task.tokens.shape[1], model.config.num_heads
-    patched_rows = slice(2 * worlds.batch, 3 * worlds.batch)
-
-    def patched_model(sites: Sequence[str], source: str) -> Transformer:
-        # The same structure for every patch (a rewiring of both sites on each layer, with
-        # per-unit weights): the three patchings share one compiled program.
-        m = model
-        for layer, layer_heads in by_layer.items():
-            for site in ("pattern", "v_per_head"):
-                weight = np.zeros((worlds.rows, seq, num_heads), np.float32)
-                if site in sites:
-                    weight[patched_rows, :, layer_heads] = 1
-                m = rewire(m, worlds, site, {"patched": source}, layers=[layer],
-                           weight=jnp.asarray(weight))
-        return m
-
-    def copy_stats(probs: np.ndarray, world: int, target: np.ndarray) -> tuple[float, float]:
-        # probs [W, S, seq-1, vocab] at the scored positions; target [S, seq-1] token ids
-        target = target[:, scored]
-        p = np.take_along_axis(probs[world], target[..., None], axis=-1)[..., 0]
-        hits = probs[world].argmax(-1) == target
-        return float(p.mean()), float(hits.mean())
+    m = model
+    for layer, layer_heads in _per_layer(heads).items():
+        for site in ("pattern", "v_per_head"):
+            taking = {plan[0]: plan[3][site] for plan in plans if site in plan[3]}
+            weight = np.zeros((worlds.rows, seq, num_heads), np.float32)
+            for world in taking:
+                w = worlds.index(world)
+                weight[w * worlds.batch:(w + 1) * worlds.batch, :, layer_heads] = 1
+            m = rewire(m, worlds, site, taking, layers=[layer], weight=jnp.asarray(weight))
+    scored = _scored_positions(task)
+    at = jnp.broadcast_to(jnp.asarray(scored), (worlds.rows, len(scored)))
+    logits = run(m, tokens, logits_at=at)
+    # Every target below is a digit: the digits' probabilities and the argmax say it all.
+    digit_probs, argmax = (np.asarray(a) for a in _digit_summary(logits, jnp.asarray(ids)))
+    digit_probs, argmax = worlds.split(digit_probs), worlds.split(argmax)  # [W, S, scored...]
+    digit_of = np.full(int(ids.max()) + 1, -1)
+    digit_of[ids] = np.arange(10)
 
     # What an induction head at position q copies: the token after the earlier occurrence,
     # at q - P + 1, of the input whose values it reads.
-    def copied(tokens: np.ndarray) -> np.ndarray:
-        out = np.zeros((tokens.shape[0], tokens.shape[1] - 1), np.int64)
-        q = np.arange(period, tokens.shape[1] - 1)
-        out[:, q] = tokens[:, q - period + 1]
-        return out
+    def copied(source: np.ndarray) -> np.ndarray:
+        return source[:, scored - period + 1]  # [S, scored]
 
-    plans = (
-        ("values", "the heads' values (as each query head reads them) from B into A",
-         {"patched": task.tokens}, ("v_per_head",), "nonrepeating",
-         "B's digit after the earlier occurrence", copied(counterfactual), "original"),
-        ("pattern", "the heads' attention pattern from A into B",
-         {"patched": counterfactual}, ("pattern",), "original",
-         "B's digit after the earlier occurrence", copied(counterfactual), "nonrepeating"),
-        ("output", "the heads' pattern and values (their whole output) from A into B",
-         {"patched": counterfactual}, ("pattern", "v_per_head"), "original",
-         "A's digit (what the original copies)", copied(task.tokens), "nonrepeating"),
-    )
+    def stats(world: str, target: np.ndarray) -> tuple[float, float]:
+        w = worlds.index(world)
+        p = np.take_along_axis(digit_probs[w], digit_of[target][..., None], axis=-1)[..., 0]
+        return float(p.mean()), float((argmax[w] == target).mean())
+
     patches = []
-    for name, text, inputs, sites, source, target_text, target, baseline in plans:
-        tokens = worlds.tokens({"original": task.tokens, "nonrepeating": counterfactual,
-                                **inputs})
-        at = jnp.broadcast_to(jnp.asarray(scored), (worlds.rows, len(scored)))
-        logits = run(patched_model(sites, source), tokens, logits_at=at).astype(jnp.float32)
-        probs = np.asarray(worlds.split(jax.nn.softmax(logits, axis=-1)))  # scored positions
-        own = np.asarray(tokens)[2 * worlds.batch:, 1:]
-        copy_p, copy_acc = copy_stats(probs, 2, target)
-        base_p, base_acc = copy_stats(probs, worlds.index(baseline), target)
-        correct_p, _ = copy_stats(probs, 2, own)
+    for name, text, own, _, target_text, source, baseline in plans:
+        target = copied(source)
+        copy_p, copy_acc = stats(name, target)
+        base_p, base_acc = stats(baseline, target)
+        correct_p, _ = stats(name, own[:, scored + 1])
         patches.append(CounterfactualPatch(
             name, text, target_text, copy_p, copy_acc, base_p, base_acc, correct_p,
-            probs[2, 0][:, ids]))
+            digit_probs[worlds.index(name), 0]))
     return CounterfactualPatching(
         tuple(map(tuple, heads)),
         tuple(tokenizer.id_to_piece(int(t)) for t in counterfactual[0, 1:period + 1]),
         tuple(patches))
+
+
+@jax.jit
+def _digit_summary(
+    logits: Float[Array, "rows k vocab"], ids: Array
+) -> tuple[Float[Array, "rows k 10"], Array]:
+    """Probabilities of the ten digits and the argmax token at each scored position."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return jnp.exp(logits[..., ids] - lse), jnp.argmax(logits, axis=-1)
 
 
 def patching_maps(
