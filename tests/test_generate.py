@@ -121,6 +121,48 @@ def test_manual_prefill_and_decode_steps_match_generate():
         prefill(model, tokens, mask, init_cache(model, 3, SEQ - 1))
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_ring_cache_decodes_like_a_full_cache_far_past_the_window(family):
+    """Sliding-window layers get a ring of WINDOW slots; prefill (longer than the ring) and
+    3 windows of decode steps give the tokens of the full cache and of cache-free forwards."""
+    model = varied_model(family, seed=31)
+    tokens, mask = padded_batch([12, 5, 9], seed=32)
+    steps = 3 * WINDOW
+    local = [block.attn.sliding_window is not None for block in model.blocks]
+    assert any(local) and not all(local)
+
+    def decode(cache):
+        logits, cache = prefill(model, tokens, mask, cache)
+        positions = mask.sum(1).astype(jnp.int32)
+        out, all_logits = [], []
+        for t in range(steps):
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+            out.append(token)
+            all_logits.append(logits)
+            if t < steps - 1:
+                logits, cache = decode_step(model, token, positions, jnp.ones(3, bool), cache,
+                                            jnp.asarray(SEQ + t))
+                positions = positions + 1
+        return np.stack(out, 1), np.stack(all_logits, 1), cache
+
+    ring = init_cache(model, 3, SEQ + steps)
+    assert [c.ring for c in ring] == local
+    assert [c.keys.shape[1] for c in ring] == [WINDOW if is_local else SEQ + steps
+                                               for is_local in local]
+    ring_tokens, ring_logits, ring = decode(ring)
+    full_tokens, full_logits, _ = decode(init_cache(model, 3, SEQ + steps, ring=False))
+    np.testing.assert_array_equal(ring_tokens, full_tokens)
+    np.testing.assert_allclose(ring_logits, full_logits, atol=1e-5)
+    np.testing.assert_array_equal(ring_tokens, greedy_by_full_forward(model, tokens, mask, steps))
+    assert len(set(ring_tokens[0].tolist())) > 3  # the output varies: the check means something
+    # The ring holds exactly the last WINDOW positions of each row.
+    last = np.asarray(mask.sum(1)) + steps - 2
+    for cache, is_local in zip(ring, local, strict=True):
+        if is_local:
+            held = np.sort(np.asarray(cache.positions), axis=1)
+            np.testing.assert_array_equal(held, last[:, None] - np.arange(WINDOW)[::-1])
+
+
 def test_init_cache_shapes():
     model = varied_model("gemma3")
     cache = init_cache(model, 2, 5, jnp.bfloat16)

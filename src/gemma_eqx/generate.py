@@ -32,14 +32,19 @@ __all__ = [
 
 
 def init_cache(
-    model: Transformer, batch: int, length: int, dtype: DTypeLike | None = None
+    model: Transformer,
+    batch: int,
+    length: int,
+    dtype: DTypeLike | None = None,
+    *,
+    ring: bool = True,
 ) -> tuple[LayerCache, ...]:
-    """An empty cache (zeros, every slot invalid) of `length` slots per layer, in `dtype`
-    (default: the model's activation dtype).
+    """An empty cache (zeros, every slot invalid) for `length` tokens, in `dtype` (default:
+    the model's activation dtype).
 
-    Every layer, local ones included, gets `length` slots: the model writes all layers at the
-    same slot index, so a per-layer ring buffer is not possible with `Transformer.forward`.
-    Correctness past the sliding window does not depend on it (the mask reads stored positions).
+    Global layers get `length` slots. With `ring`, a sliding-window layer gets a ring buffer of
+    `min(window, length)` slots instead (`LayerCache.ring`): the same tokens, with memory that
+    grows with the window, not the context.
     """
     if batch < 1 or length < 1:
         raise ValueError(f"init_cache: batch ({batch}) and length ({length}) must be positive")
@@ -47,27 +52,34 @@ def init_cache(
     caches = []
     for block in model.blocks:
         kv_heads, _, head_dim = block.attn.w_k.shape
-        kv = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
+        window = block.attn.sliding_window
+        is_ring = ring and window is not None and window < length
+        slots = window if is_ring else length
+        kv = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
         caches.append(
             LayerCache(
                 keys=kv,
                 values=kv,
-                positions=jnp.zeros((batch, length), jnp.int32),
-                valid=jnp.zeros((batch, length), bool),
+                positions=jnp.zeros((batch, slots), jnp.int32),
+                valid=jnp.zeros((batch, slots), bool),
+                ring=is_ring,
             )
         )
     return tuple(caches)
 
 
-def _cache_length(cache: tuple[LayerCache, ...]) -> int:
-    return cache[0].keys.shape[1]
+def _cache_length(cache: tuple[LayerCache, ...]) -> int | None:
+    """Slots of the full (non-ring) layers; None when every layer is a ring (no limit)."""
+    lengths = [c.keys.shape[1] for c in cache if not c.ring]
+    return max(lengths) if lengths else None
 
 
 def _check_fits(where: str, start: Any, count: int, cache: tuple[LayerCache, ...]) -> None:
     # dynamic_update_slice clamps an out-of-range write silently, so check while we can.
-    if isinstance(start, jax.core.Tracer):
+    length = _cache_length(cache)
+    if isinstance(start, jax.core.Tracer) or length is None:
         return
-    if int(start) < 0 or int(start) + count > _cache_length(cache):
+    if int(start) < 0 or int(start) + count > length:
         raise ValueError(
             f"{where}: writing {count} token(s) at cache slot {int(start)} overflows the cache of "
             f"{_cache_length(cache)} slots; make the cache longer (init_cache(..., length=...))"

@@ -104,12 +104,47 @@ def apply_rope(
 
 
 class LayerCache(eqx.Module):
-    """Keys and values of one attention layer for generation, with their positions."""
+    """Keys and values of one attention layer for generation, with their positions.
+
+    A `ring` cache (a sliding-window layer's) keeps only the last `cache` positions of each row:
+    the token at position `p` goes to slot `p % cache`, so its memory grows with the window,
+    not the context. A ring at least as long as the window attends like a full cache."""
 
     keys: Float[Array, "batch cache kv_heads head_dim"]
     values: Float[Array, "batch cache kv_heads head_dim"]
     positions: Int[Array, "batch cache"]
     valid: Bool[Array, "batch cache"]
+    ring: bool = eqx.field(static=True, default=False)
+
+
+def _through_ring(
+    cache: LayerCache,
+    keys: Float[Array, "batch seq kv_heads head_dim"],
+    values: Float[Array, "batch seq kv_heads head_dim"],
+    positions: Int[Array, "batch seq"],
+    valid: Bool[Array, "batch seq"],
+) -> tuple[Array, Array, Array, Array, LayerCache]:
+    """Keys, values, positions and validity to attend over (what the ring held, then the new
+    tokens: a chunk longer than the ring still sees all of itself), and the ring with each new
+    real token at slot `position % size` (the last `size` positions of each row; padding is
+    not written, so it never pushes a real token out of the window)."""
+    size = cache.keys.shape[1]
+    last = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+    kept = valid & (positions > last - size)
+    slots = jnp.where(kept, positions % size, size)  # `size` is out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(keys.shape[0])[:, None], slots.shape)
+
+    def write(buf, new):
+        return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
+
+    written = LayerCache(write(cache.keys, keys), write(cache.values, values),
+                         write(cache.positions, positions), write(cache.valid, valid), ring=True)
+    # Through the cache's dtype, as a full cache would store and read them back.
+    stored = lambda new, old: new.astype(old.dtype).astype(new.dtype)  # noqa: E731
+    join = lambda old, new: jnp.concatenate([old.astype(new.dtype), new], axis=1)  # noqa: E731
+    return (join(cache.keys, stored(keys, cache.keys)),
+            join(cache.values, stored(values, cache.values)),
+            join(cache.positions, positions), join(cache.valid, valid), written)
 
 
 class Attention(eqx.Module):
@@ -202,7 +237,11 @@ class Attention(eqx.Module):
         keys, values = self.project_kv(x, positions)
         keys, values = site("k", keys), site("v", values)
         key_positions, key_valid = positions, valid
-        if cache is not None:
+        if cache is not None and cache.ring:
+            keys, values, key_positions, key_valid, cache = _through_ring(
+                cache, keys, values, positions, valid)
+            context = SiteContext(positions, valid, key_positions, key_valid, layer)
+        elif cache is not None:
             write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
                 buf, new.astype(buf.dtype), cache_index, axis=1
             )
