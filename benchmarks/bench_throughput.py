@@ -42,6 +42,11 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None,
                    help="parameters and activations (default: bfloat16, float32 on a CPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per mode (median)")
+    p.add_argument("--scan", action="store_true",
+                   help="prefill and train on a scanned layer stack (one compiled period of "
+                        "the attention pattern; the same numbers)")
+    p.add_argument("--remat", action="store_true",
+                   help="with --scan: training recomputes each period's activations")
     p.add_argument("--dry-run", action="store_true",
                    help="compile on abstract inputs only and predict step times at the peak")
     p.add_argument("--devices", type=int, default=None,
@@ -107,7 +112,8 @@ def main(argv=None) -> None:
                              args.peak_tflops * 1e12 if args.peak_tflops else peak.flops,
                              args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else peak.bandwidth,
                              peak.memory)
-    setup = tp.Setup(config, mesh, args.batch, args.seq, dtype, args.decode_steps)
+    setup = tp.Setup(config, mesh, args.batch, args.seq, dtype, args.decode_steps,
+                     scan=args.scan, remat=args.remat)
     lead = jax.process_index() == 0
     if lead:
         print(f"{config.name} on {mesh.size} x {kind} (mesh {dict(mesh.shape)}), {dtype.name}; "
@@ -164,8 +170,9 @@ def _table(rows) -> str:
             "" if f.bandwidth_fraction is None else f"{100 * f.bandwidth_fraction:.0f}%",
             gib(f.memory_per_device), f"{f.compile_seconds:.1f}",
             f"{f.flops_per_step / 1e12:.3g}",
-            # XLA counts a loop's body once: decode's steps run in one loop.
-            "" if f.xla_flops is None else
+            # XLA counts a loop's body once: decode's steps run in one loop (and a scanned
+            # stack's layers: no comparison).
+            "" if f.xla_flops is None or f.scanned else
             f"{f.xla_flops * (f.decode_steps or 1) / f.flops_per_step:.3f}",
             "" if f.loss is None else f"{f.loss:.3f}"))
     return table(body, ("mode", "batch x seq", "step ms", "tokens/s", "per seq", "MFU",

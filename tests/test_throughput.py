@@ -150,3 +150,36 @@ def test_the_script_plans_and_appends_a_json_line(tmp_path):
     assert all(r["predicted"] and r["devices"] == 8 and r["device"] == "H100 SXM"
                for r in lines)
     assert "MFU" in out.stdout and "decode" in out.stdout
+
+
+@pytest.mark.parametrize("preset,layers", [("gemma-2b", 3), ("gemma2-9b", 5),
+                                           ("gemma3-27b", 8)])
+def test_a_scanned_stack_computes_what_the_unrolled_model_does(preset, layers):
+    """Full periods plus a remainder (Gemma 3: one period of 6 and 2 layers)."""
+    from gemma_eqx.scanned import pattern_period, scan_layers, unscan_layers
+
+    config = shrink(preset, num_layers=layers)
+    assert pattern_period(config) == {"gemma-2b": 1, "gemma2-9b": 2, "gemma3-27b": 6}[preset]
+    model = _model(config, _mesh(1, 1))
+    scanned = scan_layers(model)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 11)))
+    np.testing.assert_allclose(np.asarray(scanned(tokens)), np.asarray(model(tokens)),
+                               rtol=1e-6, atol=1e-6)
+    back = unscan_layers(scanned)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(back),
+                                                     jax.tree_util.tree_leaves(model),
+                                                     strict=True))
+    # Train steps on a 2 x 4 mesh: the same losses scanned and unrolled.
+    mesh = _mesh(2, 4)
+    losses = {}
+    for scan, remat in ((False, False), (True, False), (True, True)):
+        setup = tp.Setup(config, mesh, batch=4, seq=10, dtype=jnp.float32, scan=scan,
+                         remat=remat)
+        losses[scan, remat] = tp.measure(setup, "train", CPU, model=_model(config, mesh),
+                                         repeats=2)[1]
+        prefill = tp.measure(setup, "prefill", CPU, model=_model(config, mesh), repeats=1)[1]
+        losses[scan, remat, "prefill"] = prefill
+    for scan, remat in ((True, False), (True, True)):
+        np.testing.assert_allclose(losses[scan, remat], losses[False, False], rtol=1e-5)
+        np.testing.assert_allclose(losses[scan, remat, "prefill"],
+                                   losses[False, False, "prefill"], atol=1e-5)

@@ -30,6 +30,7 @@ from jaxtyping import Array, DTypeLike, Float, Int, PRNGKeyArray
 from .config import GemmaConfig
 from .generate import _decode_step, _prefill, init_cache
 from .modules import LayerCache, Transformer
+from .scanned import ScannedTransformer, scan_layers, scanned_paths, unscan_layers
 from .sharding import ShardingRules, leaf_sharding
 from .weights import abstract_model, map_leaves_with_path
 
@@ -181,10 +182,27 @@ def cache_bytes(config: GemmaConfig, batch: int, cache_length: int, dtype: DType
 # ------------------------------------------------------------------------------ the model
 
 
+def _abstract(config: GemmaConfig, dtype: DTypeLike, scan: bool, remat: bool = False) -> Any:
+    model = abstract_model(config, dtype)
+    return eqx.filter_eval_shape(lambda m: scan_layers(m, remat=remat), model) if scan else model
+
+
 def _shardings(config: GemmaConfig, mesh: Mesh, rules: ShardingRules | None,
-               dtype: DTypeLike) -> Transformer:
-    return map_leaves_with_path(lambda p, x: leaf_sharding(p, x.shape, mesh, rules),
-                                abstract_model(config, dtype))
+               dtype: DTypeLike, scan: bool = False, remat: bool = False) -> Any:
+    abstract = _abstract(config, dtype, scan, remat)
+    if not scan:
+        return map_leaves_with_path(lambda p, x: leaf_sharding(p, x.shape, mesh, rules),
+                                    abstract)
+    # A stacked leaf is split like the layer it stands for, its leading (layer) axis whole.
+    stands_for = scanned_paths(abstract)
+
+    def sharding(path, x):
+        layer_path, stacked = stands_for[path]
+        shape = x.shape[1:] if stacked else x.shape
+        spec = leaf_sharding(layer_path, shape, mesh, rules).spec
+        return NamedSharding(mesh, PartitionSpec(None, *spec) if stacked else spec)
+
+    return map_leaves_with_path(sharding, abstract)
 
 
 def random_model(
@@ -194,18 +212,22 @@ def random_model(
     rules: ShardingRules | None = None,
     dtype: DTypeLike = jnp.bfloat16,
     key: PRNGKeyArray | None = None,
-) -> Transformer:
+    scan: bool = False,
+    remat: bool = False,
+) -> Transformer | ScannedTransformer:
     """Random weights created on the devices, each leaf directly in its rule's sharding (no
-    host copy: each device draws its own shard)."""
+    host copy: each device draws its own shard); with `scan`, as a `ScannedTransformer`."""
     key = jax.random.key(0) if key is None else key
-    shardings = _shardings(config, mesh, rules, dtype)
+    shardings = _shardings(config, mesh, rules, dtype, scan, remat)
     params_shardings, _ = eqx.partition(shardings, lambda x: isinstance(x, NamedSharding))
-    _, static = eqx.partition(abstract_model(config, dtype),
+    _, static = eqx.partition(_abstract(config, dtype, scan, remat),
                               lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
     @jax.jit
     def init(key):
-        params, _ = eqx.partition(Transformer(config, key=key, dtype=dtype), eqx.is_array)
+        model = Transformer(config, key=key, dtype=dtype)
+        params, _ = eqx.partition(scan_layers(model, remat=remat) if scan else model,
+                                  eqx.is_array)
         return jax.lax.with_sharding_constraint(params, params_shardings)
 
     return eqx.combine(init(key), static)
@@ -213,13 +235,13 @@ def random_model(
 
 def abstract_sharded_model(
     config: GemmaConfig, mesh: Mesh, *, rules: ShardingRules | None = None,
-    dtype: DTypeLike = jnp.bfloat16,
-) -> Transformer:
+    dtype: DTypeLike = jnp.bfloat16, scan: bool = False, remat: bool = False,
+) -> Any:
     """The model as `jax.ShapeDtypeStruct` leaves carrying their shardings: for `plan`."""
-    shardings = _shardings(config, mesh, rules, dtype)
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract_model(config, dtype), shardings,
+        _abstract(config, dtype, scan, remat),
+        _shardings(config, mesh, rules, dtype, scan, remat),
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
@@ -244,7 +266,7 @@ def _cache_sharding(mesh: Mesh, cache: Any) -> Any:
 
 
 def next_token_loss(
-    model: Transformer, tokens: Int[Array, "batch seq"]
+    model: Transformer | ScannedTransformer, tokens: Int[Array, "batch seq"]
 ) -> Float[Array, ""]:
     """Mean cross-entropy of each token given the ones before it (float32)."""
     logits = model(tokens[:, :-1], check_ids=False).astype(jnp.float32)
@@ -253,7 +275,7 @@ def next_token_loss(
 
 
 def prefill_step(
-    model: Transformer, tokens: Int[Array, "batch seq"]
+    model: Transformer | ScannedTransformer, tokens: Int[Array, "batch seq"]
 ) -> Float[Array, "batch vocab"]:
     """A forward over the prompt with the next-token logits of its last position (serving's
     prefill, without writing a cache)."""
@@ -323,6 +345,7 @@ class Figures:
     decode_steps: int | None = None
     loss: float | None = None
     predicted: bool = False
+    scanned: bool = False  # XLA's cost analysis then counts one period of the layer loop
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -359,6 +382,11 @@ class Setup:
     decode_steps: int = 32
     rules: ShardingRules | None = None
     learning_rate: float = 1e-4
+    scan: bool = False  # prefill and train on a `ScannedTransformer` (decode stays unrolled)
+    remat: bool = False  # with `scan`: training recomputes each period's activations
+
+    def scanned(self, mode: str) -> bool:
+        return self.scan and mode != "decode"
 
     @property
     def devices(self) -> int:
@@ -392,7 +420,8 @@ def _programs(setup: Setup, mode: str) -> tuple[Callable, tuple]:
     """The jitted step of `mode` and its abstract arguments (model, ...), each leaf with the
     sharding the step is compiled for."""
     model = abstract_sharded_model(setup.config, setup.mesh, rules=setup.rules,
-                                   dtype=setup.dtype)
+                                   dtype=setup.dtype, scan=setup.scanned(mode),
+                                   remat=setup.remat)
     if mode == "prefill":
         return jax.jit(prefill_step), (model, setup.tokens(abstract=True))
     if mode == "train":
@@ -488,12 +517,13 @@ def _figures(setup, mode, peak, seconds, flops, nbytes, tokens, memory, compile_
         else None,
         bytes_per_step=nbytes, memory_per_device=memory, compile_seconds=compile_seconds,
         xla_flops=xla_flops, decode_steps=setup.decode_steps if mode == "decode" else None,
-        loss=loss, predicted=predicted,
+        loss=loss, predicted=predicted, scanned=setup.scanned(mode),
     )
 
 
 def measure(
-    setup: Setup, mode: str, peak: DevicePeak, *, model: Transformer | None = None,
+    setup: Setup, mode: str, peak: DevicePeak, *,
+    model: Transformer | ScannedTransformer | None = None,
     repeats: int = 3,
 ) -> tuple[Figures, Any]:
     """Run `mode` on real (random, or the given) weights: compile, one warm-up, then the
@@ -502,7 +532,12 @@ def measure(
     parameters: a given `model` is copied first."""
     setup.check()
     if model is None:
-        model = random_model(setup.config, setup.mesh, rules=setup.rules, dtype=setup.dtype)
+        model = random_model(setup.config, setup.mesh, rules=setup.rules, dtype=setup.dtype,
+                             scan=setup.scanned(mode), remat=setup.remat)
+    elif setup.scanned(mode) and isinstance(model, Transformer):
+        model = scan_layers(model, remat=setup.remat)
+    elif not setup.scanned(mode) and isinstance(model, ScannedTransformer):
+        model = unscan_layers(model)
     elif mode == "train":
         model = jax.tree_util.tree_map(lambda x: x.copy() if eqx.is_array(x) else x, model)
     step, abstract = _programs(setup, mode)
