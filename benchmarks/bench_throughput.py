@@ -29,9 +29,11 @@ def _args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="gemma3-270m", help="a preset of gemma_eqx.PRESETS")
+    p.add_argument("--preset", default=None,
+                   help="a preset of gemma_eqx.PRESETS (default gemma3-270m; with "
+                        "--checkpoint, detected from the checkpoint unless given)")
     p.add_argument("--checkpoint", type=Path, help="restore this Kaggle checkpoint instead of "
-                   "random weights (its preset is detected)")
+                   "random weights")
     p.add_argument("--mesh", default="model=-1",
                    help="mesh axes data=N,model=M over all devices (-1: the rest)")
     p.add_argument("--modes", default="prefill,decode,train", help="comma-separated")
@@ -93,10 +95,11 @@ def main(argv=None) -> None:
             sys.exit("--dry-run plans from the preset; leave out --checkpoint")
         from gemma_eqx.checkpoint import load_checkpoint
 
-        model = load_checkpoint(args.checkpoint, mesh=mesh, dtype=dtype, activation_dtype=dtype)
+        model = load_checkpoint(args.checkpoint, preset=args.preset or "auto", mesh=mesh,
+                                dtype=dtype, activation_dtype=dtype)
         config = model.config
     else:
-        config = get_preset(args.preset)
+        config = get_preset(args.preset or "gemma3-270m")
     kind = args.device_kind or jax.devices()[0].device_kind
     peak = tp.device_peak(kind)
     if peak is None:
