@@ -18,10 +18,12 @@ import numpy as np
 from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
 from .checks import check_finite, check_length, check_padding_mask, check_tokens
+from .config import GemmaConfig
 from .modules import LayerCache, Transformer
 from .tokenizer import TokenizerLike
 
 __all__ = [
+    "cache_slots",
     "init_cache",
     "prefill",
     "decode_step",
@@ -50,11 +52,10 @@ def init_cache(
         raise ValueError(f"init_cache: batch ({batch}) and length ({length}) must be positive")
     dtype = jnp.dtype(dtype or model.activation_dtype)
     caches = []
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
         kv_heads, _, head_dim = block.attn.w_k.shape
-        window = block.attn.sliding_window
-        is_ring = ring and window is not None and window < length
-        slots = window if is_ring else length
+        slots = cache_slots(model.config, i, length, ring=ring)
+        is_ring = slots != length
         kv = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
         caches.append(
             LayerCache(
@@ -66,6 +67,13 @@ def init_cache(
             )
         )
     return tuple(caches)
+
+
+def cache_slots(config: GemmaConfig, layer: int, length: int, *, ring: bool = True) -> int:
+    """Slots of `layer`'s cache for `length` tokens: with `ring`, a sliding-window layer whose
+    window is shorter keeps a ring of the window; every other layer the full length."""
+    window = config.sliding_window if config.attention_kinds[layer] == "local" else None
+    return window if ring and window is not None and window < length else length
 
 
 def _cache_length(cache: tuple[LayerCache, ...]) -> int | None:

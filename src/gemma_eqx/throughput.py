@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, DTypeLike, Float, Int, PRNGKeyArray
 
 from .config import GemmaConfig
-from .generate import _decode_step, _prefill, init_cache
+from .generate import _decode_step, _prefill, cache_slots, init_cache
 from .modules import LayerCache, Transformer
 from .scanned import ScannedTransformer, scan_layers, scanned_paths, unscan_layers
 from .sharding import ShardingRules, leaf_sharding
@@ -145,12 +145,9 @@ def forward_flops(
 
 
 def decode_keys(config: GemmaConfig, layer: int, cache_length: int, *, ring: bool = True) -> int:
-    """Keys one decode step of `layer` attends over: the cache, or for a sliding-window layer
-    with a ring cache the window and the new token."""
-    window = config.sliding_window if config.attention_kinds[layer] == "local" else None
-    if ring and window is not None and window < cache_length:
-        return window + 1
-    return cache_length
+    """Keys one decode step of `layer` attends over: the cache, or a ring and the new token."""
+    slots = cache_slots(config, layer, cache_length, ring=ring)
+    return slots if slots == cache_length else slots + 1
 
 
 def decode_flops(config: GemmaConfig, batch: int, cache_length: int, *, ring: bool = True) -> int:
@@ -173,8 +170,7 @@ def param_count(config: GemmaConfig) -> int:
 def cache_bytes(config: GemmaConfig, batch: int, cache_length: int, dtype: DTypeLike, *,
                 ring: bool = True) -> int:
     """Keys and values a decode step reads: every layer's cache (a ring's window)."""
-    slots = sum(min(decode_keys(config, i, cache_length, ring=ring), cache_length)
-                for i in range(config.num_layers))
+    slots = sum(cache_slots(config, i, cache_length, ring=ring) for i in range(config.num_layers))
     per_slot = 2 * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
     return batch * slots * per_slot
 
