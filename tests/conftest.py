@@ -37,6 +37,27 @@ def typecheck_mode(request):
     jaxtyping.config.update("jaxtyping_disable", False)
 
 
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Gemma is a family of open models. 0123456789",
+    "Induction heads copy what followed an earlier occurrence of the current token.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+    """A real SentencePiece model, trained here, with Gemma's special-token ids."""
+    import sentencepiece as spm
+
+    out = tmp_path_factory.mktemp("spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=str(out / "tok"), vocab_size=60,
+        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=False,
+        minloglevel=2,
+    )
+    return out / "tok.model"
+
+
 @pytest.fixture(scope="session")
 def gguf_path(tmp_path_factory):
     """The real Gemma 3 270M GGUF, assembled once per session from its PyPI package."""

