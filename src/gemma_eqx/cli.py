@@ -31,10 +31,12 @@ def _generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-eqx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="continue a prompt")
+    gen = commands.add_parser("generate", help="continue a prompt",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     gen.add_argument("prompt")
     gen.add_argument("--model", default="gemma3-270m",
-                     help="preset name, Kaggle handle, .gguf file or checkpoint directory")
+                     help="preset name, Kaggle handle, Hugging Face repo id, .gguf file, or "
+                          "checkpoint or Hugging Face directory")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     gen.add_argument("--top-k", type=int, default=None)
@@ -76,7 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (ValueError, OSError, ModelUnavailableError) as e:  # bad input, files, cache, network
+    except ModelUnavailableError as e:  # no network or credentials: a directory is the way out
+        return fail(str(e).replace("pass its directory to from_pretrained",
+                                   "pass its directory with --model DIR")
+                    .replace("and pass the directory", "and pass it with --model DIR"))
+    except (ValueError, OSError) as e:  # bad input, files, cache
         return fail(e)
     except jax.errors.JaxRuntimeError as e:
         message = out_of_memory_message(e, args.memory_advice)

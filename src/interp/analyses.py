@@ -26,7 +26,7 @@ from gemma_eqx.checks import check_finite
 from gemma_eqx.modules import Transformer
 from gemma_eqx.tokenizer import TokenizerLike
 
-from .interventions import KnockOut
+from .interventions import KnockOut, TokenIds
 from .interventions import as_inputs as _as_inputs
 from .staged import scored_forward, staged_scores
 from .surgery import _check_mask, knock_out, knockout_mask, set_knockout_mask
@@ -325,9 +325,9 @@ def _knockout_eval(model, tokens, padding_mask, cols, score):
 
 def knockout_eval(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     mask: Float[Array, "layers heads"],
-    eval_mask: Bool[Array, "batch seq"],
+    eval_mask: Bool[Array | np.ndarray, "batch seq"],
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
 ) -> KnockoutResult:
@@ -342,9 +342,9 @@ def knockout_eval(
 
 def knockout_sweep(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     masks: Float[Array, "n layers heads"],
-    eval_mask: Bool[Array, "batch seq"],
+    eval_mask: Bool[Array | np.ndarray, "batch seq"],
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
     chunk: int = 128,
@@ -400,8 +400,8 @@ def _attribution(model, tokens, padding_mask, cols, score, mask):
 
 def attribution_gradient(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
-    eval_mask: Bool[Array, "batch seq"],
+    tokens: TokenIds,
+    eval_mask: Bool[Array | np.ndarray, "batch seq"],
     mask: Float[Array, "layers heads"],
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
@@ -428,8 +428,8 @@ class BreakingSet(NamedTuple):
 
 def minimal_breaking_set(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
-    eval_mask: Bool[Array, "batch seq"],
+    tokens: TokenIds,
+    eval_mask: Bool[Array | np.ndarray, "batch seq"],
     candidates: Sequence[tuple[int, int] | tuple[int, int, float]],
     *,
     chance_accuracy: float,

@@ -14,22 +14,28 @@ def add_induction_command(commands: Any) -> None:
     cmd = commands.add_parser(
         "induction", help="run the induction-head study and write a report",
         description="Run the induction-head study (behaviour, attention, head scores, "
-        "knock-out, attribution, minimal head set) and write report.json, figures and "
-        "report.html into --out.",
+        "knock-out, attribution, minimal head set, path analysis, patching between inputs, "
+        "activation patching maps) and write report.json, figures and report.html into --out. "
+        "The first run converts the model into ~/.cache/gemma-eqx (about 0.7 GB for the "
+        "default; GEMMA_EQX_CACHE moves it).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     cmd.add_argument("--model", default="gemma3-270m",
-                     help="preset name, Kaggle handle, .gguf file or checkpoint directory")
+                     help="preset name, Kaggle handle, Hugging Face repo id, .gguf file, or "
+                          "checkpoint or Hugging Face directory")
     cmd.add_argument("--text", default=None, metavar="DIGITS",
-                     help="the digit string to repeat (default: random, see --period/--seed)")
+                     help="the digit string to repeat; without it, random strings of --period "
+                          "digits drawn with --seed")
     cmd.add_argument("--period", type=int, default=20, help="length of random digit strings")
-    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--seed", type=int, default=0, help="seed of the random digit strings")
     cmd.add_argument("--top", type=int, default=10, metavar="K", help="heads to knock out")
     cmd.add_argument("--strings", type=int, default=8,
                      help="how many digit strings to score (the first is shown)")
     cmd.add_argument("--residual-stride", type=int, default=3, metavar="N",
                      help="patch the residual stream at every N-th layer and the last "
                      "(1: every layer; each layer costs one forward per position)")
-    cmd.add_argument("--out", default="induction-report", metavar="DIR")
+    cmd.add_argument("--out", default="induction-report", metavar="DIR",
+                     help="the report's directory (created; the program's own files replaced)")
     cmd.set_defaults(run=run_induction,
                      memory_advice="fewer --strings or a shorter --period (or --text)")
 

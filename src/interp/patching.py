@@ -529,7 +529,7 @@ def _direct_heads(head_out, final, unembed):
 def direct_logit_attribution(
     model: Transformer,
     tokens: TokenIds,
-    targets: Int[Array, "batch k"],
+    targets: Int[Array | np.ndarray, "batch k"],
     positions: Ints,
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
@@ -581,7 +581,7 @@ class LogitLens:
 def logit_lens(
     model: Transformer,
     tokens: TokenIds,
-    targets: Int[Array, "batch k"],
+    targets: Int[Array | np.ndarray, "batch k"],
     positions: Ints,
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,

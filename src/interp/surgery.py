@@ -20,7 +20,7 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
 
 from gemma_eqx.checks import check_finite, check_index
 from gemma_eqx.modules import Transformer
@@ -30,6 +30,7 @@ from .interventions import (
     Layers,
     OverridePattern,
     Record,
+    TokenIds,
     add_interventions,
     as_inputs,
     run_with_records,
@@ -158,7 +159,7 @@ def knockout_mask(
 
 def forward_with_records(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     *,
     padding_mask: Bool[Array, "batch seq"] | None = None,
 ) -> tuple[Float[Array, "batch seq vocab"], dict[int, Any]]:
@@ -171,7 +172,7 @@ def forward_with_records(
 
 def attention_patterns(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
+    tokens: TokenIds,
     *,
     layers: LayerSelector = None,
     padding_mask: Bool[Array, "batch seq"] | None = None,
