@@ -397,6 +397,7 @@ def arrays_from_gguf(header: GGUFHeader, config: GemmaConfig) -> dict[str, np.nd
     return params.arrays_from_tensors(
         config, lambda name: read_tensor(header, name), names="gguf",
         check=lambda name, w, shape: _reshaped(header, name, w, shape),
+        description=f"dequantizing {Path(header.path).name}",
     )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -251,7 +250,7 @@ def load_hf_directory(
     shards plus about one leaf. Weights keep their stored dtype unless `dtype` is given;
     activations default to float32. `progress` shows a bar (default: when stderr is a
     terminal)."""
-    from tqdm.auto import tqdm
+    from .runtime import progress as bar
 
     directory = Path(directory)
     config = config_from_json(directory / "config.json")
@@ -259,8 +258,7 @@ def load_hf_directory(
     single = SingleDeviceSharding(jax.local_devices()[0])
     arrays = {}
     leaves = params.leaves(config)
-    show = sys.stderr.isatty() if progress is None else progress
-    for leaf in tqdm(leaves, desc=f"loading {directory.name}", unit="leaf", disable=not show):
+    for leaf in bar(leaves, f"loading {directory.name}", show=progress, unit="leaf"):
         names = tuple(reader.find(n) for n in leaf.hf)
         stored = [reader.read(n) for n in names]
         for name, array, want in zip(names, stored, _stored_shapes(leaf), strict=True):

@@ -222,11 +222,16 @@ def arrays_from_tensors(
     *,
     names: str,
     check: Callable[[str, Any, tuple], Any],
+    description: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Our `{path: array}` from a Hugging Face (`names="hf"`) or GGUF (`names="gguf"`) source
-    that `get(name)` reads one tensor from."""
+    that `get(name)` reads one tensor from; `description` labels a progress bar (shown on a
+    terminal)."""
+    from .runtime import progress
+
     out = {}
-    for leaf in leaves(config):
+    every = leaves(config)
+    for leaf in every if description is None else progress(every, description, unit="leaf"):
         tensor_names = leaf.hf if names == "hf" else leaf.gguf
         stored = [get(n) for n in tensor_names]
         if names == "gguf" and leaf.param.gguf_offset:

@@ -7,8 +7,13 @@ own script may (see README, Performance).
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # XLA's CPU scheduler runs independent operations concurrently; on a few cores they then
 # fight over the threads each matmul wants (measured on 2 cores: the 270M's forward at 41
@@ -26,6 +31,17 @@ def tune_cpu_flags() -> bool:
     import jax._src.xla_bridge as xb
 
     return not xb.backends_are_initialized() or not missing
+
+
+def progress(iterable: Iterable[T], description: str, *, show: bool | None = None,
+             unit: str = "it", total: int | None = None) -> Iterable[T]:
+    """`iterable` with a tqdm bar on stderr, shown when stderr is a terminal (`show` decides
+    otherwise), so logs and pipes stay clean."""
+    from tqdm.auto import tqdm
+
+    visible = sys.stderr.isatty() if show is None else show
+    return tqdm(iterable, desc=description, unit=unit, total=total, disable=not visible,
+                leave=False)
 
 
 def enable_compilation_cache(path: Path) -> None:

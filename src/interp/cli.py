@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,12 +78,10 @@ def run_induction(args: argparse.Namespace) -> int:
     from gemma_eqx.pretrained import from_pretrained
 
     from .report import summary_rows, write_report
-    from .study import check_digits, run_study
+    from .study import check_digits, elapsed_printer, run_study
 
     start = time.perf_counter()
-
-    def say(message: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+    say = elapsed_printer()
 
     if args.text is not None:
         check_digits(args.text, 1 << 30, name="--text")

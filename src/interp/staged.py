@@ -27,6 +27,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from gemma_eqx.modules import Transformer
+from gemma_eqx.runtime import progress
 from gemma_eqx.sites import Intervention, SiteHooks
 
 # Interventions of one layer for the row groups given (variant index per group, -1 = base).
@@ -149,7 +150,9 @@ def staged_scores(
     joins, programs = _schedules(starts, n_layers, chunk)
     join_layer = np.repeat(np.arange(n_layers + 1), joins)
     results, base = [], None
-    for slots in programs:
+    shown = progress(programs, f"{len(starts)} variants", unit="program") if len(programs) > 1 \
+        else programs
+    for slots in shown:
         groups = np.concatenate([[-1], slots])
         hooks = tuple(
             tuple(interventions(layer, groups[:1 + int((join_layer <= layer).sum())]))

@@ -13,6 +13,7 @@ activation patching of every head and of the residual stream). Each takes a `Dig
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,6 +36,16 @@ from .worlds import Worlds, knock_out_in, linearize, rewire
 Progress = Callable[[str], None]
 Head = tuple[int, int]  # (layer, head)
 CHANCE = 0.1  # ten digits
+
+
+def elapsed_printer() -> Progress:
+    """A `Progress` that prints `[   12.3s] message` to stderr, timed from its creation."""
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _rounded(x: Any) -> Any:
@@ -599,6 +610,7 @@ def run_study(
     model_name: str = "",
     progress: Progress | None = None,
     residual_stride: int = 3,
+    verbose: bool = False,
 ) -> StudyResult:
     """Experiments 1-7 on BOS + random digit strings repeated twice, one function each.
 
@@ -608,9 +620,10 @@ def run_study(
     lowest on all three patterns. Experiments 6 and 7 study the critical heads: the smallest
     breaking set when one was found, else the top `top`. The residual-stream patching map
     covers every `residual_stride`-th layer and the last (1: every layer; each layer costs
-    one forward per position).
+    one forward per position). `verbose` prints each step as it starts, with the seconds
+    since the start (what `gemma-eqx induction` shows); `progress` receives the same lines.
     """
-    say = progress or (lambda _: None)
+    say = progress or (elapsed_printer() if verbose else (lambda _: None))
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     compiles = CompileLog()
