@@ -75,8 +75,8 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
              "/data/gemma2-9b-dir": str(stand_ins["gemma2-9b"]),
              "/tmp/my-7b": str(tmp_path / "my-7b"),
              # The study on 2 strings instead of 8: the same code, a quarter of the time.
-             "run_study(model, tokenizer, top=10)": "run_study(model, tokenizer, top=10, "
-                                                    "strings=2)",
+             "run_study(model, tokenizer, top=10, verbose=True)":
+                 "run_study(model, tokenizer, top=10, verbose=True, strings=2)",
              "period=20, strings=8)": "period=20, strings=2)"}
     namespace: dict = {}
     readme = README.read_text()
