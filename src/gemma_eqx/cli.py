@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_generate,
                      memory_advice="a shorter prompt or a smaller --max-new-tokens")
-    from interp.cli import add_induction_command  # interp ships in the same distribution
+    from interp.cli import add_induction_command, add_tutorial_command  # the same distribution
 
     add_induction_command(commands)
+    add_tutorial_command(commands)
     return parser
 
 

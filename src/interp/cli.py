@@ -125,3 +125,39 @@ def run_induction(args: argparse.Namespace) -> int:
                       for p in result.counterfactual.patches))
     print(f"  report: {path / 'report.html'}  ({time.perf_counter() - start:.1f}s in all)")
     return 0
+
+
+TUTORIAL = "induction_heads.ipynb"
+
+
+def tutorial_path() -> Path:
+    """The tutorial notebook shipped inside the package."""
+    from importlib.resources import files
+
+    return Path(str(files("interp").joinpath("tutorial", TUTORIAL)))
+
+
+def add_tutorial_command(commands: Any) -> None:
+    cmd = commands.add_parser(
+        "tutorial", help="copy the step-by-step induction-heads notebook into DIR",
+        description="Copy the tutorial notebook (the induction-head study step by step on the "
+        "real Gemma 3 270M) into DIR; open it with Jupyter.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cmd.add_argument("dir", nargs="?", default=".", help="where to put " + TUTORIAL)
+    cmd.set_defaults(run=run_tutorial, memory_advice="")
+
+
+def run_tutorial(args: Any) -> int:
+    from gemma_eqx.atomic import replace_file
+
+    source = tutorial_path()
+    target = Path(args.dir) / TUTORIAL
+    if target.exists() and target.read_bytes() != source.read_bytes():
+        raise FileExistsError(f"{target} exists and differs from the tutorial (your edits?); "
+                              f"move it away or choose another directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with replace_file(target) as tmp:
+        tmp.write_bytes(source.read_bytes())
+    print(f"wrote {target}; open it with `jupyter lab {target}` (pip install jupyterlab)")
+    return 0
