@@ -394,7 +394,7 @@ class Setup:
         if abstract:
             return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
         ids = np.random.default_rng(key).integers(0, self.config.vocab_size, shape)
-        return jax.device_put(jnp.asarray(ids, jnp.int32), sharding)
+        return jax.device_put(ids.astype(np.int32), sharding)  # the same on every host
 
     def check(self) -> None:
         data = self.mesh.shape["data"]
