@@ -82,12 +82,16 @@ def _gemma3_rope(c: Any) -> tuple[float, float, float]:
     return float(c.rope_theta), float(c.rope_local_base_freq), float(scale)
 
 
+# Where transformers puts the text model's tensors (causal LM, multimodal old and new).
+_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
+
+
 def arrays_from_hf(state_dict: Mapping[str, Any], config: GemmaConfig) -> dict[str, np.ndarray]:
     """Our `{path: array}` from a transformers state dict (torch tensors or numpy arrays);
     `params.PARAMS` names each tensor and its layout."""
 
     def get(name: str) -> np.ndarray:
-        for prefix in ("model.", "model.language_model.", "language_model.model.", ""):
+        for prefix in _PREFIXES:
             if prefix + name in state_dict:
                 t = state_dict[prefix + name]
                 return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
@@ -123,7 +127,6 @@ _SAFETENSORS_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
-_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
 
 
 class SafetensorsReader:
@@ -204,13 +207,6 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def _namespace(d: Any) -> Any:
-    if isinstance(d, dict):
-        return SimpleNamespace(**{k: _namespace(v) if k == "text_config" else v
-                                  for k, v in d.items()})
-    return d
-
-
 def config_from_json(path: str | os.PathLike, name: str | None = None) -> GemmaConfig:
     """Our config from a Hugging Face `config.json` (what `config_from_hf` reads, with the
     library defaults for what an older file leaves out)."""
@@ -227,7 +223,7 @@ def config_from_json(path: str | os.PathLike, name: str | None = None) -> GemmaC
     if "model_type" not in text:
         raise ValueError(f"{path}: no model_type; is this a Gemma config.json?")
     try:
-        return config_from_hf(_namespace({**defaults, **text}),
+        return config_from_hf(SimpleNamespace(**{**defaults, **text}),
                               name=name or path.parent.name)
     except (AttributeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a Gemma config this library reads ({e})") from None
@@ -261,7 +257,7 @@ def load_hf_directory(
     for leaf in bar(leaves, f"loading {directory.name}", show=progress, unit="leaf"):
         names = tuple(reader.find(n) for n in leaf.hf)
         stored = [reader.read(n) for n in names]
-        for name, array, want in zip(names, stored, _stored_shapes(leaf), strict=True):
+        for name, array, want in zip(names, stored, params.stored_shapes(leaf), strict=True):
             if array.shape != want:
                 raise ValueError(f"{directory}: tensor {name} has shape {array.shape}; leaf "
                                  f"{leaf.path} of {config.name} needs {want}")
@@ -274,21 +270,6 @@ def load_hf_directory(
         del stored, host
     return model_from_arrays(config, arrays, activation_dtype=activation_dtype or jnp.float32,
                              source=str(directory), check_finite=check_finite)
-
-
-def _stored_shapes(leaf: params.Leaf) -> list[tuple[int, ...]]:
-    """The shapes transformers stores a leaf's tensor(s) in (`[out, in]` matrices)."""
-    c, shape = leaf.config, leaf.shape
-    storage = leaf.param.storage
-    if storage is params.Storage.QKV:
-        return [(shape[0] * c.head_dim, c.embed_dim)]
-    if storage is params.Storage.OUT:
-        return [(c.embed_dim, shape[0] * c.head_dim)]
-    if storage is params.Storage.GATE_UP:
-        return [(c.hidden_dim, c.embed_dim)] * 2
-    if storage is params.Storage.TRANSPOSED:
-        return [shape[::-1]]
-    return [shape]
 
 
 def is_hf_directory(path: Path) -> bool:

@@ -216,6 +216,21 @@ def from_storage(
     return stored[0]
 
 
+def stored_shapes(leaf: Leaf) -> list[tuple[int, ...]]:
+    """The shapes Hugging Face stores a leaf's tensor(s) in (`[out, in]` matrices): what
+    `from_storage` turns into the leaf."""
+    c, shape, storage = leaf.config, leaf.shape, leaf.param.storage
+    if storage is Storage.QKV:
+        return [(shape[0] * c.head_dim, c.embed_dim)]
+    if storage is Storage.OUT:
+        return [(c.embed_dim, shape[0] * c.head_dim)]
+    if storage is Storage.GATE_UP:
+        return [(c.hidden_dim, c.embed_dim)] * 2
+    if storage is Storage.TRANSPOSED:
+        return [shape[::-1]]
+    return [shape]
+
+
 def arrays_from_tensors(
     config: GemmaConfig,
     get: Callable[[str], np.ndarray],
