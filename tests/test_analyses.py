@@ -157,10 +157,15 @@ def test_logprobs_and_repetition_stats(model, tokens):
     np.testing.assert_allclose(lp, expected, atol=1e-5)
     stats = repetition_stats(lp, logits, tokens, P, REPEATS)
     hits = np.asarray(logits).argmax(-1)[:, :-1] == t[:, 1:]
+    # Repetition r: the predictions of its tokens after the first (targets 2 + rP .. (r+1)P).
     for r in range(REPEATS):
-        np.testing.assert_allclose(stats.accuracy[r], hits[:, r * P:(r + 1) * P].mean(), 1e-6)
-        np.testing.assert_allclose(stats.logprob[r], expected[:, r * P:(r + 1) * P].mean(),
-                                   1e-4)
+        np.testing.assert_allclose(stats.accuracy[r], hits[:, r * P + 1:(r + 1) * P].mean(),
+                                   1e-6)
+        np.testing.assert_allclose(stats.logprob[r],
+                                   expected[:, r * P + 1:(r + 1) * P].mean(), 1e-4)
+    np.testing.assert_allclose(
+        stats.later_accuracy, np.concatenate(
+            [hits[:, r * P + 1:(r + 1) * P] for r in range(1, REPEATS)], 1).mean(), 1e-6)
     # The trained model copies: chance in the first repetition, near perfect afterwards.
     print(f"accuracy per repetition {np.round(np.asarray(stats.accuracy), 3)}")
     assert stats.accuracy[0] < 3 * CHANCE

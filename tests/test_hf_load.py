@@ -176,6 +176,31 @@ def test_bad_directories_name_the_file_and_tensor(saved, tmp_path):
         SafetensorsReader(dirs["single"]).find("nothing")
 
 
+def test_a_directory_with_only_tokenizer_json_gets_its_tokenizer_rebuilt(saved, tmp_path,
+                                                                        tokenizer_file):
+    import jax.numpy as jnp
+
+    from gemma_eqx import from_pretrained
+    from gemma_eqx.tokenizer import Tokenizer
+
+    tokens, cases = saved
+    dirs, reference = cases["gemma3"]
+    only_json = tmp_path / "only-json"
+    shutil.copytree(dirs["single"], only_json)
+    (only_json / "tokenizer.model").unlink()
+    with pytest.raises(ValueError, match="has neither tokenizer.model .* nor tokenizer.json"):
+        from_pretrained(only_json)
+    # Hugging Face's own conversion of the directory's SentencePiece model.
+    transformers.GemmaTokenizer.from_pretrained(dirs["single"]).save_pretrained(only_json)
+    (only_json / "tokenizer.model").unlink(missing_ok=True)
+    model, tokenizer = from_pretrained(only_json)
+    np.testing.assert_allclose(model(jnp.asarray(tokens, jnp.int32)), reference, atol=TOL)
+    expected = Tokenizer.from_tokenizer_json(only_json / "tokenizer.json")
+    assert tokenizer.to_proto() == expected.to_proto() and tokenizer.vocab_size >= 60
+    assert tokenizer.encode("The quick brown fox") == transformers.GemmaTokenizer.from_pretrained(
+        only_json)("The quick brown fox", add_special_tokens=False)["input_ids"]
+
+
 def test_loading_holds_about_one_leaf_above_the_model_in_host_memory(tmp_path):
     """A Gemma 3-shaped model of 126M parameters (503 MB in float32), sharded in 100 MB files:
     the load's peak resident memory over what the process held before."""

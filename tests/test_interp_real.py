@@ -6,14 +6,15 @@ compile events for compile-once; the unsharded model for the sharded one; centra
 differences of the knock-out evaluation for the attribution gradient.
 
 Measured here (seed 0; see the prints with `-s`): 8 random digit strings of period 20 are
-copied with accuracy 0.09 in the first repetition and 0.84 in the second. The top induction
-heads are (5, 2), (11, 2), (5, 1), (5, 3), (13, 3); knocking out the top 10 takes accuracy on
-the second repetition from 0.89 to 0.12, knocking out 10 heads that no score implicates leaves
-0.88. Two findings differ from the Gemma 7B tutorial: the 10 heads with the *lowest* induction
-score are no control on 270M (they include its previous-token heads, e.g. (10, 1) and (1, 3),
-and knocking them out leaves 0.14), and on the study's example the attribution gradient is
-large at all-ones (+0.33 at (11, 2)) and small at the top-10-knocked point (at most 0.13, at
-(9, 3), outside the top 10), not the other way round.
+copied with accuracy 0.10 in the first repetition and 0.89 in the second (a repetition's digits
+after its first, as everywhere). The top induction heads are (5, 2), (11, 2), (5, 1), (5, 3),
+(13, 3); knocking out the top 10 takes accuracy on the second repetition from 0.89 to 0.12,
+knocking out 10 heads that no score implicates leaves 0.88. Two findings differ from the Gemma
+7B tutorial: the 10 heads with the *lowest* induction score are no control on 270M (they
+include its previous-token heads, e.g. (10, 1) and (1, 3), and knocking them out leaves 0.14),
+and on the study's example the attribution gradient is large at all-ones (+0.33 at (11, 2)) and
+small at the top-10-knocked point (at most 0.13, at (9, 3), outside the top 10), not the other
+way round.
 """
 
 from __future__ import annotations

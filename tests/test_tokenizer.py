@@ -199,3 +199,89 @@ def test_inconsistent_metadata_is_rejected():
     with pytest.raises(ValueError, match="architecture 'llama' is not a Gemma"):
         Tokenizer.from_gguf_metadata({"general.architecture": "llama",
                                       "tokenizer.ggml.model": "llama"})
+
+
+# ------------------------------------------------------------------ tokenizer.json
+
+
+def _pieces_and_types(tokenizer: Tokenizer) -> list[tuple[str, int]]:
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(tokenizer.to_proto())
+    return [(p.piece, p.type) for p in proto.pieces]
+
+
+def test_tokenizer_json_of_the_real_vocabulary_rebuilds_it(tok, tmp_path):
+    """The 270M's SentencePiece model converted by transformers to tokenizer.json (as on the
+    Hub), alone: the rebuilt model has the original's pieces and types, and encodes like it
+    and like Hugging Face's `tokenizers` (scores come from merge ranks, not from the file)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok.save(tmp_path / "src" / "tokenizer.model")
+    transformers.GemmaTokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path)
+    path = tmp_path / "tokenizer.json"
+    reference = tokenizers.Tokenizer.from_file(str(path))
+    rebuilt = Tokenizer.from_tokenizer_json(path)
+    assert _pieces_and_types(rebuilt) == _pieces_and_types(tok)
+    assert (rebuilt.bos_id, rebuilt.eos_id, rebuilt.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    rng = np.random.default_rng(0)
+    alphabet = list(" abcdefghijklmnopqrstuvwxyzABCDE0123456789.,;:!?-_\n\té日😀ß") + ["  "]
+    texts = TEXTS + ["".join(rng.choice(alphabet, rng.integers(1, 40))) for _ in range(200)]
+    for text in texts:
+        ids = tok.encode(text)
+        assert rebuilt.encode(text) == ids, repr(text)
+        if "<" not in text:  # `tokenizers` matches control tokens in text; SentencePiece not
+            assert reference.encode(text, add_special_tokens=False).ids == ids
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_json(tokenizer_file, tmp_path_factory):
+    """transformers' conversion of the small trained SentencePiece model to tokenizer.json."""
+    transformers = pytest.importorskip("transformers")
+    src, out = tmp_path_factory.mktemp("spm-src"), tmp_path_factory.mktemp("spm-json")
+    (src / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    transformers.GemmaTokenizer.from_pretrained(src).save_pretrained(out)
+    return out / "tokenizer.json"
+
+
+def test_tokenizer_json_encodes_like_hugging_face_tokenizers(tiny_tokenizer_json):
+    tokenizers = pytest.importorskip("tokenizers")
+    from conftest import CORPUS
+
+    reference = tokenizers.Tokenizer.from_file(str(tiny_tokenizer_json))
+    rebuilt = Tokenizer.from_tokenizer_json(tiny_tokenizer_json)
+    assert rebuilt.vocab_size == reference.get_vocab_size()
+    # tokenizer_config.json beside it names the special tokens.
+    assert rebuilt.id_to_piece(rebuilt.bos_id) == "<bos>"
+    texts = CORPUS[:3] + ["fox 0123 dog  xyz!", "  two  spaces", "unseen: qjw ÄÖ", ""]
+    for text in texts:
+        ids = reference.encode(text, add_special_tokens=False).ids
+        assert rebuilt.encode(text) == ids, repr(text)
+        if rebuilt.unk_id not in ids:  # SentencePiece spells it " ⁇ ", tokenizers drops it
+            assert rebuilt.decode(ids) == reference.decode(ids), repr(text)
+
+
+def test_tokenizer_json_that_cannot_be_rebuilt_says_why(tiny_tokenizer_json, tmp_path):
+    import json
+
+    data = json.loads(tiny_tokenizer_json.read_text())
+
+    def refused(changed: dict, match: str) -> None:
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match=match) as e:
+            Tokenizer.from_tokenizer_json(path)
+        assert str(path) in str(e.value)
+
+    refused({**data, "model": {**data["model"], "type": "WordPiece"}},
+            "its model is 'WordPiece', not 'BPE'")
+    refused({**data, "normalizer": {"type": "NFKC"}}, "normalizer step NFKC cannot be reproduced")
+    vocab = dict(data["model"]["vocab"])
+    vocab.update({f"<0x{i:02X}>": 1000 + i for i in range(3)})
+    refused({**data, "model": {**data["model"], "vocab": vocab}}, "ids are not 0..")
+    merges = data["model"]["merges"] + [["q", "zz"]]
+    refused({**data, "model": {**data["model"], "merges": merges}}, "makes a piece that is not")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        Tokenizer.from_tokenizer_json(tmp_path / "bad.json")

@@ -40,6 +40,8 @@ def test_the_notebook_runs_top_to_bottom_on_the_real_model(gemma270m, tmp_path):
     text = "".join(o.get("text", "") for o in outputs)
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 4
+    treescope_views = [o for o in outputs if "treescope" in o.get("data", {}).get("text/html", "")]
+    assert len(treescope_views) == 2  # the block and the named-axis attention figure
     assert "layer 5 head 2: induction score 0.7" in text  # the study's top head
     assert "heads: ((11, 2),)" in text  # its smallest breaking set
     assert (tmp_path / "induction-report" / "report.html").is_file()

@@ -329,10 +329,10 @@ def load_checkpoint(
     def sharding(leaf: KaggleLeaf) -> Any:
         if mesh is None:
             return SingleDeviceSharding(jax.local_devices()[0])
-        from .sharding import DEFAULT_RULES
+        from .sharding import DEFAULT_RULES, auto_axes
 
         spec = (rules or DEFAULT_RULES).spec(leaf.axes, leaf.shape, mesh)
-        return NamedSharding(mesh, spec)
+        return NamedSharding(auto_axes(mesh), spec)
 
     item: dict[str, dict[str, Any]] = {}
     restore_args: dict[str, dict[str, Any]] = {}

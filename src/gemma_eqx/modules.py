@@ -19,6 +19,7 @@ from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
 from .checks import check_length, check_padding_mask, check_tokens, is_concrete
 from .config import GemmaConfig
+from .display import Module
 from .sites import SiteContext, SiteHooks
 
 # Large negative instead of -inf, so a row with every key masked (a pad query) stays finite.
@@ -35,7 +36,7 @@ def _normal(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, dtype: DType
     return (jax.random.normal(key, shape, jnp.float32) * fan_in**-0.5).astype(dtype)
 
 
-class RMSNorm(eqx.Module):
+class RMSNorm(Module):
     """`x * rsqrt(mean(x^2) + eps) * (1 + scale)` over the last axis; `scale` is stored raw."""
 
     scale: Float[Array, " dim"]
@@ -47,7 +48,7 @@ class RMSNorm(eqx.Module):
         return (normed * (1.0 + self.scale.astype(x32.dtype))).astype(x.dtype)
 
 
-class Embedder(eqx.Module):
+class Embedder(Module):
     """Token embedding, scaled by sqrt(embed) on the way in, tied unembedding on the way out."""
 
     embedding: Float[Array, "vocab embed"]
@@ -103,7 +104,7 @@ def apply_rope(
     return rotated.astype(x.dtype)
 
 
-class LayerCache(eqx.Module):
+class LayerCache(Module):
     """Keys and values of one attention layer for generation, with their positions.
 
     A `ring` cache (a sliding-window layer's) keeps only the last `cache` positions of each row:
@@ -147,7 +148,7 @@ def _through_ring(
             join(cache.positions, positions), join(cache.valid, valid), written)
 
 
-class Attention(eqx.Module):
+class Attention(Module):
     """Multi-head / multi-query / grouped-query attention with RoPE, QK-norm, soft-cap, window."""
 
     w_q: Float[Array, "heads embed head_dim"]
@@ -291,7 +292,7 @@ class Attention(eqx.Module):
         return site("attn_out", out), cache
 
 
-class MLP(eqx.Module):
+class MLP(Module):
     """GeGLU: `gelu_tanh(x @ W_gate[0]) * (x @ W_gate[1]) @ W_linear`."""
 
     w_gating: Float[Array, "2 embed mlp"]
@@ -320,7 +321,7 @@ class MLP(eqx.Module):
         return self.project(self.hidden(x))
 
 
-class Block(eqx.Module):
+class Block(Module):
     """Pre-norm residual block; Gemma 2 and 3 also normalise each sublayer's output.
 
     `hooks` holds the interventions on this layer's sites (`gemma_eqx.sites`); by default none.
@@ -401,7 +402,7 @@ class ForwardOutput(NamedTuple):
     cache: tuple[LayerCache, ...] | None
 
 
-class Transformer(eqx.Module):
+class Transformer(Module):
     """A Gemma decoder: `model(tokens)` maps `[batch, seq]` token ids to `[batch, seq, vocab]`.
 
     `hooks` holds the interventions on the model's own sites (`embed`, `final_norm_in`,

@@ -116,16 +116,21 @@ def _load_hf(
     directory: Path, dtype: Any, activation_dtype: Any, mesh: Mesh | None,
     rules: ShardingRules | None, check_finite: bool,
 ) -> tuple[Transformer, Any]:
-    """A Hugging Face model directory: safetensors, config.json and tokenizer.model."""
+    """A Hugging Face model directory: safetensors, config.json and tokenizer.model (or, where
+    that is missing, the SentencePiece model rebuilt from tokenizer.json)."""
     from .tokenizer import Tokenizer
 
-    tokenizer_file = directory / "tokenizer.model"
-    if not tokenizer_file.is_file():
-        raise ValueError(f"{directory} has no tokenizer.model (SentencePiece); this library "
-                         f"reads Gemma's tokenizer from it")
+    # The tokenizer first: a bad one fails before the weights are read.
+    if (directory / "tokenizer.model").is_file():
+        tokenizer = Tokenizer.from_file(directory / "tokenizer.model")
+    elif (directory / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_tokenizer_json(directory / "tokenizer.json")
+    else:
+        raise ValueError(f"{directory} has neither tokenizer.model (SentencePiece) nor "
+                         f"tokenizer.json; Gemma's tokenizer is read from one of them")
     model = hf.load_hf_directory(directory, dtype=dtype, activation_dtype=activation_dtype,
                                  mesh=mesh, rules=rules, check_finite=check_finite)
-    return model, Tokenizer.from_file(tokenizer_file)
+    return model, tokenizer
 
 
 def _looks_like_kaggle_handle(text: str) -> bool:

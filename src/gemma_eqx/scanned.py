@@ -15,6 +15,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .checks import check_length, check_padding_mask, check_tokens
 from .config import GemmaConfig
+from .display import Module
 from .modules import Block, ForwardOutput, Transformer
 
 
@@ -25,7 +26,7 @@ def pattern_period(config: GemmaConfig) -> int:
                 if all(kinds[i] == kinds[i % p] for i in range(len(kinds))))
 
 
-class ScannedTransformer(eqx.Module):
+class ScannedTransformer(Module):
     """`shell` is the model without its blocks (embedding, final norm, read-out); `groups[j]`
     is block `j` of every full period, stacked (`[periods, ...]` leaves); `rest` the blocks
     after the last full period."""

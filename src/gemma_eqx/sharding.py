@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from .params import LogicalAxes, logical_axes
 from .weights import map_leaves_with_path
@@ -55,11 +55,21 @@ def default_mesh(devices: Any = None) -> Mesh:
     return Mesh(np.asarray(devices), ("model",))
 
 
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with every axis in Auto mode. `jax.make_mesh` makes Explicit axes by default,
+    under which the embedding gather of a vocabulary-split table has no single out-sharding;
+    the model leaves placement of its intermediates to XLA instead."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def leaf_sharding(
     path: str, shape: tuple[int, ...], mesh: Mesh, rules: ShardingRules | None = None
 ) -> NamedSharding:
     """The sharding of the leaf at `path` under `rules` (default: `DEFAULT_RULES`)."""
     rules = DEFAULT_RULES if rules is None else rules
+    mesh = auto_axes(mesh)
     return NamedSharding(mesh, rules.spec(logical_axes(path, len(shape)), tuple(shape), mesh))
 
 

@@ -58,6 +58,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from .display import Module
+
 
 @dataclass(frozen=True)
 class SiteSpec:
@@ -125,7 +127,7 @@ def site_key(site: str, layer: int | None) -> str:
     return site if layer is None else f"blocks.{layer}.{site}"
 
 
-class SiteContext(eqx.Module):
+class SiteContext(Module):
     """What an intervention may need besides the array: the positions of the current queries
     and keys, which of them are real tokens, and the layer (None for model sites)."""
 
@@ -136,7 +138,7 @@ class SiteContext(eqx.Module):
     layer: int | None = eqx.field(static=True)
 
 
-class Intervention(eqx.Module):
+class Intervention(Module):
     """Acts on one site: returns the array the model goes on with and a record (or None).
 
     Subclasses keep their arrays as fields (data: new values do not recompile) and their
@@ -153,7 +155,7 @@ class Intervention(eqx.Module):
         return f"{type(self).__name__} at {self.site}"
 
 
-class SiteHooks(eqx.Module):
+class SiteHooks(Module):
     """The interventions installed on one layer (or on the model's own sites), in order."""
 
     interventions: tuple[Intervention, ...] = ()

@@ -1,4 +1,5 @@
-"""Gemma's SentencePiece tokenizer, from a Kaggle `tokenizer.model` or rebuilt from a GGUF file."""
+"""Gemma's SentencePiece tokenizer, from a Kaggle `tokenizer.model`, or rebuilt from a GGUF file
+or from a Hugging Face `tokenizer.json`."""
 
 from __future__ import annotations
 
@@ -86,6 +87,28 @@ class Tokenizer:
     ) -> Tokenizer:
         """Rebuilt from GGUF metadata (`read_gguf(...).metadata`), without re-reading the file."""
         return cls(proto_from_gguf_metadata(metadata, source=source), source=source)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike) -> Tokenizer:
+        """Rebuilt from a Hugging Face `tokenizer.json` of a SentencePiece BPE vocabulary (see
+        `proto_from_tokenizer_json`); `tokenizer_config.json` beside it names the special
+        tokens when present."""
+        import json
+
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            config_file = path.with_name("tokenizer_config.json")
+            config = (json.loads(config_file.read_text(encoding="utf-8"))
+                      if config_file.is_file() else {})
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                   if config.get(k)}
+        return cls(proto_from_tokenizer_json(data, special_tokens=special, source=str(path)),
+                   source=str(path))
 
     def to_proto(self) -> bytes:
         """The serialised SentencePiece `ModelProto`; `from_proto` restores the tokenizer."""
@@ -240,18 +263,31 @@ def proto_from_gguf_metadata(
     types = types.copy()
     types[types == pb.ModelProto.SentencePiece.UNKNOWN] = pb.ModelProto.SentencePiece.CONTROL
     types[special["unknown"]] = pb.ModelProto.SentencePiece.UNKNOWN
-    proto = pb.ModelProto()
     user_defined = pb.ModelProto.SentencePiece.USER_DEFINED
-    for piece, score, kind in zip(pieces, scores.tolist(), types.tolist(), strict=True):
-        if kind == user_defined and piece and not piece.strip(" "):
-            piece = _WHITESPACE_MARK * len(piece)
+    pieces = [_WHITESPACE_MARK * len(piece)
+              if kind == user_defined and piece and not piece.strip(" ") else piece
+              for piece, kind in zip(pieces, types.tolist(), strict=True)]
+    return _sentencepiece_proto(pieces, scores.tolist(), types.tolist(), special,
+                                byte_fallback=True, split_digits=True, add_dummy_prefix=False)
+
+
+def _sentencepiece_proto(
+    pieces: Sequence[str], scores: Sequence[float], types: Sequence[int], special: dict[str, int],
+    *, byte_fallback: bool, split_digits: bool, add_dummy_prefix: bool,
+) -> bytes:
+    """A serialised BPE `ModelProto` of Gemma's kind (identity normalizer, escaped whitespace,
+    whitespace-only pieces allowed) with these pieces, in id order."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    for piece, score, kind in zip(pieces, scores, types, strict=True):
         proto.pieces.add(piece=piece, score=score, type=kind)
 
     trainer = proto.trainer_spec
     trainer.model_type = pb.TrainerSpec.BPE
     trainer.vocab_size = len(pieces)
-    trainer.byte_fallback = True
-    trainer.split_digits = True
+    trainer.byte_fallback = byte_fallback
+    trainer.split_digits = split_digits
     trainer.allow_whitespace_only_pieces = True
     trainer.unk_id, trainer.bos_id = special["unknown"], special["bos"]
     trainer.eos_id, trainer.pad_id = special["eos"], special["padding"]
@@ -261,7 +297,121 @@ def proto_from_gguf_metadata(
 
     normalizer = proto.normalizer_spec
     normalizer.name = "identity"
-    normalizer.add_dummy_prefix = False
+    normalizer.add_dummy_prefix = add_dummy_prefix
     normalizer.remove_extra_whitespaces = False
     normalizer.escape_whitespaces = True
     return proto.SerializeToString()
+
+
+def _json_error(source: str, what: str) -> ValueError:
+    return ValueError(f"{source}: {what}; only the BPE tokenizer.json that Hugging Face writes "
+                      f"for a SentencePiece (Gemma) vocabulary can be rebuilt")
+
+
+def _json_normalizer(normalizer: Any, source: str) -> bool:
+    """Whether the tokenizer.json normalizer prepends a space (SentencePiece's dummy prefix);
+    anything beyond escaping spaces as `▁` is refused, since it would change the encoding."""
+    steps = normalizer.get("normalizers", []) if normalizer and normalizer.get(
+        "type") == "Sequence" else ([normalizer] if normalizer else [])
+    prefix = False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Replace" and step.get("pattern") == {"String": " "} and (
+                step.get("content") == _WHITESPACE_MARK):
+            continue
+        if kind == "Prepend" and step.get("prepend") == _WHITESPACE_MARK:
+            prefix = True
+            continue
+        raise _json_error(source, f"its normalizer step {kind} cannot be reproduced")
+    return prefix
+
+
+def proto_from_tokenizer_json(
+    data: Mapping[str, Any], *, special_tokens: Mapping[str, str] | None = None,
+    source: str = "tokenizer.json",
+) -> bytes:
+    """A serialised SentencePiece `ModelProto` rebuilt from a Hugging Face `tokenizer.json`
+    (parsed) of a SentencePiece BPE vocabulary, for repositories that ship no `tokenizer.model`.
+
+    Pieces and ids come from the vocabulary; types from the added tokens (special: CONTROL,
+    the unknown token UNKNOWN, others USER_DEFINED), `<0xNN>` pieces are BYTE under byte
+    fallback. The file has merges, not SentencePiece's scores: a piece's score is minus the
+    rank of the first merge that makes it (SentencePiece merges the best-scoring piece first,
+    as Hugging Face applies merges in rank order). `special_tokens` maps `bos_token`,
+    `eos_token`, `pad_token` to their pieces (from `tokenizer_config.json`; Gemma's
+    `<bos>`, `<eos>`, `<pad>` by default)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise _json_error(source, f"its model is {model.get('type')!r}, not 'BPE'")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise _json_error(source, "it has no BPE vocab and merges")
+    add_dummy_prefix = _json_normalizer(data.get("normalizer"), source)
+    pieces: dict[int, str] = {}
+    for piece, index in vocab.items():
+        pieces[int(index)] = piece
+    added = {int(t["id"]): t for t in data.get("added_tokens", [])}
+    for index, token in added.items():
+        if pieces.setdefault(index, token["content"]) != token["content"]:
+            raise _json_error(source, f"added token {token['content']!r} has id {index}, which "
+                                      f"the vocabulary gives to {pieces[index]!r}")
+    size = len(pieces)
+    if sorted(pieces) != list(range(size)):
+        missing = sorted(set(range(max(pieces) + 1)) - set(pieces))[:5]
+        raise _json_error(source, f"its ids are not 0..{size - 1} (missing e.g. {missing})")
+    ordered = [pieces[i] for i in range(size)]
+    ids = {piece: i for i, piece in enumerate(ordered)}
+
+    def special_id(name: str, default: str) -> int:
+        piece = (special_tokens or {}).get(name) or default
+        if isinstance(piece, dict):  # tokenizer_config.json may hold an AddedToken dict
+            piece = piece.get("content")
+        if piece not in ids:
+            raise _json_error(source, f"its {name} {piece!r} is not in the vocabulary")
+        return ids[piece]
+
+    special = {"unknown": special_id("unk_token", model.get("unk_token") or "<unk>"),
+               "bos": special_id("bos_token", "<bos>"), "eos": special_id("eos_token", "<eos>"),
+               "padding": special_id("pad_token", "<pad>")}
+
+    kinds = pb.ModelProto.SentencePiece
+    types = [kinds.NORMAL] * size
+    for index, token in added.items():
+        types[index] = kinds.CONTROL if token.get("special") else kinds.USER_DEFINED
+    byte_pieces = [i for i, piece in enumerate(ordered) if len(piece) == 6 and
+                   piece.startswith("<0x") and piece.endswith(">") and i not in added]
+    # Without byte pieces, byte fallback ends in the unknown token, as without fallback.
+    byte_fallback = bool(model.get("byte_fallback")) and bool(byte_pieces)
+    if byte_fallback:
+        if len(byte_pieces) != 256:
+            raise _json_error(source, f"byte fallback needs the 256 pieces <0x00>..<0xFF>; it "
+                                      f"has {len(byte_pieces)}")
+        for index in byte_pieces:
+            types[index] = kinds.BYTE
+    types[special["unknown"]] = kinds.UNKNOWN
+
+    scores = [0.0] * size
+    made = set()
+    for rank, merge in enumerate(merges):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        index = ids.get(left + right)
+        if index is None:
+            raise _json_error(source, f"merge {rank} ({left!r}, {right!r}) makes a piece that "
+                                      f"is not in the vocabulary")
+        if index not in made:
+            made.add(index)
+            scores[index] = -float(rank)
+    digits_split = any(step.get("type") == "Digits" and step.get("individual_digits")
+                       for step in _pre_tokenizer_steps(data.get("pre_tokenizer")))
+    return _sentencepiece_proto(ordered, scores, types, special, byte_fallback=byte_fallback,
+                                split_digits=digits_split, add_dummy_prefix=add_dummy_prefix)
+
+
+def _pre_tokenizer_steps(pre_tokenizer: Any) -> list[dict[str, Any]]:
+    if not pre_tokenizer:
+        return []
+    if pre_tokenizer.get("type") == "Sequence":
+        return list(pre_tokenizer.get("pretokenizers", []))
+    return [pre_tokenizer]

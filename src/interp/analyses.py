@@ -132,17 +132,22 @@ def repetition_stats(
     period: int,
     repeats: int,
 ) -> RepetitionStats:
-    """Per-repetition mean log-prob and accuracy over the batch. Repetition r counts the
-    predictions whose target token lies in it (so r = 0 includes the prediction made at BOS);
-    the `later_*` fields pool repetitions 2.. (NaN when repeats = 1)."""
+    """Per-repetition mean log-prob and accuracy over the batch, for `tokens` = BOS and
+    `repeats` copies of a `period`-token string. A repetition's scores count the predictions
+    of its tokens after the first: nothing before a repetition predicts its first token (for
+    repetitions 2.. these are the positions the study's `eval_mask` scores). The `later_*`
+    fields pool repetitions 2.. (NaN when repeats = 1)."""
     seq = tokens.shape[1]
     if seq != 1 + period * repeats:
         raise ValueError(f"tokens have {seq} positions; BOS + {repeats} x {period} needs "
                          f"{1 + period * repeats}")
+    if period < 2:
+        raise ValueError(f"period {period}: a repetition needs a token after its first")
     hits = correct_token_hits(logits, tokens).astype(jnp.float32)
-    per_lp = logprobs.reshape(-1, repeats, period).mean(axis=(0, 2))
-    per_acc = hits.reshape(-1, repeats, period).mean(axis=(0, 2))
-    return RepetitionStats(per_lp, per_acc, logprobs[:, period:].mean(), hits[:, period:].mean())
+    lp = logprobs.reshape(-1, repeats, period)[:, :, 1:]
+    acc = hits.reshape(-1, repeats, period)[:, :, 1:]
+    return RepetitionStats(lp.mean(axis=(0, 2)), acc.mean(axis=(0, 2)), lp[:, 1:].mean(),
+                           acc[:, 1:].mean())
 
 
 # -------------------------------------------------------------------------------- head scores

@@ -30,6 +30,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from gemma_eqx.checks import check_finite, check_index, check_padding_mask, check_tokens
 from gemma_eqx.config import GemmaConfig
+from gemma_eqx.display import Module, render_records
 from gemma_eqx.modules import Transformer
 from gemma_eqx.sites import (
     LAYER_SITES,
@@ -294,7 +295,7 @@ def bos_onehot(
     return (key_positions == 0) & key_valid
 
 
-class Linearized(eqx.Module):
+class Linearized(Module):
     """A sublayer (an `MLP`, an `RMSNorm`: anything mapping `[batch, seq, embed]` to the same)
     replaced by its first-order response: row `i` gets
     `f(x[around[i]]) + J_f(x[around[i]]) (x[at[i]] - x[around[i]])` (a JVP), so a world sees
@@ -495,7 +496,7 @@ def run(
     return run_with_records(model, tokens, padding_mask=padding_mask, logits_at=logits_at)[0]
 
 
-class ActivationCache(eqx.Module):
+class ActivationCache(Module):
     """Recorded activations keyed by site and layer: `cache["v", 3]`, `cache["logits"]`,
     `cache.stack("pattern")` (`[layers, ...]`). Remembers the model config and input shape it
     came from, so a patch from another model is refused."""
@@ -503,6 +504,10 @@ class ActivationCache(eqx.Module):
     arrays: dict[str, Array]
     config: GemmaConfig = eqx.field(static=True)
     input_shape: tuple[int, ...] = eqx.field(static=True)
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        return render_records(self, self.arrays, path, subtree_renderer,
+                              config=self.config, input_shape=self.input_shape)
 
     def _key(self, key: Any) -> str:
         if isinstance(key, tuple):

@@ -25,6 +25,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from gemma_eqx.checks import check_index
+from gemma_eqx.display import Module
 from gemma_eqx.modules import Transformer
 from gemma_eqx.sites import (
     SITES,
@@ -58,7 +59,7 @@ Ints = Sequence[int] | Int[np.ndarray, " k"] | Int[Array, " k"]  # token ids or 
 # --------------------------------------------------------------------------------- metrics
 
 
-class Metric(eqx.Module):
+class Metric(Module):
     """A number per batch row computed from the logits at `positions` (indices into seq):
     `fn(logits [batch, len(positions), vocab], data) -> [batch]`. Only those positions are
     projected onto the vocabulary (most of a small model's cost). `data` (token ids, a

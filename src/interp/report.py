@@ -253,8 +253,11 @@ repeated twice
 (the first is shown below). An induction head, at a digit seen before, attends to the digit that
 followed its earlier occurrence and copies it.</p>
 <h2>1. Behaviour</h2>
-<p>Accuracy of the correct next digit: <b>{original.accuracy[0]:.2f}</b> in the first
-repetition, <b>{original.accuracy[1]:.2f}</b> in the second. With the top
+<p>A repetition's <i>accuracy</i> is the fraction of its digits, after the first, that the
+model's argmax predicts (nothing before a repetition predicts its first digit); the
+knock-outs, the breaking-set search and the patching below score the same positions.
+<b>{original.accuracy[0]:.2f}</b> in the first repetition, <b>{original.accuracy[1]:.2f}</b> in
+the second. With the top
 {len(result.knockout.heads)} induction heads knocked out (attention sent to BOS):
 {knocked.accuracy[0]:.2f} and <b>{knocked.accuracy[1]:.2f}</b>.</p>
 {img("token_probabilities.png")}
@@ -263,7 +266,8 @@ repetition, <b>{original.accuracy[1]:.2f}</b> in the second. With the top
 {img("induction_scores.png")}
 {img("attention_top_heads.png")}
 <h2>4. Knock-out on other examples</h2>
-<p>Accuracy on the scored (second-occurrence) tokens of each example, for the original model,
+<p>Accuracy on the scored (second-occurrence) tokens of each example (one sequence each; the
+random digits are another string than section 1's, scored the same way), for the original model,
 with the top heads knocked out, and with as many control heads knocked out: those scoring lowest
 on the induction, previous-token and duplicate-token patterns alike (the lowest induction scores
 alone include previous-token heads, the other half of the induction circuit).</p>
@@ -272,8 +276,12 @@ alone include previous-token heads, the other half of the induction circuit).</p
 {img("attribution.png")}
 <p>Smallest set found whose knock-out brings second-repetition accuracy to within 0.1 of chance
 ({minimal.chance:.1f}): <b>{minimal_text or "none"}</b> (accuracy {minimal.accuracy:.2f},
-from {minimal.baseline:.2f}; {"broken" if minimal.broken else "not broken"}).
-Search trail:</p>
+from {minimal.baseline:.2f} with nothing knocked out; {"broken" if minimal.broken else
+"not broken"}). The search knocks out the top heads one by one in ranked order until copying
+breaks (<i>add</i>: the accuracy with the set so far knocked out). It then tries restoring each
+chosen head, in the order added; the accuracy shown is with that head restored: <i>drop</i>
+means copying stays broken without it, so it leaves the set; <i>keep</i> means restoring it
+brings copying back, so it stays.</p>
 {_table(["step", "head", "accuracy"], trail)}
 <h2>6. Path analysis with worlds</h2>
 <p>Six worlds of the same inputs run side by side in one batch; the critical heads
