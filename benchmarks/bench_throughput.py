@@ -59,7 +59,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="override the peak (per device)")
     p.add_argument("--bandwidth-gbs", type=float, help="override the bandwidth (per device)")
     p.add_argument("--distributed", action="store_true",
-                   help="jax.distributed.initialize() first (multi-host; auto-detected on TPU)")
+                   help="join a multi-host JAX cluster first (gemma_eqx.multihost.initialize: "
+                   "the cluster is detected on TPU slices; `gemma-eqx launch` runs it locally)")
     p.add_argument("--results", type=Path, default=HERE / "results" / "throughput.jsonl")
     args = p.parse_args(argv)
     if args.devices is not None and not args.dry_run:
@@ -80,11 +81,12 @@ def main(argv=None) -> None:
     import jax
     import jax.numpy as jnp
 
+    from gemma_eqx import multihost
     from gemma_eqx import throughput as tp
     from gemma_eqx.config import get_preset
 
-    if args.distributed:
-        jax.distributed.initialize()
+    if args.distributed or multihost.requested():  # `gemma-eqx launch` sets the environment
+        multihost.initialize()
     mesh = tp.parse_mesh(args.mesh)
     platform_name = jax.devices()[0].platform
     dtype = jnp.dtype(args.dtype or ("float32" if platform_name == "cpu" and not args.dry_run

@@ -164,13 +164,19 @@ def gguf_config(arch: str) -> GemmaConfig:
     )
 
 
-def _tiny_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-like vocabulary: specials, the 256 byte pieces, then letters."""
+def _tiny_vocab(size: int, digits: bool = False) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-like vocabulary: specials, the 256 byte pieces, then letters (with
+    `digits`, the ten digits first: what the induction study needs)."""
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [3, 3, 3, 3] + [6] * 256
+    if digits:
+        tokens += [str(d) for d in range(10)]
+        types += [1] * 10
     letters = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    first = len(tokens)
     while len(tokens) < size:
-        tokens.append(letters[(len(tokens) - 260) % len(letters)] * (1 + (len(tokens) - 260) // 27))
+        i = len(tokens) - first
+        tokens.append(letters[i % len(letters)] * (1 + i // len(letters)))
         types.append(1)
     scores = [-1000.0] * 4 + [0.0] * 256 + [-float(i) for i in range(size - 260)]
     return tokens[:size], scores[:size], types[:size]
@@ -209,6 +215,7 @@ def write_tiny_gguf(
     quantized: tuple[str, ...] = (),
     drop: tuple[str, ...] = (),
     vocab: bool = True,
+    digits: bool = False,
 ) -> Path:
     """Our arrays written as llama.cpp would; tensors named in `quantized` as Q8_0."""
     w = GGUFWriter(str(path), arch)
@@ -229,7 +236,7 @@ def write_tiny_gguf(
         w.add_attn_logit_softcapping(config.attn_logit_softcap)
         w.add_final_logit_softcapping(config.final_logit_softcap)
     if vocab:
-        tokens, scores, types = _tiny_vocab(config.vocab_size)
+        tokens, scores, types = _tiny_vocab(config.vocab_size, digits)
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
         w.add_token_scores(scores)

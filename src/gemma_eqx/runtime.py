@@ -36,10 +36,12 @@ def tune_cpu_flags() -> bool:
 def progress(iterable: Iterable[T], description: str, *, show: bool | None = None,
              unit: str = "it", total: int | None = None) -> Iterable[T]:
     """`iterable` with a tqdm bar on stderr, shown when stderr is a terminal (`show` decides
-    otherwise), so logs and pipes stay clean."""
+    otherwise), so logs and pipes stay clean; in a multi-process cluster, on process 0 only."""
     from tqdm.auto import tqdm
 
-    visible = sys.stderr.isatty() if show is None else show
+    from .multihost import is_lead
+
+    visible = (sys.stderr.isatty() if show is None else show) and is_lead()
     return tqdm(iterable, desc=description, unit=unit, total=total, disable=not visible,
                 leave=False)
 

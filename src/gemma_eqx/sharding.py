@@ -50,8 +50,9 @@ LAST_AXIS_RULES = ShardingRules(last_axis="model")
 
 
 def default_mesh(devices: Any = None) -> Mesh:
-    """A one-axis `("model",)` mesh over all local devices (or the given ones)."""
-    devices = jax.local_devices() if devices is None else list(devices)
+    """A one-axis `("model",)` mesh over all devices (or the given ones): every process's,
+    in a multi-process cluster."""
+    devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), ("model",))
 
 

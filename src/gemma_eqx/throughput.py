@@ -30,6 +30,7 @@ from jaxtyping import Array, DTypeLike, Float, Int, PRNGKeyArray
 from .config import GemmaConfig
 from .generate import _decode_step, _prefill, cache_slots, init_cache
 from .modules import LayerCache, Transformer
+from .multihost import to_host
 from .scanned import ScannedTransformer, scan_layers, scanned_paths, unscan_layers
 from .sharding import ShardingRules, leaf_sharding
 from .weights import abstract_model, map_leaves_with_path
@@ -548,15 +549,15 @@ def measure(
         if mode == "prefill":
             prompt = _place(abstract[1], setup.tokens())
             begin = time.perf_counter()
-            outputs.append(np.asarray(compiled(model, prompt)))
+            result = jax.block_until_ready(compiled(model, prompt))
         elif mode == "train":
             if i == 0:
                 params = eqx.filter(model, eqx.is_inexact_array)
                 opt_state = _place(abstract[1], jax.jit(_optimizer(setup).init)(params))
             batch_tokens = _place(abstract[2], setup.tokens(key=i))
             begin = time.perf_counter()
-            model, opt_state, loss = compiled(model, opt_state, batch_tokens)
-            outputs.append(float(loss))
+            model, opt_state, result = jax.block_until_ready(
+                compiled(model, opt_state, batch_tokens))
         else:
             prompt = setup.tokens()
             cache = init_cache(model, setup.batch, setup.seq + setup.decode_steps, setup.dtype)
@@ -566,8 +567,10 @@ def measure(
             here = _place(abstract[3], jnp.asarray(setup.seq, jnp.int32))
             jax.block_until_ready((cache, first))
             begin = time.perf_counter()
-            outputs.append(np.asarray(compiled(model, cache, first, here)[0]))
+            result = jax.block_until_ready(compiled(model, cache, first, here)[0])
         times.append(time.perf_counter() - begin)
+        # Fetched after the clock stops: across processes this gathers from all of them.
+        outputs.append(to_host(result))
     seconds = float(np.median(times[1:]))
     output = np.asarray(outputs) if mode == "train" else outputs[-1]
     loss = float(outputs[-1]) if mode == "train" else None

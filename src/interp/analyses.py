@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from gemma_eqx.checks import check_finite
 from gemma_eqx.modules import Transformer
+from gemma_eqx.multihost import to_host
 from gemma_eqx.tokenizer import TokenizerLike
 
 from .interventions import KnockOut, TokenIds
@@ -75,7 +76,7 @@ def _digits(key: Any, shape: tuple[int, ...]) -> np.ndarray:
         return key.integers(0, 10, shape)
     if isinstance(key, int):
         return np.random.default_rng(key).integers(0, 10, shape)
-    return np.asarray(jax.random.randint(key, shape, 0, 10))
+    return to_host(jax.random.randint(key, shape, 0, 10))
 
 
 def repeated_digits(
@@ -87,7 +88,7 @@ def repeated_digits(
     `key` is a JAX PRNG key, a numpy Generator or an int seed. Checks that each digit is one
     token and that the tokenizer splits a whole digit string the same way.
     """
-    ids = np.asarray(digit_ids(tokenizer))
+    ids = to_host(digit_ids(tokenizer))
     digits = _digits(key, (batch, period))
     text = "".join(map(str, digits[0])) * repeats
     whole = list(tokenizer.encode(text))
@@ -239,7 +240,7 @@ def rank_heads(
     scores: Float[Array, "layers heads"], top: int | None = None
 ) -> list[tuple[int, int, float]]:
     """`(layer, head, score)` sorted by score, highest first (the first `top` of them)."""
-    host = np.asarray(scores, np.float64)
+    host = to_host(scores, np.float64)
     order = np.argsort(-host, axis=None, kind="stable")
     ranked = [(int(i // host.shape[1]), int(i % host.shape[1]), float(host.flat[i]))
               for i in order]
@@ -262,14 +263,14 @@ def _check_eval_mask(eval_mask: Any, tokens: Any, padding_mask: Any) -> Bool[Arr
                          f"{tuple(tokens.shape)}; got {eval_mask.dtype} {tuple(eval_mask.shape)}")
     if isinstance(eval_mask, jax.core.Tracer):
         return eval_mask
-    host = np.asarray(eval_mask)
+    host = to_host(eval_mask)
     if host[:, 0].any():
         raise ValueError("eval_mask marks token 0, which no position predicts")
-    bad = np.argwhere(host & ~np.asarray(padding_mask))
+    bad = np.argwhere(host & ~to_host(padding_mask))
     if bad.size:
         raise ValueError(f"eval_mask marks padding at [batch {bad[0][0]}, position {bad[0][1]}]")
     # A target's prediction comes from the previous position, which must be a real token too.
-    bad = np.argwhere(host[:, 1:] & ~np.asarray(padding_mask)[:, :-1])
+    bad = np.argwhere(host[:, 1:] & ~to_host(padding_mask)[:, :-1])
     if bad.size:
         raise ValueError(f"eval_mask marks [batch {bad[0][0]}, position {bad[0][1] + 1}], the "
                          "first real token of its row, which no real position predicts")
@@ -311,7 +312,7 @@ def _scored(
     if isinstance(eval_mask, jax.core.Tracer):
         cols = np.arange(tokens.shape[1] - 1)
     else:
-        cols = np.flatnonzero(np.asarray(eval_mask)[:, 1:].any(0))
+        cols = np.flatnonzero(to_host(eval_mask)[:, 1:].any(0))
     targets = jnp.take(tokens, cols + 1, axis=1)
     weights = jnp.take(eval_mask, cols + 1, axis=1)
     return jnp.asarray(cols, jnp.int32), _EvalScore(targets, weights)
@@ -370,7 +371,7 @@ def knockout_sweep(
         raise ValueError(f"masks must be [n, layers, heads] = [n >= 1, {expected[0]}, "
                          f"{expected[1]}]; got {getattr(masks, 'shape', type(masks).__name__)}")
     check_finite(masks, "masks", axes=("mask", "layer", "head"))
-    host = np.asarray(masks, np.float32)
+    host = to_host(masks, np.float32)
     changed = (host != 1).any(axis=2)  # [n, layers]
     starts = np.where(changed.any(1), changed.argmax(1), len(model.blocks))
     batch = tokens.shape[0]
@@ -382,7 +383,7 @@ def knockout_sweep(
     cols, score = _scored(tokens, eval_mask)
     _, (lp, hits) = staged_scores(model, tokens, padding_mask, starts, knock, cols, score,
                                   chunk=chunk)
-    count = np.asarray(score.weights.sum(-1))
+    count = to_host(score.weights.sum(-1))
     return KnockoutResult(jnp.asarray((lp / count).astype(np.float32)),
                           jnp.asarray((hits / count).astype(np.float32)),
                           jnp.asarray(np.broadcast_to(count, lp.shape)))

@@ -35,6 +35,10 @@ def add_induction_command(commands: Any) -> None:
                      "(1: every layer; each layer costs one forward per position)")
     cmd.add_argument("--out", default="induction-report", metavar="DIR",
                      help="the report's directory (created; the program's own files replaced)")
+    cmd.add_argument("--distributed", action="store_true",
+                     help="join a multi-host JAX cluster first (jax.distributed.initialize(): "
+                     "start the same command on every host; detected on TPU slices and "
+                     "SLURM); `gemma-eqx launch` does this for local processes")
     cmd.set_defaults(run=run_induction,
                      memory_advice="fewer --strings or a shorter --period (or --text)")
 
@@ -75,6 +79,7 @@ def _enable_compilation_cache() -> None:
 
 def run_induction(args: argparse.Namespace) -> int:
     from gemma_eqx.checks import check_length
+    from gemma_eqx.multihost import is_lead
     from gemma_eqx.pretrained import from_pretrained
 
     from .report import summary_rows, write_report
@@ -103,7 +108,9 @@ def run_induction(args: argparse.Namespace) -> int:
         residual_stride=args.residual_stride,
     )
     say("writing the report")
-    path = write_report(result, out)
+    path = write_report(result, out)  # by process 0 alone in a multi-process cluster
+    if not is_lead():
+        return 0
     original, knocked = result.behaviour.repetitions, result.knockout.repetitions
     print(f"\nInduction heads in {result.preset} ({args.model})")
     print(f"  copying accuracy, repetition 1 -> 2: {original.accuracy[0]:.2f} -> "

@@ -27,6 +27,7 @@ from jaxtyping import Array, Bool, Float, Int
 from gemma_eqx.checks import check_index
 from gemma_eqx.display import Module
 from gemma_eqx.modules import Transformer
+from gemma_eqx.multihost import to_host
 from gemma_eqx.sites import (
     SITES,
     Intervention,
@@ -274,7 +275,7 @@ def activation_patching(
 
     values = {la: cache[site, la].astype(model.activation_dtype) for la in layer_idx}
     unit_shape = (n, seq) if heads is None else (n, seq, heads)
-    units = np.asarray(grid)
+    units = to_host(grid)
 
     def patches(layer: int, groups: np.ndarray) -> tuple[Intervention, ...]:
         if layer not in values:
@@ -308,11 +309,11 @@ def activation_patching(
                                                               np.flatnonzero(run)[groups])),
                                           positions, metric, chunk=chunk)
     compiles = sweep_compilations() - before
-    every = np.broadcast_to(np.asarray(target_scores), (len(units), n)).copy()
-    every[run] = np.asarray(scores)
+    every = np.broadcast_to(to_host(target_scores), (len(units), n)).copy()
+    every[run] = to_host(scores)
     out = every.astype(np.float64).mean(axis=1)
     shape = [len(layer_idx)] + [heads if a == "head" else span for a in axes[1:]]
-    target_value = float(np.mean(np.asarray(target_scores, np.float64)))
+    target_value = float(np.mean(to_host(target_scores, np.float64)))
     source_value = _source_metric(model, source, cache, metric, padding_mask, target)
     return PatchingResult(site, axes, out.reshape(shape), target_value, source_value, compiles,
                           int(run.sum()))
@@ -325,17 +326,17 @@ def _without_effect(model, target, padding_mask, site, values, units, by_head,
     position agree there on every layer), or the position comes after every position the
     metric reads (attention is causal). Their score is the target's."""
     spec = SITES[site]
-    later = units[:, -1] > int(np.max(np.asarray(positions)))
+    later = units[:, -1] > int(np.max(to_host(positions)))
     _, own = capture(model, target, sites=[site], layers=sorted(values),
                      padding_mask=padding_mask)
     keep = [spec.seq_axis] + ([spec.head_axis] if by_head else [])
     same = {}
     for layer, value in values.items():
-        equal = np.asarray(value == own[site, layer].astype(value.dtype))
+        equal = to_host(value == own[site, layer].astype(value.dtype))
         equal = equal.all(axis=tuple(a for a in range(equal.ndim) if a not in keep))
         same[layer] = equal.T if by_head and spec.head_axis < spec.seq_axis else equal
     # same[layer]: [seq] or [seq, heads]
-    unchanged = np.asarray([same[u[0]][u[2], u[1]] if by_head else same[u[0]][u[1]]
+    unchanged = to_host([same[u[0]][u[2], u[1]] if by_head else same[u[0]][u[1]]
                             for u in units])
     return later | unchanged
 
@@ -361,9 +362,9 @@ def _source_metric(model, source, cache, metric, padding_mask, target) -> float:
         # The source's own metric needs its logits: recorded when the cache holds them.
         if "logits" in source and source["logits"].shape[1] == target.shape[1]:
             logits = source["logits"][:, _check_metric(metric, target.shape[1])]
-            return float(np.mean(np.asarray(metric(logits))))
+            return float(np.mean(to_host(metric(logits))))
         return float("nan")
-    return float(np.mean(np.asarray(evaluate(model, source, metric, padding_mask=padding_mask))))
+    return float(np.mean(to_host(evaluate(model, source, metric, padding_mask=padding_mask))))
 
 
 # -------------------------------------------------------------------------- path patching
@@ -441,13 +442,13 @@ def path_patching(
                 model.activation_dtype), weight=jnp.asarray(w))
         scores, _ = _sweep_chunk(add_interventions(model, step2), tokens, mask, positions,
                                  metric)
-        scores = np.asarray(scores, np.float64).reshape(chunk, n).mean(axis=1)
+        scores = to_host(scores, np.float64).reshape(chunk, n).mean(axis=1)
         for c, (la, h) in enumerate(part):
             out[la, h] = scores[c]
     compiles = _compilations[0] - before
-    target_value = float(np.mean(np.asarray(evaluate(model, target, metric,
+    target_value = float(np.mean(to_host(evaluate(model, target, metric,
                                                      padding_mask=padding_mask))))
-    source_value = float(np.mean(np.asarray(evaluate(model, source, metric))))
+    source_value = float(np.mean(to_host(evaluate(model, source, metric))))
     return PatchingResult(f"path via {via}", ("layer", "head"), out, target_value, source_value,
                           compiles)
 
@@ -540,7 +541,7 @@ def direct_logit_attribution(
     tokens, padding_mask, pos, targets = _readout_inputs(model, tokens, targets, positions,
                                                          padding_mask)
     parts = _dla(model, tokens, padding_mask, pos, targets)
-    embed, attn, mlp, heads, logit = (np.asarray(p, np.float64) for p in parts)
+    embed, attn, mlp, heads, logit = (to_host(p, np.float64) for p in parts)
     return LogitAttribution(embed, attn, mlp, heads, logit)
 
 
@@ -591,7 +592,7 @@ def logit_lens(
     tokens, padding_mask, pos, targets = _readout_inputs(model, tokens, targets, positions,
                                                          padding_mask)
     lp, top = _lens(model, tokens, padding_mask, pos, targets)
-    return LogitLens(np.asarray(lp, np.float64), np.asarray(top))
+    return LogitLens(to_host(lp, np.float64), to_host(top))
 
 
 def head_grid(model: Transformer, heads: Sequence[Head]) -> list[Head]:

@@ -379,9 +379,14 @@ def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
     whole; only these files are written, and files of an earlier report are replaced. Writers
     of one directory take turns (a lock on it); an interrupted write leaves whole files of the
     old and new report, and the next write completes it. See `check_report_directory` for the
-    directories refused.
+    directories refused. In a multi-process cluster only process 0 writes; every process
+    returns the directory.
     """
+    from gemma_eqx.multihost import is_lead
+
     out = check_report_directory(out)
+    if not is_lead():
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         with locked_directory(out):

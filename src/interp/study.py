@@ -25,6 +25,7 @@ from jaxtyping import Array, Float
 
 from gemma_eqx.checks import check_length
 from gemma_eqx.modules import Transformer
+from gemma_eqx.multihost import to_host
 from gemma_eqx.runtime import CompileLog
 from gemma_eqx.tokenizer import TokenizerLike
 
@@ -39,11 +40,16 @@ CHANCE = 0.1  # ten digits
 
 
 def elapsed_printer() -> Progress:
-    """A `Progress` that prints `[   12.3s] message` to stderr, timed from its creation."""
+    """A `Progress` that prints `[   12.3s] message` to stderr, timed from its creation (on
+    process 0 only, in a multi-process cluster)."""
+    from gemma_eqx.multihost import is_lead
+
     start = time.perf_counter()
 
     def say(message: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+        if is_lead():
+            print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr,
+                  flush=True)
 
     return say
 
@@ -320,8 +326,8 @@ def digit_task(
 
 def _repetitions(logprobs: Array, logits: Array, task: DigitTask) -> Repetitions:
     stats = analyses.repetition_stats(logprobs, logits, jnp.asarray(task.tokens), task.period, 2)
-    return Repetitions(tuple(np.asarray(stats.logprob, np.float64).tolist()),
-                       tuple(np.asarray(stats.accuracy, np.float64).tolist()))
+    return Repetitions(tuple(to_host(stats.logprob).astype(np.float64).tolist()),
+                       tuple(to_host(stats.accuracy).astype(np.float64).tolist()))
 
 
 def behaviour(
@@ -333,7 +339,7 @@ def behaviour(
     logits, records = forward_with_records(record_attention(model), tokens)
     patterns = jnp.stack([records[i] for i in range(len(model.blocks))])
     logprobs = analyses.correct_token_logprobs(logits, tokens)
-    return Behaviour(np.asarray(logprobs), _repetitions(logprobs, logits, task)), patterns
+    return Behaviour(to_host(logprobs), _repetitions(logprobs, logits, task)), patterns
 
 
 def score_heads(
@@ -343,11 +349,11 @@ def score_heads(
     induction = analyses.induction_scores(patterns, task.period)
     ranked = tuple(RankedHead(layer, head, score)
                    for layer, head, score in analyses.rank_heads(induction))
-    top_patterns = np.stack([np.asarray(patterns[h.layer, 0, h.head]) for h in ranked[:shown]])
+    top_patterns = np.stack([to_host(patterns[h.layer, 0, h.head]) for h in ranked[:shown]])
     return HeadScores(
-        induction=np.asarray(induction),
-        previous_token=np.asarray(analyses.previous_token_scores(patterns)),
-        duplicate_token=np.asarray(analyses.duplicate_token_scores(patterns, task.period)),
+        induction=to_host(induction),
+        previous_token=to_host(analyses.previous_token_scores(patterns)),
+        duplicate_token=to_host(analyses.duplicate_token_scores(patterns, task.period)),
         ranked=ranked,
         top_patterns=top_patterns,
     )
@@ -374,13 +380,15 @@ def knockout(
         for label, knocked in (("original", []), ("knocked", heads), ("control", control_heads))
     }
 
+    host = {label: analyses.KnockoutResult(*map(to_host, r)) for label, r in results.items()}
+
     def scores(label: str, i: int) -> ExampleScores:
-        r = results[label]
+        r = host[label]
         return ExampleScores(float(r.logprob[i]), float(r.accuracy[i]), int(r.count[i]))
 
     return Knockout(
         heads=tuple(map(tuple, heads)), control_heads=tuple(map(tuple, control_heads)),
-        logprobs=np.asarray(logprobs), repetitions=_repetitions(logprobs, logits, task),
+        logprobs=to_host(logprobs), repetitions=_repetitions(logprobs, logits, task),
         examples=tuple(ExampleKnockout(name, *(scores(label, i) for label in results))
                        for i, name in enumerate(batch.names)),
     )
@@ -390,7 +398,7 @@ def attribution(model: Transformer, task: DigitTask, heads: Sequence[Head]) -> A
     """Experiment 5: attribution gradients at all heads on and at `heads` knocked out."""
     tokens, eval_mask = jnp.asarray(task.tokens), jnp.asarray(task.eval_mask)
     return Attribution(*(
-        np.asarray(analyses.attribution_gradient(model, tokens, eval_mask, mask))
+        to_host(analyses.attribution_gradient(model, tokens, eval_mask, mask))
         for mask in (knockout_mask(model), knockout_mask(model, heads))
     ))
 
@@ -460,7 +468,7 @@ def path_analysis(
     ids = jnp.asarray(analyses.digit_ids(tokenizer))
     targets = jnp.asarray(task.tokens[:, scored + 1])
     correct = jnp.take_along_axis(logits, targets[None, :, :, None], axis=-1)[..., 0]
-    relative = np.asarray(correct - logits[..., ids].mean(axis=-1))  # [W, S, scored]
+    relative = to_host(correct - logits[..., ids].mean(axis=-1))  # [W, S, scored]
     per_position = np.full((len(names), task.tokens.shape[1] - 1), np.nan)
     per_position[:, scored] = relative.mean(axis=1)
     return PathAnalysis(
@@ -531,7 +539,7 @@ def counterfactual_patching(
     at = jnp.broadcast_to(jnp.asarray(scored), (worlds.rows, len(scored)))
     logits = run(m, tokens, logits_at=at)
     # Every target below is a digit: the digits' probabilities and the argmax say it all.
-    digit_probs, argmax = (np.asarray(a) for a in _digit_summary(logits, jnp.asarray(ids)))
+    digit_probs, argmax = (to_host(a) for a in _digit_summary(logits, jnp.asarray(ids)))
     digit_probs, argmax = worlds.split(digit_probs), worlds.split(argmax)  # [W, S, scored...]
     digit_of = np.full(int(ids.max()) + 1, -1)
     digit_of[ids] = np.arange(10)
