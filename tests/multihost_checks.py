@@ -1,6 +1,6 @@
 """The library calls the multi-process tests compare with one process: run by every process of
-a cluster (`python multihost_checks.py CHECKPOINT OUT_DIR`, under `gemma_eqx.multihost.launch`)
-and, in the test process itself, as the single-process reference (`checks`)."""
+a cluster (`python multihost_checks.py CHECKPOINT OUT_DIR`, under `gemma_eqx.multihost.launch`),
+and by one process of 8 devices as the reference."""
 
 from __future__ import annotations
 

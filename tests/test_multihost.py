@@ -47,12 +47,14 @@ def checkpoint(tmp_path_factory):
 
 
 def test_two_processes_compute_what_one_does(checkpoint, tmp_path):
-    from multihost_checks import checks
-
-    result = run_cluster([str(HERE / "multihost_checks.py"), str(checkpoint), str(tmp_path)])
-    assert result.ok, result.describe()
-    parts = [json.loads((tmp_path / f"process-{i}.json").read_text()) for i in range(2)]
-    alone = checks(checkpoint)
+    together, alone_dir = tmp_path / "together", tmp_path / "alone"
+    for out, processes, devices in ((together, 2, 4), (alone_dir, 1, 8)):
+        out.mkdir()
+        result = run_cluster([str(HERE / "multihost_checks.py"), str(checkpoint), str(out)],
+                             processes=processes, devices=devices)
+        assert result.ok, result.describe()
+    parts = [json.loads((together / f"process-{i}.json").read_text()) for i in range(2)]
+    alone = json.loads((alone_dir / "process-0.json").read_text())
     assert alone["processes"] == 1 and alone["devices"] == 8
     for part in parts:
         assert part["processes"] == 2 and part["devices"] == 8
@@ -109,11 +111,9 @@ def _numbers_agree(ours, theirs, path=""):
     return 0.0
 
 
-def test_the_study_runs_across_processes_into_one_report(digits_gguf, tmp_path, monkeypatch):
+def test_the_study_runs_across_processes_into_one_report(digits_gguf, tmp_path):
     """`gemma-eqx induction` on 2 processes: a cold conversion cache built by one process,
     one report written by process 0, equal to the report of one process."""
-    from gemma_eqx.cli import main
-
     cache, logs, out = tmp_path / "cache", tmp_path / "logs", tmp_path / "together"
     result = run_cluster(["-m", "gemma_eqx.cli", *STUDY, "--model", str(digits_gguf),
                           "--out", str(out)], log_dir=logs,
@@ -126,8 +126,12 @@ def test_the_study_runs_across_processes_into_one_report(digits_gguf, tmp_path, 
     assert "Induction heads in" in text[0] and "Induction heads in" not in text[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "logs", "together"]
 
-    monkeypatch.setenv("GEMMA_EQX_CACHE", str(cache))
-    assert main([*STUDY, "--model", str(digits_gguf), "--out", str(tmp_path / "alone")]) == 0
+
+    # One process of 8 devices, from the cache the cluster built.
+    alone = run_cluster(["-m", "gemma_eqx.cli", *STUDY, "--model", str(digits_gguf), "--out",
+                         str(tmp_path / "alone")], processes=1, devices=8,
+                        env={"GEMMA_EQX_CACHE": str(cache)})
+    assert alone.ok, alone.describe()
     together, alone = (json.loads((tmp_path / d / "report.json").read_text())
                        for d in ("together", "alone"))
     for report in (together, alone):
@@ -180,16 +184,15 @@ def test_a_process_that_dies_stops_the_others_with_a_message(tmp_path):
 def test_the_throughput_script_reports_global_figures_once(tmp_path):
     results, logs = tmp_path / "throughput.jsonl", tmp_path / "logs"
     result = run_cluster([str(HERE.parent / "benchmarks" / "bench_throughput.py"), "--mesh",
-                          "data=2,model=4", "--batch", "8", "--seq", "16", "--decode-steps", "4",
-                          "--repeats", "1", "--modes", "prefill,decode", "--results",
-                          str(results)], log_dir=logs)
+                          "data=2,model=4", "--batch", "8", "--seq", "16", "--repeats", "1",
+                          "--modes", "prefill", "--results", str(results)], log_dir=logs)
     text = [(logs / f"process-{i}.log").read_text() for i in range(2)]
     assert result.ok, result.describe() + text[0][-3000:]
-    assert "prefill  8x16" in text[0] and "decode   8x16+4" in text[0]
+    assert "prefill  8x16" in text[0]
     assert "tokens/s" not in text[1] and "appended" not in text[1]  # process 0 reports
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["mode"], r["processes"], r["devices"], r["batch"]) for r in lines] == [
-        ("prefill", 2, 8, 8), ("decode", 2, 8, 8)]
+        ("prefill", 2, 8, 8)]  # global: the batch of 8 over both processes
     assert all(r["tokens_per_second"] > 0 for r in lines)
 
 

@@ -151,7 +151,7 @@ def launch(
     logs = []
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        logs = [open(Path(log_dir) / f"process-{i}.log", "w") for i in range(processes)]  # noqa: SIM115
+        logs = [open(Path(log_dir) / f"process-{i}.log", "w") for i in range(processes)]
     children = [
         subprocess.Popen(list(command), env={**base, PROCESS_ID_ENV: str(i)},
                          start_new_session=True, stdout=logs[i] if logs else None,
