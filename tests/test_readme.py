@@ -74,10 +74,14 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
     paths = {"/path/to/7b": str(stand_ins["gemma-7b"] / "gemma-7b"),
              "/data/gemma2-9b-dir": str(stand_ins["gemma2-9b"]),
              "/tmp/my-7b": str(tmp_path / "my-7b"),
-             # The study on 2 strings instead of 8: the same code, a quarter of the time.
+             # The study on 2 strings instead of 8 and the residual map at the last layer
+             # only: the same code in less time.
              "run_study(model, tokenizer, top=10, verbose=True)":
-                 "run_study(model, tokenizer, top=10, verbose=True, strings=2)",
-             "period=20, strings=8)": "period=20, strings=2)"}
+                 "run_study(model, tokenizer, top=10, verbose=True, strings=2, "
+                 "residual_stride=17)",
+             "period=20, strings=8)": "period=20, strings=2)",
+             "study.patching_maps(model, tokenizer, task)":
+                 "study.patching_maps(model, tokenizer, task, residual_layers=[0, 17])"}
     namespace: dict = {}
     readme = README.read_text()
     assert all(placeholder in readme for placeholder in paths)

@@ -158,8 +158,9 @@ def test_each_experiment_runs_alone_and_results_are_frozen(study, gemma270m):
 
 def test_command_writes_the_report(tmp_path, gemma270m, capsys):
     out = tmp_path / "report"
+    # The shapes of the README test's run_study (2 strings, stride 17): programs reused.
     code = main(["induction", "--model", "gemma3-270m", "--text", "01976954310149754605",
-                 "--out", str(out), "--strings", "4", "--residual-stride", "17"])
+                 "--out", str(out), "--strings", "2", "--residual-stride", "17"])
     assert code == 0
     printed = capsys.readouterr()
     assert "smallest breaking set" in printed.out and "capturing attention" in printed.err
@@ -170,9 +171,9 @@ def test_command_writes_the_report(tmp_path, gemma270m, capsys):
     for key in ("behaviour", "scores", "knockout", "attribution", "minimal_set",
                 "path_analysis", "counterfactual", "patching", "timings", "compilation"):
         assert report[key], key
-    # Compilations per step, the same steps as the timings; a new process compiles something.
+    # Compilations per step, the same steps as the timings (here most programs come from the
+    # README test's run in this process, so the counts may be zero).
     assert set(report["compilation"]) == set(report["timings"])
-    assert sum(step["programs"] for step in report["compilation"].values()) > 0
     assert all(0 <= step["cache_hits"] <= step["programs"]
                for step in report["compilation"].values())
     assert report["knockout"]["examples"][0]["knocked"]["accuracy"] >= 0

@@ -579,6 +579,14 @@ def _digit_summary(
     return jnp.exp(logits[..., ids] - lse), jnp.argmax(logits, axis=-1)
 
 
+def every_nth_layer(num_layers: int, stride: int = 3) -> list[int]:
+    """Layers 0, stride, 2 stride, ... and the last: where the residual-stream map patches
+    (each layer costs one forward per position)."""
+    if stride < 1:
+        raise ValueError(f"residual_stride must be >= 1; got {stride}")
+    return sorted({*range(0, num_layers, stride), num_layers - 1})
+
+
 def patching_maps(
     model: Transformer,
     tokenizer: TokenizerLike,
@@ -588,7 +596,8 @@ def patching_maps(
     residual_layers: Sequence[int] | None = None,
 ) -> PatchingMaps:
     """Clean -> corrupted activation patching of every head's output and of the residual
-    stream at each (layer, position) on the first string (see `PatchingMaps`)."""
+    stream at each (layer, position) on the first string (see `PatchingMaps`); the residual
+    stream at `residual_layers` (default: `every_nth_layer(layers, 3)`, as `run_study`)."""
     period = task.period
     clean = task.tokens[:1]
     other = nonrepeating_digits(tokenizer, task, seed=seed)[:1]
@@ -597,7 +606,7 @@ def patching_maps(
     metric = patching.mean_logprob(clean[0, scored + 1], scored)
     heads = patching.activation_patching(model, corrupted, clean, "head_out", metric,
                                          per="layer_head")
-    layers = list(range(len(model.blocks))) if residual_layers is None else list(
+    layers = every_nth_layer(len(model.blocks)) if residual_layers is None else list(
         residual_layers)
     residual = patching.activation_patching(model, corrupted, clean, "resid_pre", metric,
                                             per="layer_position", layers=layers)
@@ -652,10 +661,7 @@ def run_study(
 
     if top < 1:
         raise ValueError(f"top must be >= 1; got {top}")
-    if residual_stride < 1:
-        raise ValueError(f"residual_stride must be >= 1; got {residual_stride}")
-    residual_layers = sorted({*range(0, len(model.blocks), residual_stride),
-                              len(model.blocks) - 1})
+    residual_layers = every_nth_layer(len(model.blocks), residual_stride)
     try:
         task = digit_task(model, tokenizer, digits=digits, period=period, strings=strings,
                           seed=seed)
