@@ -311,8 +311,7 @@ def _json_error(source: str, what: str) -> ValueError:
 def _json_normalizer(normalizer: Any, source: str) -> bool:
     """Whether the tokenizer.json normalizer prepends a space (SentencePiece's dummy prefix);
     anything beyond escaping spaces as `▁` is refused, since it would change the encoding."""
-    steps = normalizer.get("normalizers", []) if normalizer and normalizer.get(
-        "type") == "Sequence" else ([normalizer] if normalizer else [])
+    steps = _json_steps(normalizer, "normalizers")
     prefix = False
     for step in steps:
         kind = step.get("type")
@@ -404,14 +403,16 @@ def proto_from_tokenizer_json(
             made.add(index)
             scores[index] = -float(rank)
     digits_split = any(step.get("type") == "Digits" and step.get("individual_digits")
-                       for step in _pre_tokenizer_steps(data.get("pre_tokenizer")))
+                       for step in _json_steps(data.get("pre_tokenizer"), "pretokenizers"))
     return _sentencepiece_proto(ordered, scores, types, special, byte_fallback=byte_fallback,
                                 split_digits=digits_split, add_dummy_prefix=add_dummy_prefix)
 
 
-def _pre_tokenizer_steps(pre_tokenizer: Any) -> list[dict[str, Any]]:
-    if not pre_tokenizer:
+def _json_steps(node: Any, key: str) -> list[dict[str, Any]]:
+    """The steps of a tokenizer.json normalizer or pre-tokenizer: a `Sequence`'s `key` list,
+    the node alone, or none."""
+    if not node:
         return []
-    if pre_tokenizer.get("type") == "Sequence":
-        return list(pre_tokenizer.get("pretokenizers", []))
-    return [pre_tokenizer]
+    if node.get("type") == "Sequence":
+        return list(node.get(key, []))
+    return [node]
