@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -61,15 +62,72 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-host JAX cluster first (gemma_eqx.multihost.initialize: "
                    "the cluster is detected on TPU slices; `gemma-eqx launch` runs it locally)")
-    p.add_argument("--results", type=Path, default=HERE / "results" / "throughput.jsonl")
-    args = p.parse_args(argv)
+    p.add_argument("--results", type=Path, default=None, metavar="FILE",
+                   help="append one JSON line per mode to FILE once every mode has run "
+                   "(e.g. benchmarks/results/throughput.jsonl; default: print only)")
+    return p.parse_args(argv)
+
+
+class Refused(ValueError):
+    """An option that cannot work: one line, exit 2, nothing run or written."""
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every option that needs no JAX, checked before any work; returns the modes."""
+    import math
+
+    from gemma_eqx.throughput import DEVICE_KINDS, MODES, device_peak
+
     if args.devices is not None and not args.dry_run:
-        p.error("--devices simulates CPU devices for --dry-run only")
-    return args
+        raise Refused("--devices simulates CPU devices for --dry-run only")
+    modes = [m.strip() for m in args.modes.split(",")]
+    for mode in modes:
+        if mode not in MODES:
+            raise Refused(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if len(set(modes)) != len(modes):
+        raise Refused(f"--modes names a mode twice: {args.modes!r}")
+    for option, value, least in (("--batch", args.batch, 1), ("--seq", args.seq, 1),
+                                 ("--repeats", args.repeats, 1),
+                                 ("--decode-steps", args.decode_steps,
+                                  1 if "decode" in modes else 0),
+                                 ("--devices", args.devices, 1)):
+        if value is not None and value < least:
+            raise Refused(f"{option} must be >= {least}; got {value}")
+    for option, value in (("--peak-tflops", args.peak_tflops),
+                          ("--bandwidth-gbs", args.bandwidth_gbs)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise Refused(f"{option} must be a positive number; got {value}")
+    if args.device_kind is not None and device_peak(args.device_kind) is None:
+        raise Refused(f"--device-kind {args.device_kind!r} is not a known device; choose "
+                      f"from {', '.join(DEVICE_KINDS)}")
+    if args.dtype is not None and args.dtype not in ("float32", "bfloat16", "float16"):
+        raise Refused(f"--dtype {args.dtype!r} is not a floating dtype JAX computes in; use "
+                      f"float32, bfloat16 or float16")
+    if args.remat and not args.scan:
+        raise Refused("--remat recomputes a scanned stack's periods: add --scan")
+    if args.checkpoint is not None and args.dry_run:
+        raise Refused("--dry-run plans from the preset; leave out --checkpoint")
+    if args.preset is not None:
+        from gemma_eqx.config import get_preset
+
+        try:
+            get_preset(args.preset)
+        except ValueError as e:
+            raise Refused(str(e)) from None
+    if args.results is not None and args.results.is_dir():
+        raise Refused(f"--results {args.results} is a directory; give a file")
+    return modes
 
 
 def main(argv=None) -> None:
     args = _args(argv)
+    try:
+        run(args, check_args(args))
+    except (Refused, ValueError, OSError) as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+
+
+def run(args: argparse.Namespace, modes: list[str]) -> None:
     if args.devices:
         # Before JAX starts: a plan for N devices compiles for N simulated CPU devices.
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -93,8 +151,6 @@ def main(argv=None) -> None:
                                      else "bfloat16"))
     model = None
     if args.checkpoint:
-        if args.dry_run:
-            sys.exit("--dry-run plans from the preset; leave out --checkpoint")
         from gemma_eqx.checkpoint import load_checkpoint
 
         model = load_checkpoint(args.checkpoint, preset=args.preset or "auto", mesh=mesh,
@@ -106,8 +162,8 @@ def main(argv=None) -> None:
     peak = tp.device_peak(kind)
     if peak is None:
         if args.dry_run:
-            sys.exit(f"--dry-run needs the peaks of a device kind (--device-kind, one of v4, "
-                     f"v5e, v5p, v6e, a100, h100, h200); {kind!r} is not in the table")
+            raise Refused(f"--dry-run needs the peaks of a device kind (--device-kind, one of "
+                          f"{', '.join(tp.DEVICE_KINDS)}); {kind!r} is not in the table")
         peak = tp.measure_host_peak(dtype)
         # The simulated devices of one CPU share its cores: the peak is the host's.
         peak = tp.DevicePeak(peak.name, peak.flops / mesh.size, peak.bandwidth / mesh.size,
@@ -119,6 +175,7 @@ def main(argv=None) -> None:
                              peak.memory)
     setup = tp.Setup(config, mesh, args.batch, args.seq, dtype, args.decode_steps,
                      scan=args.scan, remat=args.remat)
+    setup.check()  # batch over the data axis, the context: before any compilation
     lead = jax.process_index() == 0
     if lead:
         print(f"{config.name} on {mesh.size} x {kind} (mesh {dict(mesh.shape)}), {dtype.name}; "
@@ -126,35 +183,44 @@ def main(argv=None) -> None:
               f"device ({peak.name}){'; dry run: predicted at the peak' if args.dry_run else ''}",
               flush=True)
     rows = []
-    for mode in filter(None, args.modes.split(",")):
+    for mode in modes:
         if args.dry_run:
             figures = tp.plan(setup, mode, peak)
         else:
             figures, _ = tp.measure(setup, mode, peak, model=model, repeats=args.repeats)
         rows.append(figures)
-        if lead:
-            _append(args.results, {
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
-                "processes": jax.process_count(), "device_kind": kind,
-                "jax": jax.__version__, **figures.as_dict()})
-    if lead:
-        print(_table(rows))
-        for f in rows:
-            if f.memory_per_device > peak.memory:
-                print(f"{f.mode}: {f.memory_per_device / 2**30:.1f} GiB per device does not fit "
-                      f"{peak.name}'s {peak.memory / 2**30:.0f} GiB; use more devices on the "
-                      f"model axis, a data axis, or a smaller batch or sequence")
-        print(f"appended {len(rows)} line(s) to {args.results}")
+    if not lead:
+        return
+    print(_table(rows))
+    for f in rows:
+        if f.memory_per_device > peak.memory:
+            print(f"{f.mode}: {f.memory_per_device / 2**30:.1f} GiB per device does not fit "
+                  f"{peak.name}'s {peak.memory / 2**30:.0f} GiB; use more devices on the "
+                  f"model axis, a data axis, or a smaller batch or sequence")
+    if args.results is None:
+        return
+    degenerate = [f.mode for f in rows if not (math.isfinite(f.step_seconds)
+                                              and f.step_seconds > 0
+                                              and math.isfinite(f.tokens_per_second))]
+    if degenerate:
+        raise ValueError(f"mode {degenerate[0]} measured no positive finite step time; "
+                         f"nothing was appended to {args.results}")
+    _append(args.results, [{
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
+        "processes": jax.process_count(), "device_kind": kind, "jax": jax.__version__,
+        **f.as_dict()} for f in rows])
+    print(f"appended {len(rows)} line(s) to {args.results}")
 
 
-def _append(path: Path, record: dict) -> None:
-    """One JSON line, appended under a lock (concurrent runs interleave whole lines)."""
+def _append(path: Path, records: list[dict]) -> None:
+    """One JSON line per record, appended in one write under a lock (concurrent runs
+    interleave whole runs)."""
     from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
 def _table(rows) -> str:

@@ -37,6 +37,17 @@ def typecheck_mode(request):
     jaxtyping.config.update("jaxtyping_disable", False)
 
 
+@pytest.fixture
+def as_a_user():
+    """The library as a user runs it: without the test suite's jaxtyping import hook, so the
+    library's own checks (not the annotations) must catch bad input."""
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)
+
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Gemma is a family of open models. 0123456789",

@@ -216,11 +216,20 @@ def write_tiny_gguf(
     drop: tuple[str, ...] = (),
     vocab: bool = True,
     digits: bool = False,
+    block_count: int | None = None,
+    as_int32: tuple[str, ...] = (),
+    metadata: dict | None = None,
 ) -> Path:
-    """Our arrays written as llama.cpp would; tensors named in `quantized` as Q8_0."""
+    """Our arrays written as llama.cpp would; tensors named in `quantized` as Q8_0. For
+    hostile files: `block_count` overrides the layer count written, tensors in `as_int32` are
+    stored as int32, and `metadata` replaces keys' values (a str as a string, a float as
+    float32, an int as uint32)."""
+    from gguf import GGUFValueType
+    from gguf.gguf_writer import GGUFValue
+
     w = GGUFWriter(str(path), arch)
     w.add_name("tiny test model")
-    w.add_block_count(config.num_layers)
+    w.add_block_count(config.num_layers if block_count is None else block_count)
     w.add_context_length(config.context_length)
     w.add_embedding_length(config.embed_dim)
     w.add_feed_forward_length(config.hidden_dim)
@@ -245,10 +254,16 @@ def write_tiny_gguf(
         w.add_eos_token_id(1)
         w.add_unk_token_id(3)
         w.add_pad_token_id(0)
+    for key, value in (metadata or {}).items():
+        vtype = (GGUFValueType.STRING if isinstance(value, str) else
+                 GGUFValueType.FLOAT32 if isinstance(value, float) else GGUFValueType.UINT32)
+        w.kv_data[0][key] = GGUFValue(value, vtype)
     for name, x in _gguf_tensors(config, arrays).items():
         if name in drop:
             continue
-        if name in quantized:
+        if name in as_int32:
+            w.add_tensor(name, x.astype(np.int32))
+        elif name in quantized:
             q = gguf_pkg.quants.quantize(x, GGMLQuantizationType.Q8_0)
             w.add_tensor(name, q, raw_dtype=GGMLQuantizationType.Q8_0)
         else:
@@ -269,3 +284,86 @@ def gguf_arrays(config: GemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
         x = np.asarray(leaf, np.float32)
         out[path] = rng.normal(0, 0.3, x.shape).astype(np.float32) if "norm" in path else x
     return out
+
+
+# ------------------------------------------------------------- Hugging Face directories by hand
+
+
+def hf_tensors(config: GemmaConfig, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our arrays under transformers' names and layouts (`[out, in]` matrices, q/k/v/o
+    flattened over heads): the inverse of `params.from_storage`, for writing safetensors."""
+    from gemma_eqx import params
+
+    out = {}
+    for leaf in params.leaves(config):
+        a, storage = arrays[leaf.path], leaf.param.storage
+        if storage is params.Storage.QKV:
+            stored = [a.transpose(0, 2, 1).reshape(-1, config.embed_dim)]
+        elif storage is params.Storage.OUT:
+            stored = [a.transpose(2, 0, 1).reshape(config.embed_dim, -1)]
+        elif storage is params.Storage.GATE_UP:
+            stored = [a[0].T, a[1].T]
+        elif storage is params.Storage.TRANSPOSED:
+            stored = [a.T]
+        else:
+            stored = [a]
+        for name, x in zip(leaf.hf, stored, strict=True):
+            out["model." + name] = np.ascontiguousarray(x, np.float32)
+    return out
+
+
+def hf_config_json(config: GemmaConfig) -> dict:
+    """A Gemma 3 `config.json` (transformers' field names) for a gemma3-family config."""
+    return {
+        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+        "num_hidden_layers": config.num_layers, "hidden_size": config.embed_dim,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "intermediate_size": config.hidden_dim,
+        "vocab_size": config.vocab_size, "rms_norm_eps": config.norm_eps,
+        "max_position_embeddings": config.context_length,
+        "query_pre_attn_scalar": config.query_pre_attn_scalar,
+        "sliding_window": config.sliding_window,
+        "layer_types": ["sliding_attention" if k == "local" else "full_attention"
+                        for k in config.attention_kinds],
+        "rope_theta": config.global_rope_base, "rope_local_base_freq": config.local_rope_base,
+        "attn_logit_softcapping": None, "final_logit_softcapping": None,
+    }
+
+
+def write_hf_directory(directory: Path, config: GemmaConfig, arrays: dict[str, np.ndarray],
+                       *, shards: int = 1, tokenizer: Path | None = None) -> Path:
+    """A Hugging Face model directory as `save_pretrained` writes it, without transformers:
+    `config.json` and one safetensors file, or `shards` files and an index."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config_json(config)))
+    tensors = hf_tensors(config, arrays)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"))
+    else:
+        names = sorted(tensors)
+        weight_map = {}
+        for k in range(shards):
+            file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: tensors[n] for n in names[k::shards]}
+            save_file(part, str(directory / file))
+            weight_map.update(dict.fromkeys(part, file))
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if tokenizer is not None:
+        import shutil
+
+        shutil.copy(tokenizer, directory / "tokenizer.model")
+    return directory
+
+
+def write_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    """A safetensors file with exactly this header (however wrong) and data section."""
+    import json
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path

@@ -22,7 +22,6 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 
@@ -50,15 +49,6 @@ from interp.surgery import (
 
 TESTS = Path(__file__).parent
 NOISE = ("Traceback", "Event loop is closed")
-
-
-@pytest.fixture
-def as_a_user():
-    """The library as a user runs it: without the test suite's jaxtyping import hook, so the
-    library's own checks (not the annotations) must catch bad input."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.fixture
@@ -591,7 +581,7 @@ def test_forward_past_the_context_is_refused():
 def test_study_period_past_the_context_is_refused(model3):
     with pytest.raises(ValueError, match=r"period=20000 \(BOS and two repetitions\) needs 40001 "
                        "positions"):
-        run_study(model3, CharTokenizer(), period=20_000)
+        run_study(model3, CharTokenizer(), period=20_000, top=2)
 
 
 def test_cli_generate_past_the_context_exits_2(cache, tiny_gguf, capsys):
@@ -613,7 +603,8 @@ def test_out_of_memory_becomes_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(pretrained, "from_pretrained",
                         lambda name: (varied_model("gemma3"), CharTokenizer()))
     out = tmp_path / "report"
-    assert main(["induction", "--period", "16000", "--strings", "64", "--out", str(out)]) == 2
+    assert main(["induction", "--period", "16000", "--strings", "64", "--top", "2", "--out",
+                 str(out)]) == 2
     err = capsys.readouterr().err
     assert ("error: out of memory: the computation asked for" in err
             and "try fewer --strings or a shorter --period" in err and "Traceback" not in err)

@@ -172,7 +172,7 @@ def test_bad_directories_name_the_file_and_tensor(saved, tmp_path):
     with pytest.raises(ValueError, match=r"tensor model\.embed_tokens\.weight has shape "
                                          r"\(97, 64\); leaf embedder\.embedding"):
         load_hf_directory(broken)
-    with pytest.raises(KeyError, match="no tensor 'nothing'"):
+    with pytest.raises(ValueError, match="no tensor 'nothing'"):
         SafetensorsReader(dirs["single"]).find("nothing")
 
 

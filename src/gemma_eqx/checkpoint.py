@@ -274,8 +274,13 @@ def _read_shapes(path: Path) -> Shapes:
             raise ValueError(f"{path}: entry {key!r} is not a dictionary of leaves; "
                              "not a Kaggle Gemma checkpoint")
         for leaf, meta in leaves.items():
-            if not _is_vision(key, leaf):
-                shapes.setdefault(key, {})[leaf] = tuple(meta.shape)
+            if _is_vision(key, leaf):
+                continue
+            dtype = getattr(meta, "dtype", None)
+            if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"{path}: leaf {key}/{leaf} is stored as {jnp.dtype(dtype)}; "
+                                 f"weights must be floating point")
+            shapes.setdefault(key, {})[leaf] = tuple(meta.shape)
     return shapes
 
 

@@ -18,6 +18,7 @@ def _generate(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    check_seed(args.seed)
     model, tokenizer = from_pretrained(args.model)
     key = jax.random.key(args.seed) if args.temperature > 0 else None
     (text,) = generate_text(
@@ -26,6 +27,12 @@ def _generate(args: argparse.Namespace) -> int:
     )
     print(text)
     return 0
+
+
+def check_seed(seed: int, name: str = "--seed") -> None:
+    """A seed JAX's and numpy's generators both take: a 64-bit non-negative integer."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be an integer in [0, 2**63); got {seed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +85,8 @@ def _launch(args: argparse.Namespace) -> int:
     if result.ok:
         return 0
     print(f"gemma-eqx launch: {result.describe()}", file=sys.stderr)
+    if result.stopped_by is not None:
+        return 128 + result.stopped_by
     return 124 if result.timed_out else 1
 
 
@@ -99,25 +108,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
     import os
 
-    logging.basicConfig(level=os.environ.get("GEMMA_EQX_LOG_LEVEL", "WARNING").upper(),
-                        format="%(levelname)s %(name)s: %(message)s")
+    def fail(message: object) -> int:
+        print(f"gemma-eqx {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+    level = os.environ.get("GEMMA_EQX_LOG_LEVEL", "WARNING").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        return fail(f"GEMMA_EQX_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL; "
+                    f"got {os.environ['GEMMA_EQX_LOG_LEVEL']!r}")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from .runtime import tune_cpu_flags
 
     tune_cpu_flags()  # before JAX starts its backend
     import jax
 
     from . import multihost
-
-    if args.command != "launch" and (multihost.requested() or getattr(args, "distributed", False)):
-        multihost.initialize()  # before any computation: every process runs this same command
-
     from .pretrained import ModelUnavailableError
 
-    def fail(message: object) -> int:
-        print(f"gemma-eqx {args.command}: error: {message}", file=sys.stderr)
-        return 2
-
     try:
+        if args.command != "launch" and (multihost.requested()
+                                         or getattr(args, "distributed", False)):
+            multihost.initialize()  # before any computation: every process runs this command
         return args.run(args)
     except ModelUnavailableError as e:  # no network or credentials: a directory is the way out
         return fail(str(e).replace("pass its directory to from_pretrained",

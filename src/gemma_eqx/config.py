@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 AttentionKind = Literal["global", "local"]
@@ -34,6 +35,27 @@ class GemmaConfig:
     context_length: int = 8192  # the longest sequence the model was trained for
 
     def __post_init__(self):
+        # Types first: a string or a bool where a size belongs would fail far from here, or
+        # not at all (True is 1).
+        for name in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
+                     "hidden_dim", "vocab_size", "context_length"):
+            _positive_int(self, name)
+        if self.sliding_window is not None:
+            _positive_int(self, "sliding_window")
+        for name in ("query_pre_attn_scalar", "local_rope_base", "global_rope_base",
+                     "global_rope_scale", "norm_eps"):
+            _positive_number(self, name)
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            if getattr(self, name) is not None:
+                _positive_number(self, name)
+        for name in ("use_qk_norm", "use_post_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config {self.name!r}: {name} must be True or False; got "
+                                 f"{getattr(self, name)!r}")
+        if not isinstance(self.attention_kinds, tuple) or any(
+                k not in ("global", "local") for k in self.attention_kinds):
+            raise ValueError(f"config {self.name!r}: attention_kinds must be a tuple of "
+                             f"'global' and 'local'; got {self.attention_kinds!r}")
         if len(self.attention_kinds) != self.num_layers:
             raise ValueError(
                 f"config {self.name!r}: attention_kinds has {len(self.attention_kinds)} entries "
@@ -53,6 +75,21 @@ class GemmaConfig:
 
     def replace(self, **changes) -> GemmaConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _positive_int(config: GemmaConfig, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config {config.name!r}: {name} must be a positive integer; got "
+                         f"{value!r} ({type(value).__name__})")
+
+
+def _positive_number(config: GemmaConfig, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"config {config.name!r}: {name} must be a positive number; got "
+                         f"{value!r} ({type(value).__name__})")
 
 
 def gemma2_pattern(num_layers: int) -> tuple[AttentionKind, ...]:

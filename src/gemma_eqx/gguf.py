@@ -11,6 +11,7 @@ tied to `token_embd`). Q and K are not permuted for Gemma, so they are used as t
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -44,6 +45,11 @@ _NUMPY_TYPES = {
     7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
 }
 _STRING, _ARRAY = 8, 9
+_MAX_NESTING = 4  # arrays of arrays of ...: llama.cpp writes at most one level
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+# Integer storage types: llama.cpp's own tensors of indices, never weights.
+_INTEGER_TYPES = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32,
+                  GGMLQuantizationType.I64}
 _U64 = struct.Struct("<Q")
 
 
@@ -125,7 +131,7 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise ValueError(f"{self.path}: metadata {key!r} is not valid UTF-8 ({e})") from None
 
-    def value(self, vtype: int, key: str) -> Any:
+    def value(self, vtype: int, key: str, depth: int = 0) -> Any:
         if vtype in _SCALAR_FORMATS:
             (v,) = self.unpack(_SCALAR_FORMATS[vtype], f"metadata {key!r}")
             # float32 values read back as the decimal they were written from (1e-6, not 9.99e-7).
@@ -144,7 +150,14 @@ class _Cursor:
             if etype == _STRING:
                 return self._strings(count, key)
             if etype == _ARRAY:
-                return [self.value(_ARRAY, f"{key}[{i}]") for i in range(count)]
+                if depth >= _MAX_NESTING:
+                    raise ValueError(f"{self.path}: metadata {key!r} nests arrays more than "
+                                     f"{_MAX_NESTING} deep; not a GGUF file this library reads")
+                out = []
+                for i in range(count):
+                    self._need(12, f"metadata {key!r}")  # each element's type and count
+                    out.append(self.value(_ARRAY, f"{key}[{i}]", depth + 1))
+                return out
             raise ValueError(f"{self.path}: metadata {key!r} is an array of unknown type {etype}")
         raise ValueError(f"{self.path}: metadata {key!r} has unknown value type {vtype}")
 
@@ -192,11 +205,15 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
             for _ in range(n_tensors):
                 name = cur.string("a tensor name")
                 (ndim,) = cur.unpack("<I", f"tensor {name!r}")
+                if ndim > _MAX_DIMS:
+                    raise ValueError(f"{path}: tensor {name!r} has {ndim} dimensions; GGUF "
+                                     f"tensors have at most {_MAX_DIMS}")
                 dims = cur.unpack(f"<{ndim}Q", f"tensor {name!r}")
                 raw_type, offset = cur.unpack("<IQ", f"tensor {name!r}")
                 entries.append((name, tuple(reversed(dims)), raw_type, offset))
-            alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
-            if alignment <= 0 or alignment & (alignment - 1):
+            alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+            if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 \
+                    or alignment & (alignment - 1):
                 raise ValueError(f"{path}: general.alignment={alignment} is not a power of two")
             data_start = -(-cur.pos // alignment) * alignment
 
@@ -207,13 +224,22 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
             block, type_size = GGML_QUANT_SIZES[ggml_type]
         except (ValueError, KeyError):
             raise ValueError(f"{path}: tensor {name!r} has unknown ggml type {raw_type}") from None
-        n = int(np.prod(shape, dtype=np.int64))
+        if ggml_type in _INTEGER_TYPES:
+            raise ValueError(f"{path}: tensor {name!r} is stored as {ggml_type.name}; weights "
+                             f"must be floating point or a quantized float format")
+        n = math.prod(shape)  # a Python int: dims whose product overflows 64 bits stay exact
         if shape and shape[-1] % block:
             raise ValueError(
                 f"{path}: tensor {name!r} of shape {shape} does not fill whole "
                 f"{ggml_type.name} blocks of {block}"
             )
+        if offset % alignment:
+            raise ValueError(f"{path}: tensor {name!r} starts at offset {offset}, not a "
+                             f"multiple of the file's alignment {alignment}")
         info = TensorInfo(name, shape, ggml_type, data_start + offset, n // block * type_size)
+        if info.nbytes > size:
+            raise ValueError(f"{path}: tensor {name!r} has shape {shape} ({n} values), which "
+                             f"cannot fit in the file's {size} bytes")
         if info.offset + info.nbytes > size:
             raise ValueError(
                 f"{path}: truncated GGUF file: tensor {name!r} needs bytes up to "
@@ -290,6 +316,30 @@ def _meta(header: GGUFHeader, key: str, default: Any = ...) -> Any:
     return default
 
 
+def _meta_count(header: GGUFHeader, key: str, default: Any = ...) -> int | None:
+    """A metadata value that must be a positive integer (a size, a count); a missing key
+    gives `default` as it is."""
+    value = _meta(header, key, default)
+    if value is default and key not in header.metadata:
+        return value
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{header.path}: GGUF metadata {key!r} must be a positive integer; "
+                         f"got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _meta_number(header: GGUFHeader, key: str, default: Any = ...) -> float | None:
+    """A metadata value that must be a positive finite number (or the default, None)."""
+    value = _meta(header, key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{header.path}: GGUF metadata {key!r} must be a positive number; "
+                         f"got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
 def _shape_fields(c: GemmaConfig) -> tuple[Any, ...]:
     return (c.num_layers, c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim,
             c.vocab_size)
@@ -302,52 +352,54 @@ def config_from_gguf(header: GGUFHeader) -> GemmaConfig:
     returned, name included; otherwise the config is named after the file.
     """
     arch = _architecture(header)
-    m = lambda key, default=...: _meta(header, f"{arch}.{key}", default)  # noqa: E731
-    layers, width = int(m("block_count")), int(m("embedding_length"))
-    heads = m("attention.head_count")
-    kv_heads = m("attention.head_count_kv", heads)
-    if isinstance(heads, np.ndarray) or isinstance(kv_heads, np.ndarray):
-        raise ValueError(f"{header.path}: per-layer head counts are not supported")
-    heads, kv_heads = int(heads), int(kv_heads)
-    head_dim = int(m("attention.key_length", width // heads))
+    count = lambda key, default=...: _meta_count(header, f"{arch}.{key}", default)  # noqa: E731
+    number = lambda key, default=...: _meta_number(header, f"{arch}.{key}", default)  # noqa: E731
+    layers, width = count("block_count"), count("embedding_length")
+    per_layer = [k for k in ("attention.head_count", "attention.head_count_kv")
+                 if isinstance(header.metadata.get(f"{arch}.{k}"), np.ndarray)]
+    if per_layer:
+        raise ValueError(f"{header.path}: per-layer head counts ({arch}.{per_layer[0]}) are not "
+                         f"supported")
+    heads = count("attention.head_count")
+    kv_heads = count("attention.head_count_kv", heads)
+    head_dim = count("attention.key_length", max(1, width // heads))
     if "token_embd.weight" in header.tensors:
         vocab = header.tensors["token_embd.weight"].shape[0]
     else:
-        vocab = len(_meta(header, "tokenizer.ggml.tokens"))
+        tokens = _meta(header, "tokenizer.ggml.tokens")
+        vocab = len(tokens) if isinstance(tokens, list) else 0
     sizes = dict(
         name=f"gguf:{header.metadata.get('general.name', header.path.stem)}",
         num_layers=layers, embed_dim=width, num_heads=heads, num_kv_heads=kv_heads,
-        head_dim=head_dim, hidden_dim=int(m("feed_forward_length")), vocab_size=int(vocab),
+        head_dim=head_dim, hidden_dim=count("feed_forward_length"), vocab_size=int(vocab),
     )
     # What the file says overrides the family's defaults (config.family_config); what it
     # omits (query scale, local RoPE base of Gemma 3) keeps them. llama.cpp scales queries by
     # (embed / heads)^-1/2 for the 27B Gemma 2 and 3 (head_dim 128) and by head_dim^-1/2
     # otherwise; the 27B presets are matched below either way.
-    window = m("attention.sliding_window", None)
-    base = float(m("rope.freq_base", 10_000.0))
+    window = count("attention.sliding_window", None)
+    base = number("rope.freq_base", 10_000.0)
     read: dict[str, Any] = dict(
-        norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-6)),
-        context_length=int(m("context_length", 8192)), global_rope_base=base,
+        norm_eps=number("attention.layer_norm_rms_epsilon", 1e-6),
+        context_length=count("context_length", 8192), global_rope_base=base,
     )
     if arch != "gemma":
-        read.update(attention_kinds=_pattern(header, arch, layers),
-                    sliding_window=None if window is None else int(window))
+        read.update(attention_kinds=_pattern(header, arch, layers), sliding_window=window)
     if arch == "gemma2":
         read.update(local_rope_base=base,
-                    attn_logit_softcap=_opt_float(m("attn_logit_softcapping", None)),
-                    final_logit_softcap=_opt_float(m("final_logit_softcapping", None)))
+                    attn_logit_softcap=number("attn_logit_softcapping", None),
+                    final_logit_softcap=number("final_logit_softcapping", None))
     if arch == "gemma3":
         scale = 1.0
-        if m("rope.scaling.type", "none") == "linear":
-            scale = float(m("rope.scaling.factor", 1.0))
-        read.update(local_rope_base=float(m("rope.freq_base_swa", 10_000.0)),
+        if _meta(header, f"{arch}.rope.scaling.type", "none") == "linear":
+            scale = number("rope.scaling.factor", 1.0)
+        read.update(local_rope_base=number("rope.freq_base_swa", 10_000.0),
                     global_rope_scale=scale)
-    config = family_config(arch, **sizes, **read)
+    try:
+        config = family_config(arch, **sizes, **read)
+    except ValueError as e:  # fields that disagree with each other (GemmaConfig's checks)
+        raise ValueError(f"{header.path}: {e}") from None
     return match_preset(config)
-
-
-def _opt_float(x: Any) -> float | None:
-    return None if x is None else float(x)
 
 
 def _pattern(header: GGUFHeader, arch: str, layers: int) -> tuple[str, ...]:
@@ -363,6 +415,11 @@ def _pattern(header: GGUFHeader, arch: str, layers: int) -> tuple[str, ...]:
                 f"{layers} layers"
             )
         return tuple("local" if p else "global" for p in pattern)
+    if isinstance(pattern, bool | np.bool_) or not isinstance(pattern, int | np.integer) \
+            or pattern < 0:
+        raise ValueError(f"{header.path}: GGUF metadata {arch}.attention.sliding_window_pattern "
+                         f"must be a non-negative integer or one flag per layer; got "
+                         f"{pattern!r}")
     period = int(pattern)  # every period-th layer is global
     return tuple("global" if period and (i + 1) % period == 0 else "local" for i in range(layers))
 
@@ -393,6 +450,15 @@ def match_preset(config: GemmaConfig) -> GemmaConfig:
 def arrays_from_gguf(header: GGUFHeader, config: GemmaConfig) -> dict[str, np.ndarray]:
     """Our `{path: float32 array}` from the file's tensors, in our layouts (`params.PARAMS`
     names each tensor and its layout)."""
+    # Before any tensor is dequantized: every tensor read once, each of the shape the config
+    # needs (GGUF stores matrices [out, in], as Hugging Face does).
+    params.match_tensors(config, header.tensors, names="gguf", source=str(header.path))
+    for leaf in params.leaves(config):
+        for name, want in zip(leaf.gguf, params.stored_shapes(leaf), strict=True):
+            got = header.tensors[name].shape
+            if got != want:
+                raise ValueError(f"{header.path}: tensor {name!r} has shape {got}; leaf "
+                                 f"{leaf.path} of {config.name} needs {want}")
     # Some are transposed views; whoever converts them (jnp.asarray) copies them once anyway.
     return params.arrays_from_tensors(
         config, lambda name: read_tensor(header, name), names="gguf",

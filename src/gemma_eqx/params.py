@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -253,3 +253,53 @@ def arrays_from_tensors(
             stored = [s - np.float32(leaf.param.gguf_offset) for s in stored]
         out[leaf.path] = from_storage(leaf, stored, tensor_names, check)
     return out
+
+
+def _listed(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def match_tensors(
+    config: GemmaConfig,
+    stored: Collection[str],
+    *,
+    names: str,
+    source: str,
+    prefixes: tuple[str, ...] = ("",),
+    ignored: Callable[[str], bool] = lambda name: False,
+) -> dict[str, str]:
+    """`{schema name: stored name}` for every tensor a model of `config` reads from a Hugging
+    Face (`names="hf"`) or GGUF (`names="gguf"`) source holding the tensors `stored`, each
+    found under exactly one of `prefixes`. Every stored tensor must be used once: a missing
+    tensor, one stored under two prefixes, or a stored tensor no leaf reads (a layer the config
+    does not declare, say) is a ValueError naming them, raised before any tensor is read.
+    `ignored(name)` marks stored tensors that are not the text model's (a vision tower)."""
+    found, missing, twice = {}, [], []
+    for leaf in leaves(config):
+        for name in (leaf.hf if names == "hf" else leaf.gguf):
+            hits = [p + name for p in prefixes if p + name in stored]
+            if not hits:
+                missing.append(name)
+            elif len(hits) > 1:
+                twice.append(" and ".join(hits))
+            else:
+                found[name] = hits[0]
+    if missing:
+        raise ValueError(f"{source}: tensor(s) {_listed(missing)} of {config.name} "
+                         f"({config.num_layers} layers) are missing")
+    if twice:
+        raise ValueError(f"{source}: tensor(s) stored twice under different prefixes: "
+                         f"{_listed(twice)}")
+    used = set(found.values())
+    unused = sorted((n for n in stored if n not in used and not ignored(n)), key=_natural)
+    if unused:
+        raise ValueError(f"{source}: tensor(s) {_listed(unused)} are not read by "
+                         f"{config.name} ({config.num_layers} layers): the config and the "
+                         f"weights disagree")
+    return found
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key that puts layer 2 before layer 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

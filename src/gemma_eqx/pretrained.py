@@ -124,13 +124,22 @@ def _load_hf(
 ) -> tuple[Transformer, Any]:
     """A Hugging Face model directory: safetensors, config.json and tokenizer.model (or, where
     that is missing, the SentencePiece model rebuilt from tokenizer.json)."""
+    from .checks import check_model_file
     from .tokenizer import Tokenizer
 
-    # The tokenizer first: a bad one fails before the weights are read.
-    if (directory / "tokenizer.model").is_file():
-        tokenizer = Tokenizer.from_file(directory / "tokenizer.model")
-    elif (directory / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_tokenizer_json(directory / "tokenizer.json")
+    # Config, files and headers first, then the tokenizer: either fails before the weights
+    # are read.
+    hf.check_hf_directory(directory)
+    present = {name for name in ("tokenizer_config.json", "tokenizer.model", "tokenizer.json")
+               if os.path.lexists(directory / name)}
+    if "tokenizer_config.json" in present:
+        check_model_file(directory, "tokenizer_config.json", "the tokenizer config")
+    if "tokenizer.model" in present:
+        tokenizer = Tokenizer.from_file(
+            check_model_file(directory, "tokenizer.model", "the tokenizer"))
+    elif "tokenizer.json" in present:
+        tokenizer = Tokenizer.from_tokenizer_json(
+            check_model_file(directory, "tokenizer.json", "the tokenizer"))
     else:
         raise ValueError(f"{directory} has neither tokenizer.model (SentencePiece) nor "
                          f"tokenizer.json; Gemma's tokenizer is read from one of them")
@@ -320,7 +329,13 @@ def gguf_cache_entry(
         remove_partials(entry)  # what killed runs left
         log.info("converting %s into the cache %s (process %d)", gguf_path, entry,
                  jax.process_index())
-        if entry.exists():
+        if entry.is_symlink():
+            # A link someone put in place of the entry (to their own directory, which is
+            # not ours to touch): only the link goes.
+            log.warning("cache entry %s is a link to %s, which is not a valid entry; "
+                        "converting %s again beside it", entry, os.readlink(entry), gguf_path)
+            entry.unlink()
+        elif entry.exists():
             log.warning("cache entry %s is outdated or corrupted; converting %s again",
                         entry, gguf_path)
             # Renamed first, so a kill mid-delete leaves a partial, never a half entry.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -67,15 +68,26 @@ DEVICE_PEAKS: tuple[tuple[str, DevicePeak], ...] = (
 )
 
 
+def _words(name: str) -> list[str]:
+    words = re.findall(r"[a-z0-9]+", name.lower())
+    return words[1:] if words[:1] == ["tpu"] else words
+
+
 def device_peak(kind: str) -> DevicePeak | None:
-    """The table's entry for a device kind (`jax.Device.device_kind`, or a short name such as
-    `v5e` or `h100`); None for a kind not in the table (a CPU: measure it)."""
-    low = kind.lower().replace("tpu ", "")
+    """The table's entry for a device kind: `jax.Device.device_kind` (`"TPU v5 lite"`,
+    `"NVIDIA H100 80GB HBM3"`) or a short name (`v5e`, `h100`). A name matches when the words
+    of a table entry appear in it, whole and in order (`h` matches nothing); None for a kind
+    not in the table (a CPU: measure it)."""
+    words = _words(kind)
     for key, peak in DEVICE_PEAKS:
-        names = {key.lower().replace("tpu ", ""), peak.name.lower().replace("tpu ", "")}
-        if any(n in low or low in n for n in names):
-            return peak
+        for name in (key, peak.name):
+            want = _words(name)
+            if any(words[i:i + len(want)] == want for i in range(len(words))):
+                return peak
     return None
+
+
+DEVICE_KINDS = ("v4", "v5e", "v5p", "v6e", "a100", "h100", "h200")  # short names for the CLI
 
 
 def measure_host_peak(dtype: DTypeLike = jnp.float32) -> DevicePeak:
@@ -103,19 +115,34 @@ def _seconds(fn: Callable[[], Any]) -> float:
 
 def parse_mesh(text: str, devices: Any = None) -> Mesh:
     """A mesh with axes `data` and `model` from `"data=2,model=4"` (an axis left out has size
-    1; `"model=-1"` takes every remaining device) over `devices` (default: all of them)."""
+    1; `"model=-1"` takes every remaining device) over `devices` (default: all of them).
+    Every refusal is one sentence naming the part of `text` at fault."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": 1, "model": 1}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        if name not in sizes or not value.lstrip("-").isdigit():
+    given: set[str] = set()
+    parts = [p.strip() for p in text.split(",")]
+    if not any(parts):
+        raise ValueError(f"mesh {text!r}: expected axes data=N,model=M")
+    for part in parts:
+        name, sep, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if name not in sizes or not sep or not re.fullmatch(r"-?\d+", value):
             raise ValueError(f"mesh {text!r}: expected axes data=N,model=M; got {part!r}")
+        if name in given:
+            raise ValueError(f"mesh {text!r}: axis {name} is given twice")
+        given.add(name)
         sizes[name] = int(value)
-    free = [n for n, s in sizes.items() if s == -1]
-    if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
-        raise ValueError(f"mesh {text!r}: sizes must be positive (one axis may be -1)")
+        if sizes[name] == 0 or sizes[name] < -1:
+            raise ValueError(f"mesh {text!r}: axis {name} must have a positive size (or -1 "
+                             f"for the remaining devices); got {sizes[name]}")
+    free = [n for n, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh {text!r}: only one axis may be -1")
     if free:
-        rest = math.prod(s for s in sizes.values() if s != -1)
+        rest = math.prod(size for size in sizes.values() if size != -1)
+        if len(devices) % rest:
+            raise ValueError(f"mesh {text!r}: {len(devices)} devices do not split into "
+                             f"{free[0]} x {rest}")
         sizes[free[0]] = len(devices) // rest
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"mesh {text!r} has {math.prod(sizes.values())} devices; there are "

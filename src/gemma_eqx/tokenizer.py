@@ -105,6 +105,9 @@ class Tokenizer:
             raise ValueError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
         except ValueError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path.with_name('tokenizer_config.json')} must hold a JSON "
+                             f"object; got {type(config).__name__}")
         special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
                    if config.get(k)}
         return cls(proto_from_tokenizer_json(data, special_tokens=special, source=str(path)),

@@ -65,6 +65,10 @@ def model_from_arrays(
     """Build a model whose leaves are exactly `arrays` (checked: no leaf missing, extra or
     misshaped, and with `check_finite` no NaN or infinity). Arrays are used as given, so their
     dtype and sharding are kept."""
+    for path, array in arrays.items():
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise ValueError(f"{source}: weight {path} has dtype {array.dtype}; weights must be "
+                             f"floating point")
     dtypes = {jnp.dtype(a.dtype) for a in arrays.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else jnp.float32
     skeleton = abstract_model(config, dtype, activation_dtype)

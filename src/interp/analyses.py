@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from gemma_eqx.checks import check_finite
+from gemma_eqx.checks import check_finite, check_head_pairs
 from gemma_eqx.modules import Transformer
 from gemma_eqx.multihost import to_host
 from gemma_eqx.tokenizer import TokenizerLike
@@ -455,7 +455,8 @@ def minimal_breaking_set(
     """
     tokens, padding_mask = _as_inputs(model, tokens, padding_mask)
     eval_mask = _check_eval_mask(eval_mask, tokens, padding_mask)
-    heads = [(int(c[0]), int(c[1])) for c in candidates]
+    heads = check_head_pairs(candidates, len(model.blocks), model.config.num_heads,
+                             "candidate")
     if len(set(heads)) != len(heads):
         raise ValueError(f"candidates contain a head twice: {heads}")
 

@@ -44,24 +44,32 @@ def add_induction_command(commands: Any) -> None:
 
 
 def _check_out(out: Path) -> None:
-    """Fail before any work if the report could not be written there (nothing is created)."""
+    """Fail before any work if the report could not be written there: the directory rules of
+    `check_report_directory`, a dangling symlink, and a real write (a probe directory made and
+    removed where the report's directory would be created). Nothing is left behind."""
+    import tempfile
+
     from .report import check_report_directory
 
     try:
         check_report_directory(out)
     except ValueError as e:
         raise ValueError(f"--out: {e}") from None
-    existing = out.absolute()
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does "
+                         f"not exist; create that directory or choose another --out")
+    resolved = Path(os.path.realpath(out))
+    existing = resolved
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK) or _read_only(existing):
-        raise PermissionError(f"--out {out} is not writable ({existing} is not a writable "
-                              f"directory)")
-
-
-def _read_only(path: Path) -> bool:
-    # os.access says yes to root even on a read-only mount.
-    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    if not existing.is_dir():
+        raise ValueError(f"--out {out} is not writable ({existing} is a file, not a "
+                         f"directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gemma-eqx-probe-", dir=existing))
+    except OSError as e:
+        raise PermissionError(f"--out {out} is not writable ({existing}: "
+                              f"{e.strerror or e})") from None
 
 
 def _enable_compilation_cache() -> None:
@@ -73,30 +81,38 @@ def _enable_compilation_cache() -> None:
     from gemma_eqx.pretrained import cache_dir
     from gemma_eqx.runtime import enable_compilation_cache
 
-    enable_compilation_cache(Path(os.environ.get("GEMMA_EQX_COMPILE_CACHE")
-                                  or cache_dir() / "xla"))
+    chosen = os.environ.get("GEMMA_EQX_COMPILE_CACHE")
+    if chosen and os.path.exists(chosen) and not os.path.isdir(chosen):
+        raise ValueError(f"GEMMA_EQX_COMPILE_CACHE={chosen} is not a directory")
+    enable_compilation_cache(Path(chosen or cache_dir() / "xla"))
 
 
 def run_induction(args: argparse.Namespace) -> int:
     from gemma_eqx.checks import check_length
+    from gemma_eqx.cli import check_seed
     from gemma_eqx.multihost import is_lead
     from gemma_eqx.pretrained import from_pretrained
 
     from .report import summary_rows, write_report
-    from .study import check_digits, elapsed_printer, run_study
+    from .study import check_digits, check_top, elapsed_printer, run_study
 
     start = time.perf_counter()
     say = elapsed_printer()
 
     if args.text is not None:
         check_digits(args.text, 1 << 30, name="--text")
-    if args.period < 2 or args.top < 1 or args.strings < 1 or args.residual_stride < 1:
-        raise ValueError("--period must be >= 2, --top, --strings and --residual-stride >= 1")
+    for option, value, least in (("--period", args.period, 2), ("--top", args.top, 1),
+                                 ("--strings", args.strings, 1),
+                                 ("--residual-stride", args.residual_stride, 1)):
+        if value < least:
+            raise ValueError(f"{option} must be >= {least}; got {value}")
+    check_seed(args.seed)
     out = Path(args.out)
     _check_out(out)
     _enable_compilation_cache()
     say(f"loading {args.model}")
     model, tokenizer = from_pretrained(args.model)
+    check_top(args.top, model, name="--top")
     if args.text is not None:
         check_digits(args.text, model.config.context_length, name="--text")
     else:

@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from gemma_eqx.checks import check_finite, check_index, check_padding_mask, check_tokens
+from gemma_eqx.checks import (
+    check_finite,
+    check_index,
+    check_indices,
+    check_padding_mask,
+    check_rows,
+    check_tokens,
+)
 from gemma_eqx.config import GemmaConfig
 from gemma_eqx.display import Module, render_records
 from gemma_eqx.modules import Transformer
@@ -54,15 +61,10 @@ TokenIds = Int[Array, "batch seq"] | Int[np.ndarray, "batch seq"]
 # ------------------------------------------------------------------------------ selection
 
 
-def _index_tuple(values: Any, size: int | None, what: str) -> tuple[int, ...] | None:
-    if values is None:
-        return None
-    if isinstance(values, (int, str, np.integer)):
-        raise TypeError(f"{what} must be a sequence of indices; got {values!r}")
-    out = tuple(int(v) if size is None else check_index(v, size, what) for v in values)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{what} indices {list(out)} contain duplicates")
-    return out
+def _index_tuple(values: Any, what: str) -> tuple[int, ...] | None:
+    """Static head or position indices (None = all), by the one rule of `check_indices`; their
+    range is checked where the site's size is known."""
+    return None if values is None else check_indices(values, None, what)
 
 
 def _check_positions(
@@ -212,9 +214,17 @@ class Apply(_Selective):
 
     def __call__(self, x: Array, context: SiteContext) -> tuple[Array, None]:
         new = self.fn(x, context) if self.with_context else self.fn(x)
+        where = f"the function applied at site {self.site}" + (
+            "" if context.layer is None else f" of layer {context.layer}")
+        if not isinstance(new, jax.Array | np.ndarray):
+            raise TypeError(f"{where} returned {type(new).__name__}, not an array of the "
+                            f"site's shape {tuple(x.shape)}")
         if tuple(new.shape) != tuple(x.shape):
-            raise ValueError(f"function at site {self.site} returned shape {tuple(new.shape)}; "
-                             f"the site has shape {tuple(x.shape)}")
+            raise ValueError(f"{where} returned shape {tuple(new.shape)}; the site has shape "
+                             f"{tuple(x.shape)}")
+        if not jnp.issubdtype(new.dtype, jnp.floating):
+            raise TypeError(f"{where} returned {new.dtype} values; the site holds "
+                            f"{x.dtype} activations (return a floating array)")
         amount = self.amount(x, context)
         new = new.astype(x.dtype)
         return (new if amount is None else (1 - amount) * x + amount * new), None
@@ -225,6 +235,9 @@ class Rewire(_Selective):
     (`source[i] = i` leaves a row alone)."""
 
     source: Int[Array, " batch"] = None
+
+    def __check_init__(self):
+        check_rows(self.source, f"rewiring source at site {self.site}")
 
     def __call__(self, x: Array, context: SiteContext) -> tuple[Array, None]:
         if tuple(self.source.shape) != (x.shape[0],):
@@ -306,6 +319,13 @@ class Linearized(Module):
     around: Int[Array, " batch"]
     at: Int[Array, " batch"]
 
+    def __check_init__(self):
+        check_rows(self.around, "Linearized.around")
+        check_rows(self.at, "Linearized.at")
+        if self.around.shape != self.at.shape:
+            raise ValueError(f"Linearized.around and .at must have one shape [batch]; got "
+                             f"{tuple(self.around.shape)} and {tuple(self.at.shape)}")
+
     def __call__(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq embed"]:
         for name, index in (("around", self.around), ("at", self.at)):
             if tuple(index.shape) != (x.shape[0],):
@@ -332,10 +352,7 @@ def select_layers(model: Transformer, layers: Layers) -> list[int]:
             f"layers must be a sequence of layer indices or a predicate (layer, attn) -> bool; "
             f"got {type(layers).__name__}"
         )
-    out = [check_index(i, n, "layer") for i in layers]
-    if len(set(out)) != len(out):
-        raise ValueError(f"layer indices {list(layers)} contain duplicates")
-    return out
+    return list(check_indices(layers, n, "layer"))
 
 
 def _check_intervention(model: Transformer, intervention: Intervention) -> SiteSpec:
@@ -352,10 +369,6 @@ def _check_intervention(model: Transformer, intervention: Intervention) -> SiteS
         leaf = getattr(intervention, name, None)
         if leaf is not None and hasattr(leaf, "dtype") or isinstance(leaf, float):
             check_finite(leaf, f"{intervention.describe()}: {name}")
-    source = getattr(intervention, "source", None)
-    if source is not None and not jnp.issubdtype(jnp.asarray(source).dtype, jnp.integer):
-        raise TypeError(f"rewiring source must hold integer row indices; got "
-                        f"{jnp.asarray(source).dtype}")
     return spec
 
 
@@ -591,8 +604,8 @@ def capture(
     what is kept (heads only on query-head sites: `k` and `v` are kept whole); a filtered cache
     cannot be a patch source."""
     names = list(SITES) if sites is None else [site_spec(s).name for s in sites]
-    head_idx = _index_tuple(heads, None, "head")
-    pos_idx = _index_tuple(positions, None, "position")
+    head_idx = _index_tuple(heads, "head")
+    pos_idx = _index_tuple(positions, "position")
     per_layer = {}
     layer_idx = select_layers(model, layers)
     for name in names:
@@ -647,8 +660,8 @@ def patch(
     for layer in idx:
         value = _source_array(source, model, spec.name, layer)
         items[layer] = Replace(spec.name, value=value, weight=weight,
-                               heads=_index_tuple(heads, None, "head"),
-                               positions=_index_tuple(positions, None, "position"))
+                               heads=_index_tuple(heads, "head"),
+                               positions=_index_tuple(positions, "position"))
     return add_interventions(model, items)
 
 
@@ -668,7 +681,7 @@ def ablate(
     `reference`, a random permutation from `key`; the reference batch must equal the batch the
     model will run)."""
     spec = site_spec(site)
-    h, p = _index_tuple(heads, None, "head"), _index_tuple(positions, None, "position")
+    h, p = _index_tuple(heads, "head"), _index_tuple(positions, "position")
     idx = [None] if not spec.per_layer else select_layers(model, layers)
     if how == "zero":
         return add_interventions(model, {i: Scale(spec.name, factor=jnp.zeros(()), heads=h,
@@ -704,8 +717,8 @@ def scale(
     """A model with `site` multiplied by `factor` on the selected units (differentiable)."""
     spec = site_spec(site)
     idx = [None] if not spec.per_layer else select_layers(model, layers)
-    item = Scale(spec.name, factor=_as_array(factor), heads=_index_tuple(heads, None, "head"),
-                 positions=_index_tuple(positions, None, "position"))
+    item = Scale(spec.name, factor=_as_array(factor), heads=_index_tuple(heads, "head"),
+                 positions=_index_tuple(positions, "position"))
     return add_interventions(model, {i: item for i in idx})
 
 
@@ -723,8 +736,8 @@ def apply_fn(
     spec = site_spec(site)
     idx = [None] if not spec.per_layer else select_layers(model, layers)
     item = Apply(spec.name, fn=fn, with_context=with_context,
-                 heads=_index_tuple(heads, None, "head"),
-                 positions=_index_tuple(positions, None, "position"))
+                 heads=_index_tuple(heads, "head"),
+                 positions=_index_tuple(positions, "position"))
     return add_interventions(model, {i: item for i in idx})
 
 

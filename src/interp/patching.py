@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from gemma_eqx.checks import check_index
+from gemma_eqx.checks import check_head_pairs, check_index, check_indices, check_token_ids
 from gemma_eqx.display import Module
 from gemma_eqx.modules import Transformer
 from gemma_eqx.multihost import to_host
@@ -75,6 +75,8 @@ class Metric(Module):
     # embed], data) -> [batch]`, without the full logits (see `Transformer.target_logprobs`).
     stream_fn: Callable[[Transformer, Array, Any], Array] | None = eqx.field(
         static=True, default=None)
+    # Whether `data`'s arrays are token ids (checked against the model's vocabulary).
+    data_are_token_ids: bool = eqx.field(static=True, default=False)
 
     def __call__(self, logits: Float[Array, "batch k vocab"]) -> Float[Array, " batch"]:
         return self.fn(logits, self.data)
@@ -103,26 +105,40 @@ def _logit_difference(logits: Array, ids: tuple[Array, Array]) -> Array:
     return (take(ids[0]) - take(ids[1])).mean(axis=-1)
 
 
+def _token_ids(values: Ints, what: str) -> tuple[int, ...]:
+    """Target token ids: integers (the one index rule), never negative; the vocabulary bound is
+    checked when the metric meets a model."""
+    ids = check_indices(values, None, what, distinct=False)
+    for i in ids:
+        if i < 0:
+            raise ValueError(f"{what} {i} is negative; token ids are 0 .. vocab - 1")
+    return ids
+
+
 def mean_logprob(targets: Ints, positions: Ints) -> Metric:
     """Mean over `positions` of the log-probability of `targets` (one token id per position:
     the token the logits at that position should predict)."""
-    targets, positions = tuple(int(t) for t in targets), tuple(int(p) for p in positions)
+    targets = _token_ids(targets, "target token id")
+    positions = check_indices(positions, None, "metric position", distinct=False)
     if len(targets) != len(positions) or not positions:
         raise ValueError(f"mean_logprob needs one target per position; got {len(targets)} "
                          f"targets for {len(positions)} positions")
     return Metric(positions, _mean_logprob, jnp.asarray(targets, jnp.int32),
-                  "mean log-prob of the target tokens", _mean_logprob_streamed)
+                  "mean log-prob of the target tokens", _mean_logprob_streamed, True)
 
 
 def logit_difference(correct: Ints, wrong: Ints, positions: Ints) -> Metric:
     """Mean over `positions` of `logit[correct] - logit[wrong]` (one id of each per position)."""
-    correct, wrong = tuple(int(t) for t in correct), tuple(int(t) for t in wrong)
-    positions = tuple(int(p) for p in positions)
+    correct = _token_ids(correct, "correct token id")
+    wrong = _token_ids(wrong, "wrong token id")
+    positions = check_indices(positions, None, "metric position", distinct=False)
     if not len(correct) == len(wrong) == len(positions) or not positions:
-        raise ValueError("logit_difference needs one correct and one wrong id per position")
+        raise ValueError(f"logit_difference needs one correct and one wrong id per position; "
+                         f"got {len(correct)} correct and {len(wrong)} wrong ids for "
+                         f"{len(positions)} positions")
     return Metric(positions, _logit_difference,
                   (jnp.asarray(correct, jnp.int32), jnp.asarray(wrong, jnp.int32)),
-                  "logit difference")
+                  "logit difference", data_are_token_ids=True)
 
 
 def _positions(positions: Ints, seq: int, what: str = "position") -> Int[Array, " k"]:
@@ -134,10 +150,14 @@ def _positions(positions: Ints, seq: int, what: str = "position") -> Int[Array, 
     return jnp.asarray(out)
 
 
-def _check_metric(metric: Metric, seq: int) -> Int[Array, " k"]:
+def _check_metric(model: Transformer, metric: Metric, seq: int) -> Int[Array, " k"]:
+    """The metric's positions inside `seq`, its token ids inside the model's vocabulary."""
     if not isinstance(metric, Metric):
         raise TypeError(f"metric must be an interp.patching.Metric (see mean_logprob); got "
                         f"{type(metric).__name__}")
+    if metric.data_are_token_ids:
+        for ids in jax.tree_util.tree_leaves(metric.data):
+            check_token_ids(ids, model.config.vocab_size, f"{metric.name}: target token id")
     return _positions(metric.positions, seq, "metric position")
 
 
@@ -156,7 +176,7 @@ def evaluate(
 ) -> Float[Array, " batch"]:
     """`metric` of the model (with its interventions) on `tokens`, one value per row."""
     tokens, padding_mask = as_inputs(model, tokens, padding_mask)
-    positions = _check_metric(metric, tokens.shape[1])
+    positions = _check_metric(model, metric, tokens.shape[1])
     return _metric_of(model, tokens, padding_mask, positions, metric)[0]
 
 
@@ -255,7 +275,7 @@ def activation_patching(
         raise ValueError(f"chunk must be at least 1; got {chunk}")
     target, padding_mask = as_inputs(model, target, padding_mask)
     n, seq = target.shape
-    positions = _check_metric(metric, seq)
+    positions = _check_metric(model, metric, seq)
     layer_idx = select_layers(model, layers)
     cache = _source_cache(model, source, site, layer_idx, padding_mask)
     if cache.input_shape != tuple(target.shape):
@@ -361,7 +381,7 @@ def _source_metric(model, source, cache, metric, padding_mask, target) -> float:
     if isinstance(source, ActivationCache):
         # The source's own metric needs its logits: recorded when the cache holds them.
         if "logits" in source and source["logits"].shape[1] == target.shape[1]:
-            logits = source["logits"][:, _check_metric(metric, target.shape[1])]
+            logits = source["logits"][:, _check_metric(model, metric, target.shape[1])]
             return float(np.mean(to_host(metric(logits))))
         return float("nan")
     return float(np.mean(to_host(evaluate(model, source, metric, padding_mask=padding_mask))))
@@ -402,15 +422,26 @@ def path_patching(
         raise ValueError(f"source shape {tuple(source.shape)} differs from the target's "
                          f"{tuple(target.shape)}")
     L, H = len(model.blocks), model.config.num_heads  # noqa: N806
-    receivers = head_grid(model, receivers)
+    receivers = head_grid(model, receivers, "receiver")
     if not receivers:
         raise ValueError("path_patching needs at least one receiver head")
     top = max(la for la, _ in receivers)
+    if top == 0:
+        raise ValueError(f"path_patching: every receiver ({', '.join(map(str, receivers))}) is "
+                         f"in layer 0, where no head can send to it; choose receivers in a "
+                         f"later layer")
     if senders is None:
         senders = [(la, h) for la in range(top) for h in range(H)]
-    senders = head_grid(model, senders)
+    senders = head_grid(model, senders, "sender")
+    if not senders:
+        raise ValueError("path_patching needs at least one sender head")
+    late = [s for s in senders if s[0] >= top]
+    if late:
+        raise ValueError(f"path_patching: sender {late[0]} is not below any receiver's layer "
+                         f"(the last receiver is in layer {top}); a head sends only to later "
+                         f"layers")
     n, seq = target.shape
-    positions = _check_metric(metric, seq)
+    positions = _check_metric(model, metric, seq)
     _, clean = capture(model, target, sites=["head_out"], padding_mask=padding_mask)
     _, other = capture(model, source, sites=["head_out"], padding_mask=padding_mask)
     rows = chunk * n
@@ -516,11 +547,12 @@ def _readout_inputs(model, tokens, targets, positions, padding_mask):
     """Checked tokens, mask, positions and `[batch, positions]` targets for a read-out."""
     tokens, padding_mask = as_inputs(model, tokens, padding_mask)
     pos = _positions(positions, tokens.shape[1])
-    targets = jnp.asarray(targets)
+    targets = targets if hasattr(targets, "shape") else np.asarray(targets)
     if targets.shape != (tokens.shape[0], len(positions)):
         raise ValueError(f"targets must have shape [batch, positions] = "
                          f"{(tokens.shape[0], len(positions))}; got {tuple(targets.shape)}")
-    return tokens, padding_mask, pos, targets
+    check_token_ids(targets, model.config.vocab_size, "target token id")
+    return tokens, padding_mask, pos, jnp.asarray(targets)
 
 
 def _direct_heads(head_out, final, unembed):
@@ -595,10 +627,9 @@ def logit_lens(
     return LogitLens(to_host(lp, np.float64), to_host(top))
 
 
-def head_grid(model: Transformer, heads: Sequence[Head]) -> list[Head]:
-    """`(layer, head)` pairs checked against the model."""
-    L, H = len(model.blocks), model.config.num_heads  # noqa: N806
-    return [(check_index(la, L, "layer"), check_index(h, H, "head")) for la, h in heads]
+def head_grid(model: Transformer, heads: Sequence[Head], what: str = "head") -> list[Head]:
+    """`(layer, head)` pairs checked against the model (`checks.check_head_pairs`)."""
+    return check_head_pairs(heads, len(model.blocks), model.config.num_heads, what)
 
 
 __all__ = [

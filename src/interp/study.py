@@ -275,6 +275,18 @@ class StudyResult:
 # ------------------------------------------------------------------------------ experiments
 
 
+def check_top(top: int, model: Transformer, *, name: str = "top") -> None:
+    """`top` heads are knocked out and as many other heads are the control: together they
+    must be distinct heads of the model, or the control would repeat the top set."""
+    heads = len(model.blocks) * model.config.num_heads
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {top!r}")
+    if 2 * top > heads:
+        raise ValueError(f"{name} {top} needs {2 * top} distinct heads (the top set and a "
+                         f"control set as large); {model.config.name} has {heads}: use "
+                         f"{name} {heads // 2} or fewer")
+
+
 def check_digits(digits: str, max_len: int, *, name: str = "digits") -> None:
     """A clear ValueError unless `digits` is a non-empty digit string that fits twice after
     BOS in `max_len` positions (`name` is what the message calls it)."""
@@ -659,8 +671,7 @@ def run_study(
         else:
             compiles.start(following)
 
-    if top < 1:
-        raise ValueError(f"top must be >= 1; got {top}")
+    check_top(top, model)
     residual_layers = every_nth_layer(len(model.blocks), residual_stride)
     try:
         task = digit_task(model, tokenizer, digits=digits, period=period, strings=strings,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from gemma_eqx.checks import check_finite, check_index
+from gemma_eqx.checks import check_finite, check_head_pairs, check_indices
 from gemma_eqx.modules import Transformer
 
 from .interventions import (
@@ -52,10 +52,7 @@ def _num_heads(model: Transformer) -> int:
 def _select_heads(model: Transformer, heads: HeadSelector) -> tuple[int, ...] | None:
     if heads is None:
         return None
-    n = _num_heads(model)
-    if isinstance(heads, (int, str)):
-        raise TypeError(f"heads must be a sequence of head indices; got {heads!r}")
-    return tuple(check_index(h, n, "head") for h in heads)
+    return check_indices(heads, _num_heads(model), "head")
 
 
 def record_attention(
@@ -68,7 +65,7 @@ def record_attention(
     """A model whose chosen layers record their (final) attention pattern, restricted to
     `heads` and `queries` (query indices; see `Record` for the memory it takes)."""
     head_idx = _select_heads(model, heads)
-    query_idx = None if queries is None else tuple(int(q) for q in queries)
+    query_idx = None if queries is None else check_indices(queries, None, "query")
     hook = Record("pattern", heads=head_idx, positions=query_idx)
     return add_interventions(model, {i: hook for i in select_layers(model, layers)})
 
@@ -147,9 +144,7 @@ def knockout_mask(
 ) -> Float[Array, "layers heads"]:
     """All-ones `[layers, heads]` mask with zeros at the `(layer, head)` pairs in `heads`."""
     mask = np.ones((_num_layers(model), _num_heads(model)), np.float32)
-    for layer, head in heads:
-        layer, head = check_index(layer, mask.shape[0], "layer"), check_index(head, mask.shape[1],
-                                                                             "head")
+    for layer, head in check_head_pairs(heads, *mask.shape):
         mask[layer, head] = 0.0
     return jnp.asarray(mask)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from gemma_eqx.checks import check_index
+from gemma_eqx.checks import check_head_pairs, check_indices, is_index
 from gemma_eqx.modules import Transformer
 from gemma_eqx.sites import site_spec
 
@@ -50,15 +50,15 @@ class Worlds:
     def __post_init__(self):
         if not self.names or len(set(self.names)) != len(self.names):
             raise ValueError(f"world names must be non-empty and distinct; got {self.names}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1; got {self.batch}")
+        if not is_index(self.batch) or self.batch < 1:
+            raise ValueError(f"batch must be an integer >= 1; got {self.batch!r}")
 
     @property
     def rows(self) -> int:
         return len(self.names) * self.batch
 
     def index(self, name: str) -> int:
-        if name not in self.names:
+        if not isinstance(name, str) or name not in self.names:
             raise ValueError(f"unknown world {name!r}; the worlds are {', '.join(self.names)}")
         return self.names.index(name)
 
@@ -114,8 +114,9 @@ def rewire(
     rewire `k_per_head` / `v_per_head`, not `k` / `v`."""
     spec = site_spec(site)
     item = Rewire(spec.name, source=worlds.sources(taking), weight=weight,
-                  heads=None if heads is None else tuple(int(h) for h in heads),
-                  positions=None if positions is None else tuple(int(p) for p in positions))
+                  heads=None if heads is None else check_indices(heads, None, "head"),
+                  positions=None if positions is None else check_indices(positions, None,
+                                                                         "position"))
     idx = [None] if not spec.per_layer else select_layers(model, layers)
     return add_interventions(model, {i: item for i in idx})
 
@@ -152,11 +153,13 @@ def knock_out_in(
     worlds named in `where` only (a per-row mask on every layer)."""
     layers, n = len(model.blocks), model.config.num_heads
     mask = np.ones((worlds.rows, layers, n), np.float32)
+    pairs = check_head_pairs(heads, layers, n)
+    if isinstance(where, str):
+        raise TypeError(f"where must be a sequence of world names; got {where!r}")
     for name in where:
         w = worlds.index(name)
-        for layer, head in heads:
-            mask[w * worlds.batch:(w + 1) * worlds.batch,
-                 check_index(layer, layers, "layer"), check_index(head, n, "head")] = 0
+        for layer, head in pairs:
+            mask[w * worlds.batch:(w + 1) * worlds.batch, layer, head] = 0
     return add_interventions(model, {i: KnockOut(jnp.asarray(mask[:, i])) for i in range(layers)})
 
 
