@@ -31,8 +31,8 @@ def main() -> None:
     import transformers
 
     os.environ["GEMMA_EQX_CACHE"] = tempfile.mkdtemp(prefix="gemma-eqx-bench-")
-    from gemma_eqx.generate import generate
-    from gemma_eqx.pretrained import from_pretrained
+    from gemma_eqx.formats.pretrained import from_pretrained
+    from gemma_eqx.model.generate import generate
 
     gguf = demo.assemble()
     (model, tokenizer), first_load = once(lambda: from_pretrained(gguf))

@@ -26,7 +26,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from gemma_eqx.pretrained import from_pretrained
+    from gemma_eqx.formats.pretrained import from_pretrained
     from interp import analyses
     from interp.surgery import attention_patterns, knockout_mask
 

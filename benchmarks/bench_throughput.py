@@ -7,7 +7,7 @@ utilisation, the decode bandwidth roofline, memory per device and compile time.
         --device-kind v5e --mesh model=8          # a plan for a machine you do not have
 
 Weights are random, created on the devices in their shardings (or restored with
-`--checkpoint`). Peaks come from the table in `gemma_eqx.throughput` (override with
+`--checkpoint`). Peaks come from the table in `gemma_eqx.parallel.throughput` (override with
 `--peak-tflops` / `--bandwidth-gbs`); on a CPU they are measured on the spot. Each mode
 appends one JSON line to `--results` and prints a table.
 """
@@ -60,7 +60,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="override the peak (per device)")
     p.add_argument("--bandwidth-gbs", type=float, help="override the bandwidth (per device)")
     p.add_argument("--distributed", action="store_true",
-                   help="join a multi-host JAX cluster first (gemma_eqx.multihost.initialize: "
+                   help="join a multi-host JAX cluster first (gemma_eqx.core.multihost.initialize: "
                    "the cluster is detected on TPU slices; `gemma-eqx launch` runs it locally)")
     p.add_argument("--results", type=Path, default=None, metavar="FILE",
                    help="append one JSON line per mode to FILE once every mode has run "
@@ -76,7 +76,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     """Every option that needs no JAX, checked before any work; returns the modes."""
     import math
 
-    from gemma_eqx.throughput import DEVICE_KINDS, MODES, device_peak
+    from gemma_eqx.parallel.throughput import DEVICE_KINDS, MODES, device_peak
 
     if args.devices is not None and not args.dry_run:
         raise Refused("--devices simulates CPU devices for --dry-run only")
@@ -108,7 +108,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.checkpoint is not None and args.dry_run:
         raise Refused("--dry-run plans from the preset; leave out --checkpoint")
     if args.preset is not None:
-        from gemma_eqx.config import get_preset
+        from gemma_eqx.core.config import get_preset
 
         try:
             get_preset(args.preset)
@@ -133,15 +133,15 @@ def run(args: argparse.Namespace, modes: list[str]) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={args.devices}")
-    from gemma_eqx.runtime import tune_cpu_flags
+    from gemma_eqx.core.runtime import tune_cpu_flags
 
     tune_cpu_flags()
     import jax
     import jax.numpy as jnp
 
-    from gemma_eqx import multihost
-    from gemma_eqx import throughput as tp
-    from gemma_eqx.config import get_preset
+    from gemma_eqx.core import multihost
+    from gemma_eqx.core.config import get_preset
+    from gemma_eqx.parallel import throughput as tp
 
     if args.distributed or multihost.requested():  # `gemma-eqx launch` sets the environment
         multihost.initialize()
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, modes: list[str]) -> None:
                                      else "bfloat16"))
     model = None
     if args.checkpoint:
-        from gemma_eqx.checkpoint import load_checkpoint
+        from gemma_eqx.formats.kaggle import load_checkpoint
 
         model = load_checkpoint(args.checkpoint, preset=args.preset or "auto", mesh=mesh,
                                 dtype=dtype, activation_dtype=dtype)

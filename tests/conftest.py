@@ -93,7 +93,7 @@ def gemma_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gemma270m(gguf_path, gemma_cache):
     """`(model, tokenizer)`: the real Gemma 3 270M in float32, through `from_pretrained`."""
-    from gemma_eqx.pretrained import from_pretrained
+    from gemma_eqx.formats.pretrained import from_pretrained
 
     return from_pretrained(gguf_path)
 

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 
-from gemma_eqx.config import GemmaConfig, gemma2_pattern, gemma3_pattern, get_preset
-from gemma_eqx.modules import Transformer
-from gemma_eqx.weights import abstract_model, leaf_paths, model_from_arrays
+from gemma_eqx.core.config import GemmaConfig, gemma2_pattern, gemma3_pattern, get_preset
+from gemma_eqx.model.modules import Transformer
+from gemma_eqx.model.weights import abstract_model, leaf_paths, model_from_arrays
 
 VOCAB, WINDOW = 128, 8
 
@@ -292,7 +292,7 @@ def gguf_arrays(config: GemmaConfig, seed: int = 0) -> dict[str, np.ndarray]:
 def hf_tensors(config: GemmaConfig, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our arrays under transformers' names and layouts (`[out, in]` matrices, q/k/v/o
     flattened over heads): the inverse of `params.from_storage`, for writing safetensors."""
-    from gemma_eqx import params
+    from gemma_eqx.model import params
 
     out = {}
     for leaf in params.leaves(config):

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gemma_eqx.config import GemmaConfig
-from gemma_eqx.modules import Transformer
-from gemma_eqx.weights import abstract_model, map_leaves_with_path
-from interp.interventions import clear_interventions
+from gemma_eqx.core.config import GemmaConfig
+from gemma_eqx.model.modules import Transformer
+from gemma_eqx.model.weights import abstract_model, map_leaves_with_path
+from interp.install import clear_interventions
 from interp.surgery import knock_out, set_knockout_mask
 
 PAD_ID, BOS_ID, VOCAB_LOW, VOCAB = 0, 1, 2, 64

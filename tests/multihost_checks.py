@@ -1,6 +1,6 @@
 """The library calls the multi-process tests compare with one process: run by every process of
-a cluster (`python multihost_checks.py CHECKPOINT OUT_DIR`, under `gemma_eqx.multihost.launch`),
-and by one process of 8 devices as the reference."""
+a cluster (`python multihost_checks.py CHECKPOINT OUT_DIR`, under
+`gemma_eqx.core.multihost.launch`), and by one process of 8 devices as the reference."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def checks(checkpoint: str | Path) -> dict:
     every result gathered to numpy on every process (`multihost.to_host`)."""
     import interp
     from gemma_eqx import generate, load_checkpoint
-    from gemma_eqx.multihost import to_host
-    from gemma_eqx.sharding import default_mesh, leaf_sharding
-    from gemma_eqx.weights import leaf_paths
+    from gemma_eqx.core.multihost import to_host
+    from gemma_eqx.model.weights import leaf_paths
+    from gemma_eqx.parallel.sharding import default_mesh, leaf_sharding
     from interp import patching
 
     mesh = default_mesh()
@@ -68,7 +68,7 @@ def checks(checkpoint: str | Path) -> dict:
 
 
 if __name__ == "__main__":
-    from gemma_eqx import multihost
+    from gemma_eqx.core import multihost
 
     multihost.initialize()
     result = checks(sys.argv[1])

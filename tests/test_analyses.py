@@ -127,7 +127,7 @@ def test_examples_tokenize_into_one_padded_batch():
 def test_examples_with_the_real_gemma_tokenizer(gguf_path):
     """Digits are single tokens, and every scored token continues a token bigram seen earlier
     in its row (so the evaluation positions are ones copying can predict)."""
-    from gemma_eqx.tokenizer import Tokenizer
+    from gemma_eqx.formats.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(gguf_path)
     digits = np.asarray(repeated_digits(tok, 0, batch=2))
@@ -335,7 +335,7 @@ def test_compile_log_counts_programs_per_step_and_cache_hits(tmp_path):
 
     script = textwrap.dedent(f"""
         import json, jax, jax.numpy as jnp
-        from gemma_eqx.runtime import CompileLog, enable_compilation_cache
+        from gemma_eqx.core.runtime import CompileLog, enable_compilation_cache
         enable_compilation_cache({str(tmp_path / "xla")!r})
         log = CompileLog()
         f = jax.jit(lambda x: jnp.sin(x) * 3)

@@ -9,8 +9,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import gemma_eqx
 from factories import random_model, shrink
-from gemma_eqx.checkpoint import detect_preset, layout_shapes, load_checkpoint, save_checkpoint
-from gemma_eqx.sharding import (
+from gemma_eqx.formats.kaggle import detect_preset, layout_shapes, load_checkpoint, save_checkpoint
+from gemma_eqx.model.weights import leaf_paths
+from gemma_eqx.parallel.sharding import (
     DEFAULT_RULES,
     LAST_AXIS_RULES,
     ShardingRules,
@@ -18,7 +19,6 @@ from gemma_eqx.sharding import (
     leaf_sharding,
     shard_model,
 )
-from gemma_eqx.weights import leaf_paths
 
 
 def official_transposed(preset: str) -> bool:
@@ -128,7 +128,7 @@ def test_vision_leaves_are_skipped_without_reading(tmp_path, monkeypatch):
 
     config = shrink("gemma3-4b")
     model = random_model(config)
-    from gemma_eqx.checkpoint import kaggle_from_arrays
+    from gemma_eqx.formats.kaggle import kaggle_from_arrays
 
     flat = kaggle_from_arrays(leaf_paths(model), config)
     flat["SigLiPFromPatches_0/siglip_encoder/embedding"] = {"kernel": jnp.ones((4, 4))}
@@ -168,7 +168,7 @@ def _save_flat(path, flat):
 
 @pytest.mark.parametrize("defect", ["missing", "extra", "shape"])
 def test_bad_leaves_are_named(tmp_path, defect):
-    from gemma_eqx.checkpoint import kaggle_from_arrays
+    from gemma_eqx.formats.kaggle import kaggle_from_arrays
 
     config = shrink("gemma3-1b")
     flat = kaggle_from_arrays(leaf_paths(random_model(config)), config)

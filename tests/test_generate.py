@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from factories import VOCAB, WINDOW, CharTokenizer, varied_model
-from gemma_eqx.generate import decode_step, generate, generate_text, init_cache, prefill
+from gemma_eqx.model.generate import decode_step, generate, generate_text, init_cache, prefill
 
 SEQ, NEW = 12, 20  # prompt length and new tokens of most tests
 
@@ -349,7 +349,7 @@ def _hf_tiny(family: str):
 @pytest.mark.parametrize("family", ["gemma1", "gemma2", "gemma3"])
 def test_greedy_matches_hf_generate(family):
     torch = pytest.importorskip("torch")
-    from gemma_eqx.hf import from_hf
+    from gemma_eqx.formats.hf import from_hf
 
     hf_model = _hf_tiny(family)
     ours = from_hf(hf_model)

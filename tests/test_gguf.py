@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-import gemma_eqx.gguf as G
+import gemma_eqx.formats.gguf as G
 from factories import gguf_arrays, gguf_config, write_tiny_gguf
-from gemma_eqx.config import PRESETS, GemmaConfig
-from gemma_eqx.tokenizer import Tokenizer
-from gemma_eqx.weights import leaf_paths
+from gemma_eqx.core.config import PRESETS, GemmaConfig
+from gemma_eqx.formats.tokenizer import Tokenizer
+from gemma_eqx.model.weights import leaf_paths
 
 DIGITS = "01976954310149754605"
 
@@ -124,7 +124,7 @@ def test_dtype_casts_parameters(tiny):
 
 @pytest.mark.parametrize("rules", ["default", "last-axis"])
 def test_mesh_places_every_leaf(tiny, rules):
-    sharding = pytest.importorskip("gemma_eqx.sharding")
+    sharding = pytest.importorskip("gemma_eqx.parallel.sharding")
     _, _, arrays, path = tiny
     mesh = sharding.default_mesh()
     rules = None if rules == "default" else sharding.LAST_AXIS_RULES

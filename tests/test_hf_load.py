@@ -67,8 +67,8 @@ def test_save_pretrained_directories_load_without_torch_sharded_leaf_by_leaf(sav
         import json, sys
         import jax, numpy as np
         from gemma_eqx import from_pretrained
-        from gemma_eqx.sharding import default_mesh, leaf_sharding
-        from gemma_eqx.weights import leaf_paths
+        from gemma_eqx.parallel.sharding import default_mesh, leaf_sharding
+        from gemma_eqx.model.weights import leaf_paths
         tokens = np.asarray({tokens.tolist()}, np.int32)
         out = {{}}
         for name, dirs in {plan!r}.items():
@@ -117,7 +117,7 @@ def test_a_repo_id_loads_from_the_hub_cache_offline_and_fails_clearly_without_it
     got = _child(f"""
         import json, numpy as np
         from gemma_eqx import from_pretrained
-        from gemma_eqx.pretrained import ModelUnavailableError
+        from gemma_eqx.formats.pretrained import ModelUnavailableError
         model, tokenizer = from_pretrained("google/gemma-tiny")
         logits = np.asarray(model(np.asarray({tokens}, np.int32))).tolist()
         try:
@@ -136,7 +136,7 @@ def test_hub_failures_say_what_to_do(monkeypatch):
     import huggingface_hub
     from huggingface_hub import errors
 
-    from gemma_eqx.pretrained import ModelUnavailableError, from_pretrained
+    from gemma_eqx.formats.pretrained import ModelUnavailableError, from_pretrained
 
     response = type("R", (), {"status_code": 401, "headers": {}, "request": None,
                               "url": "https://huggingface.co"})()
@@ -156,7 +156,7 @@ def test_hub_failures_say_what_to_do(monkeypatch):
 
 
 def test_bad_directories_name_the_file_and_tensor(saved, tmp_path):
-    from gemma_eqx.hf import SafetensorsReader, load_hf_directory
+    from gemma_eqx.formats.hf import SafetensorsReader, load_hf_directory
 
     dirs, _ = saved[1]["gemma2"]
     broken = tmp_path / "broken"
@@ -181,7 +181,7 @@ def test_a_directory_with_only_tokenizer_json_gets_its_tokenizer_rebuilt(saved, 
     import jax.numpy as jnp
 
     from gemma_eqx import from_pretrained
-    from gemma_eqx.tokenizer import Tokenizer
+    from gemma_eqx.formats.tokenizer import Tokenizer
 
     tokens, cases = saved
     dirs, reference = cases["gemma3"]
@@ -216,7 +216,7 @@ def test_loading_holds_about_one_leaf_above_the_model_in_host_memory(tmp_path):
     got = _child(f"""
         import json
         import jax, jax.numpy as jnp
-        from gemma_eqx.hf import load_hf_directory
+        from gemma_eqx.formats.hf import load_hf_directory
 
         def high_water():
             line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))

@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gemma_eqx.config import gemma2_pattern, gemma3_pattern  # noqa: E402
-from gemma_eqx.hf import config_from_hf, from_hf  # noqa: E402
-from gemma_eqx.weights import leaf_paths, model_from_arrays  # noqa: E402
+from gemma_eqx.core.config import gemma2_pattern, gemma3_pattern  # noqa: E402
+from gemma_eqx.formats.hf import config_from_hf, from_hf  # noqa: E402
+from gemma_eqx.model.weights import leaf_paths, model_from_arrays  # noqa: E402
 
 VOCAB, SEQ, WINDOW = 97, 13, 5
 TOL = 1e-4  # float32 on both sides; measured differences are ~4e-6

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import interp
 from factories import (
     CharTokenizer,
     gguf_arrays,
@@ -39,13 +40,18 @@ from factories import (
     write_safetensors,
     write_tiny_gguf,
 )
-from gemma_eqx import pretrained
-from gemma_eqx.checkpoint import load_checkpoint, save_checkpoint
 from gemma_eqx.cli import main
-from gemma_eqx.config import GemmaConfig
-from gemma_eqx.gguf import load_gguf, read_gguf_header
-from gemma_eqx.hf import load_hf_directory
-from gemma_eqx.pretrained import from_pretrained
+from gemma_eqx.core.config import GemmaConfig
+from gemma_eqx.formats import pretrained
+from gemma_eqx.formats.gguf import load_gguf, read_gguf_header
+from gemma_eqx.formats.hf import load_hf_directory
+from gemma_eqx.formats.kaggle import load_checkpoint, save_checkpoint
+from gemma_eqx.formats.pretrained import from_pretrained
+from interp import patching, worlds
+from interp.analyses import minimal_breaking_set
+from interp.install import add_interventions
+from interp.interventions import Linearized, Rewire
+from interp.surgery import knockout_mask, record_attention
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -378,8 +384,8 @@ def test_integer_gguf_weights_are_refused(tmp_path, cache):
 def test_integer_kaggle_leaves_are_refused(tmp_path):
     import orbax.checkpoint as ocp
 
-    from gemma_eqx.checkpoint import kaggle_from_arrays
-    from gemma_eqx.weights import leaf_paths
+    from gemma_eqx.formats.kaggle import kaggle_from_arrays
+    from gemma_eqx.model.weights import leaf_paths
 
     model = varied_model("gemma3")
     flat = kaggle_from_arrays(leaf_paths(model), model.config)
@@ -459,11 +465,6 @@ def test_gemma_config_checks_its_own_fields(field, value, match, as_a_user):
 
 # ------------------------------------------------------------------ interp: targets and indices
 
-import interp  # noqa: E402
-from interp import patching, worlds  # noqa: E402
-from interp.analyses import minimal_breaking_set  # noqa: E402
-from interp.interventions import Linearized, Rewire, add_interventions  # noqa: E402
-from interp.surgery import knockout_mask, record_attention  # noqa: E402
 
 MODEL = varied_model("gemma3")  # vocabulary 128, 3 layers, 4 heads
 TOKENS = jnp.array([[2, 40, 41, 42, 43, 40, 41, 42]])
@@ -632,7 +633,7 @@ CHILD = '''
 import os, subprocess, time
 ready = os.environ.get("HOSTILE_READY_DIR")
 if ready and "GEMMA_EQX_PROCESS_ID" in os.environ:
-    from gemma_eqx import multihost
+    from gemma_eqx.core import multihost
     multihost.initialize()
     import jax, jax.numpy as jnp
     from jax.experimental import multihost_utils
@@ -722,7 +723,7 @@ def test_launch_listens_on_loopback_and_a_signal_leaves_no_process(tmp_path, sig
 
 
 def test_the_coordinator_binds_where_it_is_reached_or_where_told():
-    from gemma_eqx.multihost import cluster_settings
+    from gemma_eqx.core.multihost import cluster_settings
 
     assert cluster_settings("127.0.0.1:4000", 2, 0).bind_address == "127.0.0.1:4000"
     assert cluster_settings("10.1.2.3:4000", 2, 1).bind_address == "10.1.2.3:4000"
@@ -887,7 +888,7 @@ def test_the_throughput_script_refuses_in_one_line_and_writes_nothing(tmp_path):
 
 
 def test_a_mesh_is_parsed_strictly():
-    from gemma_eqx.throughput import parse_mesh
+    from gemma_eqx.parallel.throughput import parse_mesh
 
     for text, match in (("data=2,data=4", "axis data is given twice"),
                         ("model=3", "has 3 devices; there are 8"),
@@ -901,7 +902,7 @@ def test_a_mesh_is_parsed_strictly():
 
 
 def test_device_kinds_match_whole_names():
-    from gemma_eqx.throughput import device_peak
+    from gemma_eqx.parallel.throughput import device_peak
 
     assert device_peak("h") is None and device_peak("v5") is not None
     assert device_peak("h200").name == "H200" and device_peak("NVIDIA H200").name == "H200"
@@ -1004,7 +1005,7 @@ print(json.dumps(out))
 
 
 def test_a_detected_cluster_binds_its_detected_address(monkeypatch):
-    from gemma_eqx.multihost import _detected, cluster_settings
+    from gemma_eqx.core.multihost import _detected, cluster_settings
 
     for name, value in (("SLURM_JOB_ID", "4242"), ("SLURM_STEP_NODELIST", "node[007-009]"),
                         ("SLURM_NTASKS", "3"), ("SLURM_PROCID", "1"), ("SLURM_LOCALID", "0")):

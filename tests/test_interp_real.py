@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_eqx.sharding import DEFAULT_RULES, LAST_AXIS_RULES, default_mesh, shard_model
-from gemma_eqx.weights import leaf_paths
+from gemma_eqx.model.weights import leaf_paths
+from gemma_eqx.parallel.sharding import DEFAULT_RULES, LAST_AXIS_RULES, default_mesh, shard_model
 from interp.analyses import (
     attribution_gradient,
     correct_token_hits,

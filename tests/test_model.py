@@ -26,9 +26,9 @@ from gemma_eqx import (
     count_params,
     get_preset,
 )
-from gemma_eqx.modules import apply_rope
-from gemma_eqx.sites import Intervention, SiteHooks
-from gemma_eqx.weights import abstract_model, leaf_paths, model_from_arrays
+from gemma_eqx.model.modules import apply_rope
+from gemma_eqx.model.sites import Intervention, SiteHooks
+from gemma_eqx.model.weights import abstract_model, leaf_paths, model_from_arrays
 
 VOCAB = 61  # factories.tiny's vocabulary
 
@@ -405,7 +405,7 @@ def test_logits_at_selected_positions_equal_the_full_logits():
 def test_project_equals_the_einsum_on_both_sides_of_its_few_rows_path(rows):
     """`project` takes a batched matmul up to `_FEW_ROWS` rows and an einsum above; both are
     `x @ w[i]` for each matrix of the stack, against float64 numpy."""
-    from gemma_eqx.modules import _FEW_ROWS, project
+    from gemma_eqx.model.modules import _FEW_ROWS, project
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(*rows, 24)).astype(np.float32)
@@ -420,7 +420,7 @@ def test_project_equals_the_einsum_on_both_sides_of_its_few_rows_path(rows):
 def test_one_decode_step_equals_the_full_forward_at_that_position():
     """The few-rows path (one token per row against a cache) gives the logits of the whole
     sequence's forward at the same position."""
-    from gemma_eqx.generate import decode_step, init_cache, prefill
+    from gemma_eqx.model.generate import decode_step, init_cache, prefill
 
     config = gemma_eqx.get_preset("gemma3-270m").replace(
         num_layers=2, attention_kinds=("local", "global"), embed_dim=32, hidden_dim=64,

@@ -1,5 +1,5 @@
 """A real multi-process JAX cluster on this machine: 2 processes x 4 simulated CPU devices,
-joined over localhost with gloo collectives (`gemma_eqx.multihost`), against one process."""
+joined over localhost with gloo collectives (`gemma_eqx.core.multihost`), against one process."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemma_eqx import multihost
+from gemma_eqx.core import multihost
 
 HERE = Path(__file__).parent
 TIMEOUT = 300  # seconds for a whole cluster run; a hang fails the test, not CI
@@ -35,8 +35,8 @@ def checkpoint(tmp_path_factory):
     """A Kaggle-layout checkpoint of a small Gemma 3; a smaller embedding makes greedy decoding
     vary (see `factories.varied_model`)."""
     from factories import random_arrays
-    from gemma_eqx.checkpoint import save_checkpoint
-    from gemma_eqx.weights import model_from_arrays
+    from gemma_eqx.formats.kaggle import save_checkpoint
+    from gemma_eqx.model.weights import model_from_arrays
     from multihost_checks import config
 
     arrays = random_arrays(config(), seed=1)
@@ -155,10 +155,10 @@ def test_a_process_that_dies_stops_the_others_with_a_message(tmp_path):
     script = tmp_path / "dies.py"
     script.write_text(
         "import os, sys, time\n"
-        "from gemma_eqx import multihost\n"
+        "from gemma_eqx.core import multihost\n"
         "multihost.initialize()\n"
         "import jax, jax.numpy as jnp\n"
-        "from gemma_eqx.sharding import default_mesh\n"
+        "from gemma_eqx.parallel.sharding import default_mesh\n"
         "x = jax.device_put(jnp.arange(64.0), jax.sharding.NamedSharding(default_mesh(),"
         " jax.sharding.PartitionSpec('model')))\n"
         "for step in range(600):\n"

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 
 import interp
-from gemma_eqx.sharding import LAST_AXIS_RULES, default_mesh, shard_model
-from gemma_eqx.weights import leaf_paths
+from gemma_eqx.model.weights import leaf_paths
+from gemma_eqx.parallel.sharding import LAST_AXIS_RULES, default_mesh, shard_model
 from interp import patching as P
-from interp.interventions import ActivationCache, Replace, add_interventions
+from interp.capture import ActivationCache
+from interp.install import add_interventions
+from interp.interventions import Replace
 from test_sites import CLEAN, CORRUPT, FAMILIES, SEQ, captured, model_of, np_rms, site
 
 POSITIONS = [0, 3, 7, 11]

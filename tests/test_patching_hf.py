@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 from interp.analyses import digit_ids
-from interp.interventions import capture
+from interp.capture import capture
 from interp.patching import activation_patching, mean_logprob, sweep_compilations
 
 torch = pytest.importorskip("torch")

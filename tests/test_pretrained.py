@@ -9,9 +9,9 @@ import pytest
 
 import gemma_eqx
 from factories import shrink
-from gemma_eqx import pretrained
-from gemma_eqx.checkpoint import save_checkpoint
-from gemma_eqx.pretrained import ModelUnavailableError, from_pretrained
+from gemma_eqx.formats import hub
+from gemma_eqx.formats.kaggle import save_checkpoint
+from gemma_eqx.formats.pretrained import ModelUnavailableError, from_pretrained
 
 
 @pytest.fixture
@@ -58,8 +58,8 @@ def test_kaggle_handle_downloads_through_kagglehub_standin(
 
 def test_preset_name_uses_its_kaggle_handle(tmp_path, monkeypatch, tokenizer_file, tiny_gemma3_1b):
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
-    versioned = pretrained.KAGGLE_HANDLES["gemma3-1b"] + "/3"
-    monkeypatch.setitem(pretrained.KAGGLE_HANDLES, "gemma3-1b", versioned)
+    versioned = hub.KAGGLE_HANDLES["gemma3-1b"] + "/3"
+    monkeypatch.setitem(hub.KAGGLE_HANDLES, "gemma3-1b", versioned)
     _kaggle_standin(versioned, tiny_gemma3_1b, tokenizer_file)
     model, _ = from_pretrained("gemma3-1b")
     assert model.config.name == "gemma3-1b"
@@ -125,13 +125,13 @@ def test_missing_demo_package_names_the_install_command(monkeypatch):
 
 def test_gguf_cache_is_reused_and_corruption_is_rebuilt(monkeypatch, gguf_path, gemma270m,
                                                         gemma_cache):
-    import gemma_eqx.gguf
+    import gemma_eqx.formats.gguf
 
     model, tokenizer = gemma270m  # the session's first load converted the GGUF into the cache
     assert model.config == gemma_eqx.get_preset("gemma3-270m")
     reads = []
-    real = gemma_eqx.gguf.read_gguf
-    monkeypatch.setattr(gemma_eqx.gguf, "read_gguf", lambda p: reads.append(p) or real(p))
+    real = gemma_eqx.formats.gguf.read_gguf
+    monkeypatch.setattr(gemma_eqx.formats.gguf, "read_gguf", lambda p: reads.append(p) or real(p))
     tokens = jnp.asarray([[tokenizer.bos_id, *tokenizer.encode("0123456789")]])
     first = np.asarray(model(tokens))
 

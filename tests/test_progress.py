@@ -6,7 +6,7 @@ import io
 import re
 import sys
 
-from gemma_eqx.runtime import progress
+from gemma_eqx.core.runtime import progress
 from interp.study import elapsed_printer
 
 

@@ -12,8 +12,8 @@ import pytest
 
 import gemma_eqx
 from factories import shrink
-from gemma_eqx import hf, pretrained
-from gemma_eqx.checkpoint import save_checkpoint
+from gemma_eqx.formats import hub
+from gemma_eqx.formats.kaggle import save_checkpoint
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -66,9 +66,9 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
                         directory / preset)
         shutil.copy(tokenizer_file, directory / "tokenizer.model")
         stand_ins[preset] = directory
-    monkeypatch.setattr(pretrained, "kaggle_download",
+    monkeypatch.setattr(hub, "kaggle_download",
                         lambda handle: stand_ins["gemma-7b"])
-    monkeypatch.setattr(hf, "hf_download", lambda repo: stand_ins[repo])
+    monkeypatch.setattr(hub, "hf_download", lambda repo: stand_ins[repo])
     monkeypatch.setenv("XLA_FLAGS", "")  # what tune_cpu_flags() adds is dropped afterwards
     monkeypatch.chdir(tmp_path)
     paths = {"/path/to/7b": str(stand_ins["gemma-7b"] / "gemma-7b"),

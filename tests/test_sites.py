@@ -1,4 +1,4 @@
-"""Named activation sites (`gemma_eqx.sites`) and the interventions on them
+"""Named activation sites (`gemma_eqx.model.sites`) and the interventions on them
 (`interp.interventions`), on tiny random models of each family.
 
 References: a numpy float64 re-implementation of every block (each attention and MLP site),
@@ -22,21 +22,12 @@ import pytest
 
 import interp
 from factories import VOCAB, random_arrays, tiny_config
-from gemma_eqx.checks import NonFiniteError
-from gemma_eqx.sites import LAYER_SITES, MODEL_SITES, SITES
-from gemma_eqx.weights import leaf_paths, model_from_arrays
-from interp.interventions import (
-    ActivationCache,
-    Linearized,
-    Record,
-    Replace,
-    Rewire,
-    Scale,
-    add_interventions,
-    clear_interventions,
-    installed,
-    intervene,
-)
+from gemma_eqx.core.checks import NonFiniteError
+from gemma_eqx.model.sites import LAYER_SITES, MODEL_SITES, SITES
+from gemma_eqx.model.weights import leaf_paths, model_from_arrays
+from interp.capture import ActivationCache
+from interp.install import add_interventions, clear_interventions, installed, intervene
+from interp.interventions import Linearized, Record, Replace, Rewire, Scale
 
 SEQ = 12  # longer than the window (8) of the local layers, so the window bites
 FAMILIES = ("gemma1", "gemma2", "gemma3")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import interp
-from gemma_eqx.sharding import DEFAULT_RULES, default_mesh, shard_model
-from gemma_eqx.sites import LAYER_SITES, MODEL_SITES
+from gemma_eqx.model.sites import LAYER_SITES, MODEL_SITES
+from gemma_eqx.parallel.sharding import DEFAULT_RULES, default_mesh, shard_model
 from interp import patching
 from interp.analyses import digit_ids
 

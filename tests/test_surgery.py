@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from factories import tiny
-from gemma_eqx.modules import Transformer
-from gemma_eqx.sites import SiteHooks
-from gemma_eqx.weights import leaf_paths
-from interp.interventions import KnockOut, Record, clear_interventions
+from gemma_eqx.model.modules import Transformer
+from gemma_eqx.model.sites import SiteHooks
+from gemma_eqx.model.weights import leaf_paths
+from interp.install import clear_interventions
+from interp.interventions import KnockOut, Record
 from interp.surgery import (
     attention_patterns,
     forward_with_records,
@@ -34,7 +35,7 @@ from interp.surgery import (
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gemma_eqx.hf import from_hf  # noqa: E402
+from gemma_eqx.formats.hf import from_hf  # noqa: E402
 
 VOCAB, SEQ, PAD = 53, 11, 3
 

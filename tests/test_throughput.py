@@ -16,10 +16,10 @@ import pytest
 from jax.sharding import Mesh
 
 from factories import random_arrays, shrink
-from gemma_eqx import throughput as tp
-from gemma_eqx.config import get_preset
-from gemma_eqx.sharding import leaf_sharding
-from gemma_eqx.weights import abstract_model, leaf_paths
+from gemma_eqx.core.config import get_preset
+from gemma_eqx.model.weights import abstract_model, leaf_paths
+from gemma_eqx.parallel import throughput as tp
+from gemma_eqx.parallel.sharding import leaf_sharding
 
 ROOT = Path(__file__).parent.parent
 CPU = tp.DevicePeak("test", 1e12, 1e11, 2**34)
@@ -32,7 +32,7 @@ def _mesh(data: int, model: int) -> Mesh:
 
 def _model(config, mesh):
     """The same varied random weights (norms included) on any mesh."""
-    from gemma_eqx.weights import model_from_arrays
+    from gemma_eqx.model.weights import model_from_arrays
 
     arrays = random_arrays(config, seed=3)
     # A smaller embedding and larger norm scales: greedy decoding then varies its tokens.
@@ -156,7 +156,7 @@ def test_the_script_plans_and_appends_a_json_line(tmp_path):
                                            ("gemma3-27b", 8)])
 def test_a_scanned_stack_computes_what_the_unrolled_model_does(preset, layers):
     """Full periods plus a remainder (Gemma 3: one period of 6 and 2 layers)."""
-    from gemma_eqx.scanned import pattern_period, scan_layers, unscan_layers
+    from gemma_eqx.model.scanned import pattern_period, scan_layers, unscan_layers
 
     config = shrink(preset, num_layers=layers)
     assert pattern_period(config) == {"gemma-2b": 1, "gemma2-9b": 2, "gemma3-27b": 6}[preset]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from gemma_eqx.tokenizer import Tokenizer
+from gemma_eqx.formats.tokenizer import Tokenizer
 
 DIGITS = "01976954310149754605"
 

@@ -1,10 +1,20 @@
-"""Gemma 1, 2 and 3 as typed Equinox modules."""
+"""Gemma 1, 2 and 3 as typed Equinox modules.
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PRESETS, GemmaConfig, get_preset
-from .generate import generate, generate_text, init_cache
-from .gguf import load_gguf
-from .modules import (
+The package in four layers, each importing only those before it: `core` (config, checks,
+atomic writes, the process runtime), `model` (modules, sites, the parameter schema,
+generation), `parallel` (sharding, throughput) and `formats` (Kaggle, GGUF, Hugging Face,
+tokenizer, downloads, `from_pretrained`); `cli` is the `gemma-eqx` command. The names below
+are the public API; the flat module paths of 0.1 (`gemma_eqx.checkpoint`, ...) still import.
+"""
+
+from . import _aliases
+from .core.config import PRESETS, GemmaConfig, get_preset
+from .formats.gguf import load_gguf
+from .formats.kaggle import load_checkpoint, save_checkpoint
+from .formats.pretrained import from_pretrained
+from .formats.tokenizer import Tokenizer
+from .model.generate import generate, generate_text, init_cache
+from .model.modules import (
     MLP,
     Attention,
     Block,
@@ -15,9 +25,13 @@ from .modules import (
     Transformer,
     count_params,
 )
-from .pretrained import from_pretrained
-from .sharding import DEFAULT_RULES, LAST_AXIS_RULES, ShardingRules, default_mesh, shard_model
-from .tokenizer import Tokenizer
+from .parallel.sharding import (
+    DEFAULT_RULES,
+    LAST_AXIS_RULES,
+    ShardingRules,
+    default_mesh,
+    shard_model,
+)
 
 __all__ = [
     "DEFAULT_RULES", "LAST_AXIS_RULES", "MLP", "PRESETS", "Attention", "Block", "Embedder",
@@ -26,3 +40,5 @@ __all__ = [
     "generate_text", "get_preset", "init_cache", "load_checkpoint", "load_gguf",
     "save_checkpoint", "shard_model",
 ]
+
+_aliases.install()

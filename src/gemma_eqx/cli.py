@@ -1,4 +1,5 @@
-"""The `gemma-eqx` command line: `generate` (and, from `interp`, `induction`)."""
+"""The `gemma-eqx` command line: `generate`, `launch`, and the subcommands other packages
+register (`interp`: `induction`, `tutorial`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _generate(args: argparse.Namespace) -> int:
     import jax
 
-    from .generate import check_sampling, generate_text
-    from .pretrained import from_pretrained
+    from .formats.pretrained import from_pretrained
+    from .model.generate import check_sampling, generate_text
 
     # Checked before the model loads, so a typo costs nothing.
     check_sampling(args.temperature, args.top_k, args.top_p)
@@ -51,10 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_generate,
                      memory_advice="a shorter prompt or a smaller --max-new-tokens")
-    from interp.cli import add_induction_command, add_tutorial_command  # the same distribution
-
-    add_induction_command(commands)
-    add_tutorial_command(commands)
+    add_registered_commands(commands)
     launch = commands.add_parser(
         "launch", help="run a gemma-eqx command as several processes of one JAX cluster",
         description="Start the command after `--` (e.g. `induction --out report`) as "
@@ -73,8 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS_GROUP = "gemma_eqx.commands"
+
+
+def add_registered_commands(commands: Any) -> None:
+    """The subcommands other packages register under the entry-point group
+    `gemma_eqx.commands` (`interp` registers `induction` and `tutorial`), each entry a function
+    that adds its parser to `commands`. This package imports none of them by name, so it
+    stands without the packages built on it; one that cannot be imported still shows, and
+    says why when run."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            add = entry.load()
+        except ImportError as e:
+            reason = f"{entry.value} cannot be imported ({e})"
+            stub = commands.add_parser(entry.name, help=f"unavailable: {reason}")
+            stub.set_defaults(run=lambda args, reason=reason: _unavailable(reason),
+                              memory_advice="")
+            continue
+        add(commands)
+
+
+def _unavailable(reason: str) -> int:
+    raise ValueError(f"this command is not available here: {reason}")
+
+
 def _launch(args: argparse.Namespace) -> int:
-    from .multihost import launch
+    from .core.multihost import launch
 
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if not rest or rest[0] == "launch":
@@ -117,13 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"GEMMA_EQX_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL; "
                     f"got {os.environ['GEMMA_EQX_LOG_LEVEL']!r}")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from .runtime import tune_cpu_flags
+    from .core.runtime import tune_cpu_flags
 
     tune_cpu_flags()  # before JAX starts its backend
     import jax
 
-    from . import multihost
-    from .pretrained import ModelUnavailableError
+    from .core import multihost
+    from .formats.pretrained import ModelUnavailableError
 
     try:
         if args.command != "launch" and (multihost.requested()

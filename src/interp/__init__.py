@@ -24,12 +24,21 @@ from .analyses import (
     repetition_stats,
     single_head_masks,
 )
+from .capture import ActivationCache, capture, run, run_with_records
+from .edits import ablate, apply_fn, patch, scale
 from .examples import Example, ExampleBatch, study_examples, tokenize_examples
+from .install import (
+    add_interventions,
+    clear_interventions,
+    installed,
+    intervene,
+    select_layers,
+    set_interventions,
+)
 from .interventions import (
     LAYER_SITES,
     MODEL_SITES,
     SITES,
-    ActivationCache,
     Apply,
     KnockOut,
     Linearized,
@@ -38,20 +47,7 @@ from .interventions import (
     Replace,
     Rewire,
     Scale,
-    ablate,
-    add_interventions,
-    apply_fn,
     bos_onehot,
-    capture,
-    clear_interventions,
-    installed,
-    intervene,
-    patch,
-    run,
-    run_with_records,
-    scale,
-    select_layers,
-    set_interventions,
 )
 from .surgery import (
     attention_patterns,

@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from gemma_eqx.checks import check_finite, check_head_pairs
-from gemma_eqx.modules import Transformer
-from gemma_eqx.multihost import to_host
-from gemma_eqx.tokenizer import TokenizerLike
+from gemma_eqx.core.checks import check_finite, check_head_pairs
+from gemma_eqx.core.multihost import to_host
+from gemma_eqx.formats.tokenizer import TokenizerLike
+from gemma_eqx.model.modules import Transformer
 
+from .capture import as_inputs as _as_inputs
 from .interventions import KnockOut, TokenIds
-from .interventions import as_inputs as _as_inputs
 from .staged import scored_forward, staged_scores
 from .surgery import _check_mask, knock_out, knockout_mask, set_knockout_mask
 

@@ -78,8 +78,8 @@ def _enable_compilation_cache() -> None:
     GEMMA_EQX_NO_COMPILE_CACHE=1 to turn this off)."""
     if os.environ.get("GEMMA_EQX_NO_COMPILE_CACHE"):
         return
-    from gemma_eqx.pretrained import cache_dir
-    from gemma_eqx.runtime import enable_compilation_cache
+    from gemma_eqx.core.runtime import enable_compilation_cache
+    from gemma_eqx.formats.pretrained import cache_dir
 
     chosen = os.environ.get("GEMMA_EQX_COMPILE_CACHE")
     if chosen and os.path.exists(chosen) and not os.path.isdir(chosen):
@@ -88,10 +88,10 @@ def _enable_compilation_cache() -> None:
 
 
 def run_induction(args: argparse.Namespace) -> int:
-    from gemma_eqx.checks import check_length
     from gemma_eqx.cli import check_seed
-    from gemma_eqx.multihost import is_lead
-    from gemma_eqx.pretrained import from_pretrained
+    from gemma_eqx.core.checks import check_length
+    from gemma_eqx.core.multihost import is_lead
+    from gemma_eqx.formats.pretrained import from_pretrained
 
     from .report import summary_rows, write_report
     from .study import check_digits, check_top, elapsed_printer, run_study
@@ -172,7 +172,7 @@ def add_tutorial_command(commands: Any) -> None:
 
 
 def run_tutorial(args: Any) -> int:
-    from gemma_eqx.atomic import replace_file
+    from gemma_eqx.core.atomic import replace_file
 
     source = tutorial_path()
     target = Path(args.dir) / TUTORIAL

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
-from gemma_eqx.tokenizer import TokenizerLike
+from gemma_eqx.formats.tokenizer import TokenizerLike
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from gemma_eqx.checks import check_head_pairs, check_index, check_indices, check_token_ids
-from gemma_eqx.display import Module
-from gemma_eqx.modules import Transformer
-from gemma_eqx.multihost import to_host
-from gemma_eqx.sites import (
+from gemma_eqx.core.checks import check_head_pairs, check_index, check_indices, check_token_ids
+from gemma_eqx.core.multihost import to_host
+from gemma_eqx.model.base import Module
+from gemma_eqx.model.modules import Transformer
+from gemma_eqx.model.sites import (
     SITES,
     Intervention,
     SiteContext,
@@ -39,18 +39,9 @@ from gemma_eqx.sites import (
 )
 
 from . import staged
-from .interventions import (
-    ActivationCache,
-    Layers,
-    Record,
-    Replace,
-    TokenIds,
-    Units,
-    add_interventions,
-    as_inputs,
-    capture,
-    select_layers,
-)
+from .capture import ActivationCache, as_inputs, capture
+from .install import add_interventions, select_layers
+from .interventions import Layers, Record, Replace, TokenIds, Units
 from .staged import _tile, scored_forward, staged_scores
 
 Head = tuple[int, int]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma_eqx.atomic import (
+from gemma_eqx.core.atomic import (
     StorageError,
     is_partial,
     locked_directory,
@@ -382,7 +382,7 @@ def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
     directories refused. In a multi-process cluster only process 0 writes; every process
     returns the directory.
     """
-    from gemma_eqx.multihost import is_lead
+    from gemma_eqx.core.multihost import is_lead
 
     out = check_report_directory(out)
     if not is_lead():

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from gemma_eqx.modules import Transformer
-from gemma_eqx.runtime import progress
-from gemma_eqx.sites import Intervention, SiteHooks
+from gemma_eqx.core.runtime import progress
+from gemma_eqx.model.modules import Transformer
+from gemma_eqx.model.sites import Intervention, SiteHooks
 
 # Interventions of one layer for the row groups given (variant index per group, -1 = base).
 LayerInterventions = Callable[[int, np.ndarray], tuple[Intervention, ...]]

@@ -1,6 +1,6 @@
 """Attention surgery: record, override and knock out attention patterns of a `Transformer`.
 
-The attention pattern is the site `pattern` of `gemma_eqx.sites`; these are the study's
+The attention pattern is the site `pattern` of `gemma_eqx.model.sites`; these are the study's
 shortcuts over `interp.interventions`, which reaches every other site the same way. Each
 function returns a *new* model (installed through `eqx.tree_at`); the original model is
 untouched and the weight arrays are shared, not copied. A record on a layer shows the pattern
@@ -22,20 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from gemma_eqx.checks import check_finite, check_head_pairs, check_indices
-from gemma_eqx.modules import Transformer
+from gemma_eqx.core.checks import check_finite, check_head_pairs, check_indices
+from gemma_eqx.model.modules import Transformer
 
-from .interventions import (
-    KnockOut,
-    Layers,
-    OverridePattern,
-    Record,
-    TokenIds,
-    add_interventions,
-    as_inputs,
-    run_with_records,
-    select_layers,
-)
+from .capture import as_inputs, run_with_records
+from .install import add_interventions, select_layers
+from .interventions import KnockOut, Layers, OverridePattern, Record, TokenIds
 
 LayerSelector = Layers
 HeadSelector = Sequence[int] | None

@@ -23,18 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from gemma_eqx.checks import check_head_pairs, check_indices, is_index
-from gemma_eqx.modules import Transformer
-from gemma_eqx.sites import site_spec
+from gemma_eqx.core.checks import check_head_pairs, check_indices, is_index
+from gemma_eqx.model.modules import Transformer
+from gemma_eqx.model.sites import site_spec
 
-from .interventions import (
-    KnockOut,
-    Layers,
-    Linearized,
-    Rewire,
-    add_interventions,
-    select_layers,
-)
+from .install import add_interventions, select_layers
+from .interventions import KnockOut, Layers, Linearized, Rewire
 
 Head = tuple[int, int]
 Tokens = Int[Array, "batch seq"] | Int[np.ndarray, "batch seq"]

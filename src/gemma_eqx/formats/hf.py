@@ -18,12 +18,12 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 from jaxtyping import DTypeLike
 
-from . import params
-from .checks import check_model_file
-from .config import GemmaConfig, family_config
-from .modules import Transformer
-from .sharding import ShardingRules, leaf_sharding
-from .weights import model_from_arrays
+from ..core.checks import check_model_file
+from ..core.config import GemmaConfig, family_config
+from ..model import params
+from ..model.modules import Transformer
+from ..model.weights import model_from_arrays
+from ..parallel.sharding import ShardingRules, leaf_sharding
 
 
 def config_from_hf(hf_config: Any, name: str = "hf") -> GemmaConfig:
@@ -435,7 +435,7 @@ def load_hf_directory(
     activations default to float32. `progress` shows a bar (default: when stderr is a
     terminal). The config, the files and every header are checked before a tensor is read:
     each stored tensor must be read exactly once."""
-    from .runtime import progress as bar
+    from ..core.runtime import progress as bar
 
     directory = Path(directory)
     config, reader, found = _plan(directory)
@@ -469,45 +469,3 @@ def load_hf_directory(
 def is_hf_directory(path: Path) -> bool:
     return (path / "config.json").is_file() and (
         (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors")))
-
-
-def looks_like_repo_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
-
-
-HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
-            "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
-
-
-def hf_download(repo_id: str, *, revision: str | None = None) -> Path:
-    """The repo's snapshot in the Hugging Face cache, downloaded if needed (token from
-    `HF_TOKEN` or `hf auth login`); failures become one sentence that says what to do."""
-    import huggingface_hub
-    from huggingface_hub import errors
-
-    from .pretrained import ModelUnavailableError
-
-    try:
-        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
-                                                      allow_patterns=HF_FILES))
-    except errors.GatedRepoError:
-        raise ModelUnavailableError(
-            f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} with "
-            f"the account whose token this machine uses (HF_TOKEN or `hf auth login`)"
-        ) from None
-    except errors.RepositoryNotFoundError:
-        token = huggingface_hub.get_token()
-        raise ModelUnavailableError(
-            f"the Hugging Face Hub has no repo {repo_id}"
-            + ("" if token else ", or it is private and no token is set (HF_TOKEN or "
-               "`hf auth login`)")
-        ) from None
-    except errors.LocalEntryNotFoundError:
-        raise ModelUnavailableError(
-            f"cannot reach the Hugging Face Hub to download {repo_id}, and it is not in the "
-            f"local cache ({huggingface_hub.constants.HF_HUB_CACHE}): connect, or run "
-            f"`hf download {repo_id}` on a connected machine and pass the directory"
-        ) from None
-    except errors.HfHubHTTPError as e:
-        raise ModelUnavailableError(f"the Hugging Face Hub refused {repo_id}: {e}") from None

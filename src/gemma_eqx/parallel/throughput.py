@@ -28,13 +28,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, DTypeLike, Float, Int, PRNGKeyArray
 
-from .config import GemmaConfig
-from .generate import _decode_step, _prefill, cache_slots, init_cache
-from .modules import LayerCache, Transformer
-from .multihost import to_host
-from .scanned import ScannedTransformer, scan_layers, scanned_paths, unscan_layers
+from ..core.config import GemmaConfig
+from ..core.multihost import to_host
+from ..model.generate import _decode_step, _prefill, cache_slots, init_cache
+from ..model.modules import LayerCache, Transformer
+from ..model.scanned import ScannedTransformer, scan_layers, scanned_paths, unscan_layers
+from ..model.weights import abstract_model, map_leaves_with_path
 from .sharding import ShardingRules, leaf_sharding
-from .weights import abstract_model, map_leaves_with_path
 
 MODES = ("prefill", "decode", "train")
 

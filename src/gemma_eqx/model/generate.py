@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
-from .checks import check_finite, check_length, check_padding_mask, check_tokens
-from .config import GemmaConfig
+from ..core.checks import check_finite, check_length, check_padding_mask, check_tokens
+from ..core.config import GemmaConfig
+from ..core.text import TokenizerLike
 from .modules import LayerCache, Transformer
-from .tokenizer import TokenizerLike
 
 __all__ = [
     "cache_slots",

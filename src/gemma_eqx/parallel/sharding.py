@@ -10,8 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from .params import LogicalAxes, logical_axes
-from .weights import map_leaves_with_path
+from ..model.params import LogicalAxes, logical_axes
+from ..model.weights import map_leaves_with_path
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 from gguf.quants import dequantize
 
-from . import params
-from .config import PRESETS, GemmaConfig, family_config, gemma2_pattern, gemma3_pattern
-from .modules import Transformer
-from .weights import model_from_arrays
+from ..core.config import PRESETS, GemmaConfig, family_config, gemma2_pattern, gemma3_pattern
+from ..model import params
+from ..model.modules import Transformer
+from ..model.weights import model_from_arrays
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -524,7 +524,7 @@ def model_from_contents(
     model = model_from_arrays(config, params, activation_dtype=activation_dtype, source=source,
                               check_finite=check_finite)
     if mesh is not None:
-        from .sharding import shard_model  # written alongside; imported only when needed
+        from ..parallel.sharding import shard_model  # written alongside; imported only when needed
 
         model = shard_model(model, mesh, rules)
     return model

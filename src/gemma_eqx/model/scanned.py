@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .checks import check_length, check_padding_mask, check_tokens
-from .config import GemmaConfig
-from .display import Module
+from ..core.checks import check_length, check_padding_mask, check_tokens
+from ..core.config import GemmaConfig
+from .base import Module
 from .modules import Block, ForwardOutput, Transformer
 
 

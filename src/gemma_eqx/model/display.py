@@ -1,7 +1,6 @@
-"""How models and activations look in treescope (the `treescope` extra): every module lists
-its fields with shapes and dtypes, each array spread over several devices says how
-(`# P(None, 'model') over model=8`), installed interventions show as fields of the hooks, and
-`render_site` draws a recorded activation with its site's named axes and token labels."""
+"""How recorded activations look in treescope (the `treescope` extra): each record with its
+site's axis names, and `render_site`, a recorded activation drawn with its site's named axes
+and token labels. Modules themselves render through `base.Module`."""
 
 from __future__ import annotations
 
@@ -9,69 +8,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import equinox as eqx
-import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
-
-def sharding_note(array: Any) -> str | None:
-    """How `array` is laid out over devices, or None when it lives on one device.
-
-    `"P(None, 'model') over data=2 x model=4"` for a named sharding, `"replicated over 8
-    devices"` when every device holds all of it."""
-    sharding = getattr(array, "sharding", None)
-    if not isinstance(array, jax.Array) or isinstance(array, jax.core.Tracer) or sharding is None:
-        return None
-    if len(sharding.device_set) <= 1:
-        return None
-    if sharding.is_fully_replicated:
-        return f"replicated over {len(sharding.device_set)} devices"
-    if isinstance(sharding, NamedSharding):
-        mesh = " x ".join(f"{name}={size}" for name, size in sharding.mesh.shape.items())
-        spec = ", ".join(repr(axis) for axis in sharding.spec)
-        return f"P({spec}) over {mesh}"
-    return f"split over {len(sharding.device_set)} devices as {sharding.shard_shape(array.shape)}"
-
-
-def _annotate(rendering: Any, note: str | None) -> Any:
-    """`rendering` with `note` as a line comment (shown when its parent is expanded)."""
-    if not note:
-        return rendering
-    from treescope import rendering_parts as parts
-
-    comment = parts.comment_color(parts.text(f"  # {note}"))
-    return parts.RenderableAndLineAnnotations(
-        renderable=rendering.renderable,
-        annotations=parts.siblings(rendering.annotations or parts.empty_part(), comment),
-    )
-
-
-def _with_sharding(subtree_renderer: Any) -> Any:
-    """`subtree_renderer` that annotates arrays with their sharding and folds the config (the
-    same on every module; one click opens it)."""
-    from treescope import layout_algorithms
-
-    from .config import GemmaConfig
-
-    def render(node: Any, path: str | None = None) -> Any:
-        rendering = subtree_renderer(node, path=path)
-        if isinstance(node, GemmaConfig):
-            layout_algorithms.expand_to_depth(rendering.renderable, 0)
-        return _annotate(rendering, sharding_note(node))
-
-    return render
-
-
-def render_module(module: eqx.Module, path: str | None, subtree_renderer: Any) -> Any:
-    """A treescope rendering of `module`: its fields (static ones too) as constructor
-    arguments, each directly held array annotated with its sharding."""
-    from treescope import repr_lib
-
-    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)}
-    return repr_lib.render_object_constructor(
-        type(module), fields, path, _with_sharding(subtree_renderer), roundtrippable=True
-    )
+from .base import annotate, sharding_note, with_sharding_notes
 
 
 def render_records(
@@ -95,14 +34,14 @@ def render_records(
                  if i < len(arrays) - 1 else parts.fold_condition(expanded=parts.text(",")))
         lines.append(parts.build_full_line_with_annotations(
             parts.siblings_with_annotations(
-                f"{key!r}: ", _annotate(subtree_renderer(array, path=item_path), note)),
+                f"{key!r}: ", annotate(subtree_renderer(array, path=item_path), note)),
             comma,
         ))
     records = parts.build_foldable_tree_node_from_children(
         prefix=parts.text("{"), children=lines, suffix=parts.text("}"), path=inner)
     return repr_lib.render_object_constructor(
         type(owner), {"arrays": _Prerendered(records), **fields}, path,
-        _with_sharding(subtree_renderer),
+        with_sharding_notes(subtree_renderer),
     )
 
 
@@ -114,14 +53,6 @@ class _Prerendered:
 
     def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
         return self.rendering
-
-
-class Module(eqx.Module):
-    """An `eqx.Module` that renders in treescope with each array's sharding; the base of
-    every module here."""
-
-    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
-        return render_module(self, path, subtree_renderer)
 
 
 def _labels(values: Sequence[Any] | None, size: int, axis: str) -> list[str] | None:

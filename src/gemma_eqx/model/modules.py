@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
-from .checks import check_length, check_padding_mask, check_tokens, is_concrete
-from .config import GemmaConfig
-from .display import Module
+from ..core.checks import check_length, check_padding_mask, check_tokens, is_concrete
+from ..core.config import GemmaConfig
+from .base import Module
 from .sites import SiteContext, SiteHooks
 
 # Large negative instead of -inf, so a row with every key masked (a pad query) stays finite.

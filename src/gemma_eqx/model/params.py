@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import GemmaConfig
+from ..core.config import GemmaConfig
 
 LogicalAxes = tuple[str | None, ...]
 
@@ -242,7 +242,7 @@ def arrays_from_tensors(
     """Our `{path: array}` from a Hugging Face (`names="hf"`) or GGUF (`names="gguf"`) source
     that `get(name)` reads one tensor from; `description` labels a progress bar (shown on a
     terminal)."""
-    from .runtime import progress
+    from ..core.runtime import progress
 
     out = {}
     every = leaves(config)

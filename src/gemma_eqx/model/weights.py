@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import DTypeLike
 
-from .checks import check_finite_leaves
-from .config import GemmaConfig
+from ..core.checks import check_finite_leaves
+from ..core.config import GemmaConfig
 from .modules import Transformer
 
 

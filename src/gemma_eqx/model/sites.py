@@ -58,7 +58,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .display import Module
+from .base import Module
 
 
 @dataclass(frozen=True)

@@ -6,41 +6,17 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 from jaxtyping import Array, Bool, Int
 
-from .atomic import replace_file
+from ..core.atomic import replace_file
+from ..core.text import TokenizerLike  # noqa: F401 (re-exported: it was defined here)
 
 _WHITESPACE_MARK = "\u2581"  # SentencePiece's spelling of a space inside a piece
-
-
-@runtime_checkable
-class TokenizerLike(Protocol):
-    """What the library asks of a tokenizer (`Tokenizer` has it; so can a test stand-in):
-    special ids, `encode` without BOS, `decode`, pieces, and left/right-padded batches."""
-
-    @property
-    def bos_id(self) -> int: ...
-
-    @property
-    def eos_id(self) -> int: ...
-
-    @property
-    def pad_id(self) -> int: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-    def id_to_piece(self, token_id: int) -> str: ...
-
-    def encode_batch(
-        self, texts: Sequence[str], *, add_bos: bool = True, pad_side: str = "left"
-    ) -> tuple[Any, Any]: ...
 
 
 class Tokenizer:

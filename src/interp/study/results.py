@@ -1,0 +1,236 @@
+"""The study's typed results: one frozen dataclass per experiment, all of them in one
+`StudyResult` whose `to_json()` is `report.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .. import analyses
+
+Head = tuple[int, int]  # (layer, head)
+
+
+def _rounded(x: Any) -> Any:
+    """JSON-ready: arrays and floats rounded to 6 decimals, tuples as lists, dataclasses as
+    dicts (fields marked `json=False` left out)."""
+    if dataclasses.is_dataclass(x):
+        return {f.name: _rounded(getattr(x, f.name)) for f in dataclasses.fields(x)
+                if f.metadata.get("json", True)}
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            return x.tolist()
+        return _rounded(x.astype(np.float64).tolist())
+    if isinstance(x, float):
+        return round(x, 6) if np.isfinite(x) else None  # JSON has no NaN
+    if isinstance(x, tuple | list):
+        return [_rounded(v) for v in x]
+    if isinstance(x, Mapping):
+        return {k: _rounded(v) for k, v in x.items()}
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitTask:
+    """BOS + `strings` random digit strings of `period` digits, each repeated twice."""
+
+    tokens: np.ndarray  # int32 [strings, 1 + 2 * period]; row 0 is the one shown
+    eval_mask: np.ndarray  # bool, the same shape: the second repetition but its first token
+    period: int
+    token_pieces: tuple[str, ...]  # row 0 as text pieces
+
+
+@dataclasses.dataclass(frozen=True)
+class Repetitions:
+    """Mean correct-token log-prob and argmax accuracy per repetition, over all strings."""
+
+    logprob: tuple[float, ...]
+    accuracy: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Behaviour:
+    """Experiment 1: how well the model predicts each digit."""
+
+    logprobs: np.ndarray  # [strings, seq - 1] correct-token log-probs
+    repetitions: Repetitions
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedHead:
+    layer: int
+    head: int
+    score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadScores:
+    """Experiments 2-3: every head's mass on the induction, previous-token and
+    duplicate-token patterns ([layers, heads]); heads ranked by induction score."""
+
+    induction: np.ndarray
+    previous_token: np.ndarray
+    duplicate_token: np.ndarray
+    ranked: tuple[RankedHead, ...]
+    # Attention of the best `shown` heads on the shown string: [shown, seq, seq].
+    top_patterns: np.ndarray = dataclasses.field(repr=False, metadata={"json": False})
+
+    def top(self, k: int) -> list[Head]:
+        return [(h.layer, h.head) for h in self.ranked[:k]]
+
+    def quietest(self, k: int) -> list[Head]:
+        """The `k` heads scoring lowest on all three patterns (the knock-out control; the
+        lowest induction scores alone include previous-token heads, the other half of the
+        induction circuit)."""
+        loudest = np.maximum(np.maximum(self.induction, self.previous_token),
+                             self.duplicate_token)
+        return [(layer, head) for layer, head, _ in analyses.rank_heads(jnp.asarray(-loudest))[:k]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleScores:
+    logprob: float  # mean correct-token log-prob over the example's scored tokens
+    accuracy: float
+    positions: int  # how many tokens are scored
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleKnockout:
+    name: str
+    original: ExampleScores
+    knocked: ExampleScores  # the top heads knocked out
+    control: ExampleScores  # as many quiet heads knocked out
+
+
+@dataclasses.dataclass(frozen=True)
+class Knockout:
+    """Experiment 4: the top heads knocked out, on the digit task and the study's examples."""
+
+    heads: tuple[Head, ...]
+    control_heads: tuple[Head, ...]
+    logprobs: np.ndarray  # [strings, seq - 1] on the digit task, heads knocked out
+    repetitions: Repetitions
+    examples: tuple[ExampleKnockout, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribution:
+    """Experiment 5: gradient of the mean second-repetition log-prob with respect to the
+    knock-out mask ([layers, heads]), at all heads on and at the top heads knocked out."""
+
+    all_ones: np.ndarray
+    knocked: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchStep:
+    step: str  # "add" | "keep" | "drop"
+    layer: int
+    head: int
+    accuracy: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MinimalSet:
+    """The smallest set of heads found whose knock-out brings second-repetition accuracy to
+    within `threshold` of chance (see `analyses.minimal_breaking_set`)."""
+
+    heads: tuple[Head, ...]
+    broken: bool
+    accuracy: float
+    baseline: float
+    chance: float
+    trail: tuple[SearchStep, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldScore:
+    world: str
+    description: str
+    relative_logit: float  # mean over strings and scored positions
+
+
+@dataclasses.dataclass(frozen=True)
+class PathAnalysis:
+    """Experiment 6: the relative logit of the correct digit (its logit minus the mean logit
+    of the ten digits, which equals the same difference of log-probs) over the second
+    repetition, in worlds that restore the ablated heads' paths one kind at a time."""
+
+    heads: tuple[Head, ...]
+    worlds: tuple[WorldScore, ...]
+    per_position: np.ndarray  # [worlds, seq - 1] mean over strings (NaN where not scored)
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterfactualPatch:
+    """One patching of experiment 7. In the patched world, at each scored position: the mean
+    probability of the digit the heads would copy under the patch (`copy_target`) and how
+    often it is the argmax over the vocabulary; the same for the unpatched world that reads
+    the same input (the baseline); and the patched world's probability of its own input's
+    correct next digit."""
+
+    name: str
+    description: str
+    copy_target: str
+    copy_prob: float
+    copy_accuracy: float
+    baseline_copy_prob: float
+    baseline_copy_accuracy: float
+    correct_prob: float
+    # Probability of each digit 0-9 at the scored positions of the first string: [scored, 10].
+    digit_probs: np.ndarray = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterfactualPatching:
+    """Experiment 7: the heads' values, pattern, or both, taken from another input."""
+
+    heads: tuple[Head, ...]
+    counterfactual: tuple[str, ...]  # the non-repeating digits of the first string
+    patches: tuple[CounterfactualPatch, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingMaps:
+    """Clean -> corrupted activation patching (clean = BOS + A + A, corrupted = BOS + B + A)
+    of the first string: the metric (mean log-prob of A's digits over the second repetition)
+    after patching one head's output (`heads`, [layers, heads]) or the residual stream entering
+    a layer at one position (`residual`, [layers, seq]), normalised so 0 is the corrupted run
+    and 1 the clean run."""
+
+    clean: float
+    corrupted: float
+    heads: np.ndarray
+    residual: np.ndarray
+    residual_layers: tuple[int, ...]
+    compilations: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyResult:
+    """Everything the report shows; `to_json()` gives what `report.json` holds."""
+
+    model_name: str
+    preset: str
+    task: DigitTask
+    behaviour: Behaviour
+    scores: HeadScores
+    knockout: Knockout
+    attribution: Attribution
+    minimal_set: MinimalSet
+    path_analysis: PathAnalysis
+    counterfactual: CounterfactualPatching
+    patching: PatchingMaps
+    timings: Mapping[str, float]
+    # Per step: programs compiled (or loaded from the persistent cache), cache hits, seconds.
+    compilation: Mapping[str, Mapping[str, int | float]] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return _rounded(self)
+
+
+# ------------------------------------------------------------------------------ experiments
