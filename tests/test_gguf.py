@@ -236,9 +236,12 @@ PROMPTS = {
 # Bound on max |logit difference|. Past a few hundred tokens, a few positions carrying huge
 # residual activations (norms ~1e4, at lone "▁" tokens) sit at float32's noise floor: on a
 # 950-token version of the long prompt, against a float64 run of the same weights, our float32
-# logits are off by up to 1.06e-3 and transformers' by up to 1.32e-3 (1.53e-3 between the two),
-# while the median position differs by ~4e-5. So the long prompt gets 2e-3.
-TOLERANCE = {"digits-twice": 1e-3, "sentence": 1e-3, "longer-than-window": 2e-3}
+# logits were off by up to 1.06e-3 (op by op) and transformers' by up to 1.32e-3, while the
+# median position differs by ~4e-5. Our forward now runs as one compiled program, whose fusions
+# order the float32 sums differently: on this 603-token prompt it is off by up to 1.86e-3
+# against float64 (median 2.6e-5; tests/data/float64_logit_error.py). The difference of two
+# float32 runs is bounded by the sum of their errors, 1.86e-3 + 1.32e-3: so 3.5e-3.
+TOLERANCE = {"digits-twice": 1e-3, "sentence": 1e-3, "longer-than-window": 3.5e-3}
 
 
 @pytest.fixture(scope="module")

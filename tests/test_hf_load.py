@@ -60,6 +60,7 @@ def saved(tmp_path_factory, tokenizer_file):
     return tokens, out
 
 
+@pytest.mark.slow  # child processes running JAX
 def test_save_pretrained_directories_load_without_torch_sharded_leaf_by_leaf(saved):
     tokens, cases = saved
     plan = {name: dirs for name, (dirs, _) in cases.items()}
@@ -96,6 +97,7 @@ def test_save_pretrained_directories_load_without_torch_sharded_leaf_by_leaf(sav
         assert got[f"{name}/dtype"] == "float32"  # as stored
 
 
+@pytest.mark.slow  # child processes running JAX
 def test_a_repo_id_loads_from_the_hub_cache_offline_and_fails_clearly_without_it(saved,
                                                                                   tmp_path):
     _, cases = saved
@@ -201,6 +203,7 @@ def test_a_directory_with_only_tokenizer_json_gets_its_tokenizer_rebuilt(saved, 
         only_json)("The quick brown fox", add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow  # child processes running JAX
 def test_loading_holds_about_one_leaf_above_the_model_in_host_memory(tmp_path):
     """A Gemma 3-shaped model of 126M parameters (503 MB in float32), sharded in 100 MB files:
     the load's peak resident memory over what the process held before."""

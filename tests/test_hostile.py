@@ -681,6 +681,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow  # child processes running JAX
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_launch_listens_on_loopback_and_a_signal_leaves_no_process(tmp_path, sig):
     (tmp_path / "site").mkdir()
@@ -872,6 +873,7 @@ def test_the_throughput_script_refuses_bad_options_before_any_work(args, match):
         bench.check_args(bench._args(args))
 
 
+@pytest.mark.slow  # child processes running JAX
 def test_the_throughput_script_refuses_in_one_line_and_writes_nothing(tmp_path):
     results = tmp_path / "throughput.jsonl"
     results.write_text('{"earlier": 1}\n')
@@ -949,6 +951,7 @@ def _hub_repo(hub: Path, name: str, source: Path) -> None:
     (repo / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.slow  # child processes running JAX
 def test_the_hub_cache_entry_point_checks_the_same_classes(tmp_path, tokenizer_file):
     hub = tmp_path / "hub"
     good = write_hf_directory(tmp_path / "good", CONFIG, ARRAYS, shards=2,

@@ -14,6 +14,9 @@ import pytest
 
 from gemma_eqx.core import multihost
 
+# Several JAX processes per test: the integration tier, not the quick loop.
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).parent
 TIMEOUT = 300  # seconds for a whole cluster run; a hang fails the test, not CI
 

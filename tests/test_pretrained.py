@@ -37,6 +37,7 @@ def _kaggle_standin(handle, config, tokenizer_file, seed=0):
     return model
 
 
+@pytest.mark.slow  # child processes running JAX
 def test_kaggle_handle_downloads_through_kagglehub_standin(
     tmp_path, monkeypatch, tokenizer_file, tiny_gemma3_1b
 ):

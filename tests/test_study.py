@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import pytest
 from gemma_eqx.cli import main
 from interp import analyses
 from interp.examples import study_examples, tokenize_examples
+from interp.report import REPORT_FILES
 from interp.study import run_study
 from interp.surgery import attention_patterns, forward_with_records, knock_out, knockout_mask
 
@@ -36,6 +39,36 @@ def test_study_finds_heads_whose_knockout_breaks_copying(study):
     digits = next(r for r in study.knockout.examples if r.name == "random digits")
     assert digits.knocked.accuracy < digits.original.accuracy - 0.4
     assert digits.control.accuracy > digits.original.accuracy - 0.15
+
+
+def _differences(expected, got, path="", tolerance=1e-4):
+    """Where two JSON trees differ: numbers by more than `tolerance` (absolute, on values the
+    report shows with 2-3 decimals), anything else at all."""
+    if isinstance(expected, dict):
+        keys = sorted(set(expected) | set(got))
+        return [d for k in keys for d in _differences(expected.get(k), got.get(k),
+                                                       f"{path}/{k}", tolerance)]
+    if isinstance(expected, list) and isinstance(got, list) and len(expected) == len(got):
+        return [d for i, (a, b) in enumerate(zip(expected, got, strict=True))
+                for d in _differences(a, b, f"{path}[{i}]", tolerance)]
+    if isinstance(expected, float) and isinstance(got, float | int):
+        return [] if abs(expected - got) <= tolerance else [(path, expected, got)]
+    return [] if expected == got else [(path, expected, got)]
+
+
+def test_the_study_reports_the_reference_numbers(study):
+    """The study's numbers equal those of the code before it was made faster (commit b200928;
+    `tests/data/make_study_reference.py` made the file): every head, ranking, accuracy,
+    probability and patching value."""
+    reference = json.loads((Path(__file__).parent / "data" / "study_reference.json")
+                           .read_text())
+    got = {k: v for k, v in json.loads(json.dumps(study.to_json())).items()
+           if k not in ("timings", "compilation")}
+    # How many programs a sweep compiled depends on what this process compiled before.
+    differences = [d for d in _differences(reference, got)
+                   if not d[0].endswith("/compilations")]
+    assert not differences, differences[:10]
+    assert _differences({"a": [1.0, 2.0]}, {"a": [1.0, 2.01]}) == [("/a[1]", 2.0, 2.01)]
 
 
 def test_study_numbers_equal_the_library_functions(study, gemma270m):
@@ -156,7 +189,7 @@ def test_each_experiment_runs_alone_and_results_are_frozen(study, gemma270m):
     assert "top_patterns" not in as_json["scores"]
 
 
-def test_command_writes_the_report(tmp_path, gemma270m, capsys):
+def test_command_writes_the_report(tmp_path, gemma270m, gguf_path, gemma_cache, capsys):
     out = tmp_path / "report"
     # The shapes of the README test's run_study (2 strings, stride 17): programs reused.
     code = main(["induction", "--model", "gemma3-270m", "--text", "01976954310149754605",
@@ -184,6 +217,34 @@ def test_command_writes_the_report(tmp_path, gemma270m, capsys):
     assert report["patching"]["residual_layers"] == [0, 17]
     assert np.asarray(report["patching"]["residual"]).shape == (2, 41)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    _readme_first_run_table_holds(out, gguf_path, gemma_cache)
+
+
+def _megabytes(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def _readme_first_run_table_holds(report: Path, gguf: Path, cache: Path) -> None:
+    """README's table of what a first run writes: the report's files by name, and the sizes
+    of the GGUF, its converted entry and the report (the XLA row comes from
+    benchmarks/bench_main_job.py, which runs the command in fresh processes)."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    table = text.split("<!-- first-run -->", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[3:]:
+        what, where, size = (c.strip() for c in line.strip("|").split("|"))
+        rows[where] = (what, float(size.removesuffix(" MB")))
+    stated = {Path(where.strip("`")).name: v for where, v in rows.items()}
+    converted = [p for p in (cache / "converted").iterdir() if p.is_dir()]
+    assert len(converted) == 1, converted
+    measured = {"gemma-3-270m-q4_k_m.gguf": (_megabytes(gguf), 0.01),
+                "gguf-<sha>": (_megabytes(converted[0]), 0.01),
+                "induction-report": (_megabytes(report), 0.25)}  # PNG bytes vary a little
+    for name, (size, tolerance) in measured.items():
+        assert abs(stated[name][1] / size - 1) <= tolerance, (name, stated[name], size)
+    named = set(re.findall(r"`([\w.]+\.(?:png|html|json))`", stated["induction-report"][0]))
+    assert named == {p.name for p in report.iterdir()} == set(REPORT_FILES)
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ def on_one_device():
                                      repeats=2)[1] for mode in tp.MODES}
 
 
+@pytest.mark.slow  # preset-scale programs on meshes
 @pytest.mark.parametrize("data,model", [(8, 1), (2, 4), (1, 8)])
 def test_every_mode_on_a_mesh_equals_one_device(on_one_device, data, model):
     config, want = on_one_device
@@ -81,7 +82,9 @@ def test_every_mode_on_a_mesh_equals_one_device(on_one_device, data, model):
     assert len(set(np.round(want["train"], 6))) == 3  # the steps change the model
 
 
-@pytest.mark.parametrize("preset", ["gemma-2b", "gemma-7b", "gemma2-9b", "gemma3-27b"])
+@pytest.mark.parametrize("preset", ["gemma-2b", *(  # tracing 28-62 unrolled layers: 2-3 s each
+    pytest.param(name, marks=pytest.mark.slow)
+    for name in ("gemma-7b", "gemma2-9b", "gemma3-27b"))])
 def test_the_flop_count_agrees_with_xla_cost_analysis(preset):
     """The forward at 512 tokens, lowered on abstract inputs (nothing allocated)."""
     config = get_preset(preset)
@@ -111,6 +114,7 @@ def test_memory_per_device_divides_the_sharded_parameters_by_the_model_axis():
         assert stats.argument_size_in_bytes == expected[setup.mesh.shape["model"]] + tokens
 
 
+@pytest.mark.slow  # preset-scale programs on meshes
 def test_plan_predicts_from_the_peak_without_allocating():
     config = get_preset("gemma3-270m")
     setup = tp.Setup(config, _mesh(1, 8), batch=8, seq=128, dtype=jnp.bfloat16)
@@ -137,6 +141,7 @@ def test_bad_meshes_and_sizes_are_refused():
         tp.plan(setup, "prefill", CPU)
 
 
+@pytest.mark.slow  # preset-scale programs on meshes
 def test_the_script_plans_and_appends_a_json_line(tmp_path):
     results = tmp_path / "throughput.jsonl"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_throughput.py"), "--dry-run",
@@ -152,6 +157,7 @@ def test_the_script_plans_and_appends_a_json_line(tmp_path):
     assert "MFU" in out.stdout and "decode" in out.stdout
 
 
+@pytest.mark.slow  # preset-scale programs on meshes
 @pytest.mark.parametrize("preset,layers", [("gemma-2b", 3), ("gemma2-9b", 5),
                                            ("gemma3-27b", 8)])
 def test_a_scanned_stack_computes_what_the_unrolled_model_does(preset, layers):

@@ -441,6 +441,7 @@ def minimal_breaking_set(
     chance_accuracy: float,
     threshold: float,
     padding_mask: Bool[Array, "batch seq"] | None = None,
+    baseline: float | None = None,
 ) -> BreakingSet:
     """A small set of heads whose knock-out breaks copying.
 
@@ -468,7 +469,8 @@ def minimal_breaking_set(
     def is_broken(acc: float) -> bool:
         return acc <= chance_accuracy + threshold
 
-    baseline = accuracy([])
+    if baseline is None:  # the caller may know it already (the study's behaviour does)
+        baseline = accuracy([])
     chosen: list[Head] = []
     trail: list[tuple[str, Head, float]] = []
     for head in heads:

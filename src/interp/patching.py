@@ -87,7 +87,7 @@ def _mean_logprob(logits: Array, ids: Array) -> Array:
 
 def _mean_logprob_streamed(model: Transformer, normed: Array, ids: Array) -> Array:
     targets = jnp.broadcast_to(ids, normed.shape[:2])
-    return model.target_logprobs(normed, targets)[0].mean(axis=-1)
+    return model.target_logprobs(normed, targets, argmax=False)[0].mean(axis=-1)
 
 
 def _logit_difference(logits: Array, ids: tuple[Array, Array]) -> Array:

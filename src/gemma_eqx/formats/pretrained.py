@@ -316,6 +316,7 @@ def _convert_gguf(gguf_path: Path, staging: Path, *, check_finite: bool) -> None
         "source": str(gguf_path),
         "config": dataclasses.asdict(contents.config),
         "files": _entry_files(staging),
+        "finite": check_finite,  # every weight was checked for NaN and infinity here
     }
     manifest["sha256"] = _manifest_digest(manifest)
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -354,10 +355,13 @@ def load_gguf_cached(
     from .tokenizer import Tokenizer
 
     entry = gguf_cache_entry(gguf_path, check_finite=check_finite, sha256=sha256)
-    config = _manifest_config(json.loads((entry / "manifest.json").read_text()))
-    model = load_checkpoint(entry / "checkpoint", preset=config, mesh=mesh, rules=rules,
-                            dtype=dtype, activation_dtype=activation_dtype or jnp.float32,
-                            check_finite=check_finite)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    # An entry whose weights were checked when converted, and whose checksums still match,
+    # holds the same finite numbers: checking them again would only cost time.
+    model = load_checkpoint(entry / "checkpoint", preset=_manifest_config(manifest), mesh=mesh,
+                            rules=rules, dtype=dtype,
+                            activation_dtype=activation_dtype or jnp.float32,
+                            check_finite=check_finite and manifest.get("finite") is not True)
     return model, Tokenizer.from_file(entry / "tokenizer.model")
 
 

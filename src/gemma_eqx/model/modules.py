@@ -396,6 +396,17 @@ def _readout_context(
     return SiteContext(take(positions), take(padding_mask), positions, padding_mask, None)
 
 
+@eqx.filter_jit
+def _initialise(config: GemmaConfig, key: PRNGKeyArray, dtype: Any, activation_dtype: Any) -> Any:
+    return Transformer(config, key=key, dtype=dtype, activation_dtype=activation_dtype)
+
+
+@eqx.filter_jit
+def _compiled_forward(model, tokens, positions, padding_mask, cache, cache_index, logits_at):
+    return model.forward(tokens, positions=positions, padding_mask=padding_mask, cache=cache,
+                         cache_index=cache_index, logits_at=logits_at, check_ids=False)
+
+
 class ForwardOutput(NamedTuple):
     logits: Float[Array, "batch seq vocab"]
     records: dict[str, Any]  # what the interventions recorded, keyed by `sites.site_key`
@@ -424,7 +435,17 @@ class Transformer(Module):
         dtype: DTypeLike = jnp.float32,
         activation_dtype: DTypeLike | None = None,
     ):
-        """Randomly initialised weights in `dtype`; activations default to the same dtype."""
+        """Randomly initialised weights in `dtype`; activations default to the same dtype.
+
+        With a concrete key the weights are drawn by one compiled program (eagerly, every
+        distinct leaf shape would compile kernels of its own: seconds for a tiny model)."""
+        if is_concrete(key):
+            built = _initialise(config, key, jnp.dtype(dtype),
+                                None if activation_dtype is None else jnp.dtype(activation_dtype))
+            for name in ("config", "embedder", "blocks", "final_norm", "hooks",
+                         "activation_dtype"):
+                setattr(self, name, getattr(built, name))
+            return
         ke, *kb = jax.random.split(key, config.num_layers + 1)
         self.config = config
         self.embedder = Embedder(
@@ -498,8 +519,10 @@ class Transformer(Module):
         targets: Int[Array, "*rows"],
         *,
         chunk: int | None = None,
-    ) -> tuple[Float[Array, "*rows"], Int[Array, "*rows"]]:
-        """Log-probability of `targets` and the argmax token, from the final norm's output
+        argmax: bool = True,
+    ) -> tuple[Float[Array, "*rows"], Int[Array, "*rows"] | None]:
+        """Log-probability of `targets` and the argmax token (None with `argmax=False`, which
+        saves a pass over every chunk of logits), from the final norm's output
         (`final_stream`), streaming the vocabulary `chunk` tokens at a time (default: 4096
         when the `[rows, vocab]` logits would exceed 256 MiB, else all at once): large logits
         then never exist at once, and writing them out costs more than the projection on a
@@ -518,19 +541,20 @@ class Transformer(Module):
             chunk = vocab if rows * vocab * 4 <= _STREAM_ABOVE_BYTES else 4096
         chunk = min(chunk, vocab)
         n_chunks = -(-vocab // chunk)
+        padded = n_chunks * chunk != vocab  # the last chunk's padding must not count
         table = jnp.pad(table, ((0, n_chunks * chunk - vocab), (0, 0)))
 
         def step(carry, i):
             top, total, best, arg = carry
             part = jax.lax.dynamic_slice_in_dim(table, i * chunk, chunk).astype(x.dtype)
             logits = self._softcap(x @ part.T)
-            ids = i * chunk + jnp.arange(chunk)
-            logits = jnp.where(ids < vocab, logits, -jnp.inf)
+            if padded:
+                logits = jnp.where(i * chunk + jnp.arange(chunk) < vocab, logits, -jnp.inf)
             high = logits.max(-1)
             new_top = jnp.maximum(top, high)
             total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[:, None]).sum(-1)
-            better = high > best
-            arg = jnp.where(better, i * chunk + jnp.argmax(logits, -1), arg)
+            if argmax:
+                arg = jnp.where(high > best, i * chunk + jnp.argmax(logits, -1), arg)
             return (new_top, total, jnp.maximum(best, high), arg), None
 
         init = (jnp.full((rows,), -jnp.inf, x.dtype), jnp.zeros((rows,), x.dtype),
@@ -540,7 +564,7 @@ class Transformer(Module):
         target = self._softcap(jnp.einsum(
             "rd,rd->r", x, self.embedder.embedding[flat_targets].astype(x.dtype)))
         logprob = target - (top + jnp.log(total))
-        return logprob.reshape(lead), arg.reshape(lead)
+        return logprob.reshape(lead), arg.reshape(lead) if argmax else None
 
     def forward(
         self,
@@ -569,8 +593,14 @@ class Transformer(Module):
         check_tokens(tokens, self.config.vocab_size)
         check_length(tokens.shape[1], self.config.context_length, "a sequence of tokens")
         if is_concrete(tokens):
-            tokens = jnp.asarray(tokens)
-        elif check_ids:
+            # Called eagerly: checked here, computed by one compiled program (reused for every
+            # model of this structure and inputs of these shapes; new weights or intervention
+            # values do not recompile). Under a caller's `jit` the body below is traced inline.
+            if padding_mask is not None:
+                padding_mask = check_padding_mask(padding_mask, tokens.shape)
+            return _compiled_forward(self, jnp.asarray(tokens), positions, padding_mask,
+                                     cache, cache_index, logits_at)
+        if check_ids:
             tokens = eqx.error_if(
                 tokens,
                 (tokens < 0) | (tokens >= self.config.vocab_size),

@@ -89,13 +89,13 @@ def knockout(
     logits, _ = forward_with_records(knock_out(model, knockout_mask(model, heads)), tokens)
     logprobs = analyses.correct_token_logprobs(logits, tokens)
     batch = examples.tokenize_examples(examples.study_examples(seed), tokenizer)
-    results = {
-        label: analyses.knockout_eval(model, batch.tokens, knockout_mask(model, knocked),
-                                      batch.eval_mask, padding_mask=batch.padding_mask)
-        for label, knocked in (("original", []), ("knocked", heads), ("control", control_heads))
-    }
-
-    host = {label: analyses.KnockoutResult(*map(to_host, r)) for label, r in results.items()}
+    labels = ("original", "knocked", "control")
+    masks = jnp.stack([knockout_mask(model, knocked) for knocked in ([], heads, control_heads)])
+    # One staged sweep: the knocked-out models run from their first changed layer on.
+    swept = analyses.knockout_sweep(model, batch.tokens, masks, batch.eval_mask,
+                                    padding_mask=batch.padding_mask)
+    host = {label: analyses.KnockoutResult(*(to_host(field)[i] for field in swept))
+            for i, label in enumerate(labels)}
 
     def scores(label: str, i: int) -> ExampleScores:
         r = host[label]
@@ -104,7 +104,7 @@ def knockout(
     return Knockout(
         heads=tuple(map(tuple, heads)), control_heads=tuple(map(tuple, control_heads)),
         logprobs=to_host(logprobs), repetitions=_repetitions(logprobs, logits, task),
-        examples=tuple(ExampleKnockout(name, *(scores(label, i) for label in results))
+        examples=tuple(ExampleKnockout(name, *(scores(label, i) for label in labels))
                        for i, name in enumerate(batch.names)),
     )
 
@@ -125,11 +125,14 @@ def minimal_set(
     *,
     chance: float = CHANCE,
     threshold: float = 0.1,
+    baseline: float | None = None,
 ) -> MinimalSet:
-    """The smallest set among `candidates` (ranked) whose knock-out breaks copying."""
+    """The smallest set among `candidates` (ranked) whose knock-out breaks copying;
+    `baseline`, the accuracy with nothing knocked out, is `behaviour`'s second-repetition
+    accuracy (computed when not given)."""
     found = analyses.minimal_breaking_set(
         model, jnp.asarray(task.tokens), jnp.asarray(task.eval_mask), candidates,
-        chance_accuracy=chance, threshold=threshold,
+        chance_accuracy=chance, threshold=threshold, baseline=baseline,
     )
     return MinimalSet(
         heads=tuple(map(tuple, found.heads)), broken=bool(found.broken),

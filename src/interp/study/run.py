@@ -109,7 +109,8 @@ def run_study(
         attributed = attribution(model, task, scores.top(top))
         lap("attribution")
         say("searching the smallest set of heads whose knock-out breaks copying")
-        smallest = minimal_set(model, task, scores.top(2 * top))
+        smallest = minimal_set(model, task, scores.top(2 * top),
+                               baseline=behaved.repetitions.accuracy[1])
         lap("search")
         critical = list(smallest.heads) if smallest.broken else scores.top(top)
         say(f"path analysis: six worlds around {len(critical)} critical head(s)")
