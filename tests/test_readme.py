@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -88,10 +89,12 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
     for line, code in python_blocks():
         for placeholder, real in paths.items():
             code = code.replace(placeholder, real)
+        start = time.perf_counter()
         try:
             exec(compile(code, f"README.md, the block at line {line}", "exec"), namespace)
         except Exception as e:
             pytest.fail(f"README.md's example at line {line} fails: {type(e).__name__}: {e}")
+        print(f"README.md block at line {line}: {time.perf_counter() - start:.1f} s")
     assert (tmp_path / "induction-report" / "report.html").is_file()
     assert namespace["sweep"].normalized.shape == (18, 4)
     assert isinstance(namespace["texts"][0], str)
