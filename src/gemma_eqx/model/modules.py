@@ -396,6 +396,9 @@ def _readout_context(
     return SiteContext(take(positions), take(padding_mask), positions, padding_mask, None)
 
 
+_COMPILED_INIT_BELOW = 2**22  # embedding entries; a tiny test model has ~1e4, the 270M 1.7e8
+
+
 @eqx.filter_jit
 def _initialise(config: GemmaConfig, key: PRNGKeyArray, dtype: Any, activation_dtype: Any) -> Any:
     return Transformer(config, key=key, dtype=dtype, activation_dtype=activation_dtype)
@@ -437,9 +440,11 @@ class Transformer(Module):
     ):
         """Randomly initialised weights in `dtype`; activations default to the same dtype.
 
-        With a concrete key the weights are drawn by one compiled program (eagerly, every
-        distinct leaf shape would compile kernels of its own: seconds for a tiny model)."""
-        if is_concrete(key):
+        With a concrete key, a small model's weights are drawn by one compiled program
+        (eagerly, every distinct leaf shape compiles kernels of its own: seconds for a tiny
+        model); a large one's eagerly (compiling the one program for the 270M took 10 s, its
+        eager draw 6 s)."""
+        if is_concrete(key) and config.vocab_size * config.embed_dim < _COMPILED_INIT_BELOW:
             built = _initialise(config, key, jnp.dtype(dtype),
                                 None if activation_dtype is None else jnp.dtype(activation_dtype))
             for name in ("config", "embedder", "blocks", "final_norm", "hooks",
