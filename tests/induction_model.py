@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gemma_eqx.core.atomic import replace_file
 from gemma_eqx.core.config import GemmaConfig
 from gemma_eqx.model.modules import Transformer
 from gemma_eqx.model.weights import abstract_model, map_leaves_with_path
@@ -146,12 +147,11 @@ def trained(seed: int = SEED) -> Trained:
         return Trained(model, **json.loads(facts.read_text()))
     result = _train(seed)
     _CACHE.mkdir(parents=True, exist_ok=True)
-    for path, write in ((weights, lambda p: eqx.tree_serialise_leaves(p, result.model)),
-                        (facts, lambda p: p.write_text(json.dumps(
-                            {"seconds": result.seconds, "final_loss": result.final_loss})))):
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        write(partial)
-        partial.replace(path)  # atomic: a concurrent session reads a whole file or none
+    # Atomic writes, the facts last: a concurrent session reads both whole files or trains.
+    with replace_file(weights) as tmp:
+        eqx.tree_serialise_leaves(tmp, result.model)
+    with replace_file(facts) as tmp:
+        tmp.write_text(json.dumps({"seconds": result.seconds, "final_loss": result.final_loss}))
     return result
 
 

@@ -8,6 +8,7 @@ with float32 activations for analysis.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -447,9 +448,8 @@ class Transformer(Module):
         if is_concrete(key) and config.vocab_size * config.embed_dim < _COMPILED_INIT_BELOW:
             built = _initialise(config, key, jnp.dtype(dtype),
                                 None if activation_dtype is None else jnp.dtype(activation_dtype))
-            for name in ("config", "embedder", "blocks", "final_norm", "hooks",
-                         "activation_dtype"):
-                setattr(self, name, getattr(built, name))
+            for field in dataclasses.fields(built):
+                setattr(self, field.name, getattr(built, field.name))
             return
         ke, *kb = jax.random.split(key, config.num_layers + 1)
         self.config = config

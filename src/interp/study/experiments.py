@@ -94,7 +94,8 @@ def knockout(
     # One staged sweep: the knocked-out models run from their first changed layer on.
     swept = analyses.knockout_sweep(model, batch.tokens, masks, batch.eval_mask,
                                     padding_mask=batch.padding_mask)
-    host = {label: analyses.KnockoutResult(*(to_host(field)[i] for field in swept))
+    fields = [to_host(field) for field in swept]  # [label, ...] each, moved to the host once
+    host = {label: analyses.KnockoutResult(*(field[i] for field in fields))
             for i, label in enumerate(labels)}
 
     def scores(label: str, i: int) -> ExampleScores:
