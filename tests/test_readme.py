@@ -47,7 +47,7 @@ def test_the_readme_has_the_examples_this_test_runs():
 
 
 def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_path,
-                                                 monkeypatch):
+                                                 monkeypatch, study_shared_with_callers):
     import jax
 
     # Stand-ins, registered under the names the README uses: tiny models of each preset's
@@ -75,11 +75,11 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
     paths = {"/path/to/7b": str(stand_ins["gemma-7b"] / "gemma-7b"),
              "/data/gemma2-9b-dir": str(stand_ins["gemma2-9b"]),
              "/tmp/my-7b": str(tmp_path / "my-7b"),
-             # The study on 2 strings instead of 8 and the residual map at the last layer
-             # only: the same code in less time.
+             # The residual map at the first and last layer only: the study of the study
+             # tests, computed once in the session (`shared_study`). The experiments one by
+             # one on 2 strings instead of 8: the same code in less time.
              "run_study(model, tokenizer, top=10, verbose=True)":
-                 "run_study(model, tokenizer, top=10, verbose=True, strings=2, "
-                 "residual_stride=17)",
+                 "run_study(model, tokenizer, top=10, verbose=True, residual_stride=17)",
              "period=20, strings=8)": "period=20, strings=2)",
              "study.patching_maps(model, tokenizer, task)":
                  "study.patching_maps(model, tokenizer, task, residual_layers=[0, 17])"}

@@ -21,10 +21,11 @@ from interp.surgery import attention_patterns, forward_with_records, knock_out, 
 
 
 @pytest.fixture(scope="module")
-def study(gemma270m):
+def study(gemma270m, shared_study):
     model, tokenizer = gemma270m
-    # Residual patching at the first and last layer only (each layer costs 41 forwards).
-    return run_study(model, tokenizer, model_name="gemma3-270m", seed=0, residual_stride=17)
+    # Residual patching at the first and last layer only (each layer costs 41 forwards). The
+    # README test and the command test ask for this same study: it is computed once.
+    return shared_study(model, tokenizer, model_name="gemma3-270m", seed=0, residual_stride=17)
 
 
 def test_study_finds_heads_whose_knockout_breaks_copying(study):
@@ -189,17 +190,21 @@ def test_each_experiment_runs_alone_and_results_are_frozen(study, gemma270m):
     assert "top_patterns" not in as_json["scores"]
 
 
-def test_command_writes_the_report(tmp_path, gemma270m, gguf_path, gemma_cache, capsys):
+def test_command_writes_the_report(tmp_path, gemma270m, gguf_path, gemma_cache, capsys, study,
+                                   study_shared_with_callers):
     out = tmp_path / "report"
-    # The shapes of the README test's run_study (2 strings, stride 17): programs reused.
-    code = main(["induction", "--model", "gemma3-270m", "--text", "01976954310149754605",
-                 "--out", str(out), "--strings", "2", "--residual-stride", "17"])
+    # The study fixture's task, its first string given as --text: the command loads the model
+    # itself (from the conversion cache), and its study is the one this session already
+    # computed (`shared_study`).
+    first = "".join(study.task.token_pieces[1:21])
+    code = main(["induction", "--model", "gemma3-270m", "--text", first, "--out", str(out),
+                 "--residual-stride", "17"])
     assert code == 0
     printed = capsys.readouterr()
     assert "smallest breaking set" in printed.out and "capturing attention" in printed.err
     report = json.loads((out / "report.json").read_text())
     assert report["preset"] == "gemma3-270m" and report["task"]["period"] == 20
-    assert len(report["task"]["tokens"][0]) == 41
+    assert report["task"]["tokens"] == study.task.tokens.tolist()
     assert np.asarray(report["scores"]["induction"]).shape == (18, 4)
     for key in ("behaviour", "scores", "knockout", "attribution", "minimal_set",
                 "path_analysis", "counterfactual", "patching", "timings", "compilation"):

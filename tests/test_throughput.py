@@ -181,7 +181,11 @@ def test_a_scanned_stack_computes_what_the_unrolled_model_does(preset, layers):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(back),
                                                      jax.tree_util.tree_leaves(model),
                                                      strict=True))
-    # Train steps on a 2 x 4 mesh: the same losses scanned and unrolled.
+    if preset != "gemma3-27b":
+        return
+    # Train steps on a 2 x 4 mesh: the same losses scanned and unrolled. The train step runs
+    # the scanned forward checked above for every preset, under grad and remat; one preset
+    # (each costs ~30 s of compiling), the one with a period and a remainder, covers it.
     mesh = _mesh(2, 4)
     losses = {}
     for scan, remat in ((False, False), (True, False), (True, True)):
