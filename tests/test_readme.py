@@ -46,6 +46,28 @@ def test_the_readme_has_the_examples_this_test_runs():
     assert any("activation_patching" in code for _, code in blocks)
 
 
+def _tiny_qwen3_directory(directory: Path) -> Path:
+    """A Qwen3 directory as the Hub holds one: transformers' save_pretrained of a tiny random
+    model, and a byte-level BPE tokenizer.json with its tokenizer_config.json."""
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(directory)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(["<|endoftext|>", *alphabet])}
+    tokenizer = Tokenizer(models.BPE(vocab, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None}))
+    return directory
+
+
 def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_path,
                                                  monkeypatch, study_shared_with_callers):
     import jax
@@ -67,6 +89,7 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
                         directory / preset)
         shutil.copy(tokenizer_file, directory / "tokenizer.model")
         stand_ins[preset] = directory
+    stand_ins["qwen3"] = _tiny_qwen3_directory(tmp_path / "qwen3-dir")
     monkeypatch.setattr(hub, "kaggle_download",
                         lambda handle: stand_ins["gemma-7b"])
     monkeypatch.setattr(hub, "hf_download", lambda repo: stand_ins[repo])
@@ -75,6 +98,7 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
     paths = {"/path/to/7b": str(stand_ins["gemma-7b"] / "gemma-7b"),
              "/data/gemma2-9b-dir": str(stand_ins["gemma2-9b"]),
              "/tmp/my-7b": str(tmp_path / "my-7b"),
+             "/data/qwen3-dir": str(stand_ins["qwen3"]),
              # The residual map at the first and last layer only: the study of the study
              # tests, computed once in the session (`shared_study`). The experiments one by
              # one on 2 strings instead of 8: the same code in less time.
@@ -98,3 +122,13 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
     assert (tmp_path / "induction-report" / "report.html").is_file()
     assert namespace["sweep"].normalized.shape == (18, 4)
     assert isinstance(namespace["texts"][0], str)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """`.ci/run` runs the README's second set-up line, word for word."""
+    setup = README.read_text().split("## Set-up on a fresh machine", 1)[1]
+    block = setup.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2
+    ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == commands[1]

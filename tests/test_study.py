@@ -16,7 +16,6 @@ from gemma_eqx.cli import main
 from interp import analyses
 from interp.examples import study_examples, tokenize_examples
 from interp.report import REPORT_FILES
-from interp.study import run_study
 from interp.surgery import attention_patterns, forward_with_records, knock_out, knockout_mask
 
 

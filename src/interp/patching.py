@@ -498,13 +498,6 @@ class LogitAttribution:
     logit: np.ndarray  # [batch, k]
 
 
-def _rms_factor(norm, x: Array) -> Array:
-    """The per-position factor of an RMSNorm: `rsqrt(mean(x^2) + eps) * (1 + scale)`."""
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm.eps)
-    return r * (1.0 + norm.scale.astype(x32.dtype))
-
-
 @eqx.filter_jit
 def _dla(model, tokens, padding_mask, positions, targets):
     sites = ("resid_pre", "resid_mid", "resid_post", "attn_out", "head_out")
@@ -513,8 +506,8 @@ def _dla(model, tokens, padding_mask, positions, targets):
     recorded = add_interventions(recorded, {None: [Record("embed"), Record("final_norm_in")]})
     records = recorded.forward(tokens, padding_mask=padding_mask, check_ids=False).records
     at = lambda a: jnp.take(a, positions, axis=1)  # noqa: E731
-    unembed = jnp.take(model.embedder.embedding, targets, axis=0).astype(jnp.float32)  # [b k d]
-    final = _rms_factor(model.final_norm, at(records["final_norm_in"]))
+    unembed = jnp.take(model.embedder.output_table, targets, axis=0).astype(jnp.float32)  # [b k d]
+    final = model.final_norm.factor(at(records["final_norm_in"]))
 
     def direct(x):  # x [b, k, d] -> [b, k]
         return jnp.sum(x * final * unembed, axis=-1)
@@ -527,8 +520,8 @@ def _dla(model, tokens, padding_mask, positions, targets):
         mlp.append(direct(at(key("resid_post") - key("resid_mid"))))
         head_out = at(key("head_out"))  # [b k heads d]
         if block.post_attention_norm is not None:
-            head_out = head_out * _rms_factor(block.post_attention_norm,
-                                              at(key("attn_out")))[:, :, None]
+            head_out = head_out * block.post_attention_norm.factor(
+                at(key("attn_out")))[:, :, None]
         heads.append(jnp.moveaxis(_direct_heads(head_out, final, unembed), -1, 0))
     logit = direct(at(records["final_norm_in"]))
     return embed, jnp.stack(attn), jnp.stack(mlp), jnp.stack(heads), logit

@@ -7,6 +7,7 @@ import math
 from typing import Literal
 
 AttentionKind = Literal["global", "local"]
+MLPActivation = Literal["gelu_tanh", "silu"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,17 @@ class GemmaConfig:
     use_post_norms: bool = False
     norm_eps: float = 1e-6
     context_length: int = 8192  # the longest sequence the model was trained for
+    # What sets other families apart (gemma_eqx.model.families declares each); the defaults
+    # are Gemma's. The family whose declaration built this config:
+    architecture: str = "gemma"
+    norm_offset: float = 1.0  # RMSNorm multiplies by (norm_offset + scale): Gemma 1, Llama 0
+    embed_scale: bool = True  # token embeddings multiplied by sqrt(embed_dim) on the way in
+    tie_embeddings: bool = True  # the unembedding is the embedding (else its own leaf)
+    mlp_activation: MLPActivation = "gelu_tanh"  # of the gated MLP's gate
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    # Llama 3.1's RoPE frequency scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_context); None = none (a linear scale is global_rope_scale).
+    rope_llama3: tuple[float, float, float, int] | None = None
 
     def __post_init__(self):
         # Types first: a string or a bool where a size belongs would fail far from here, or
@@ -48,7 +60,26 @@ class GemmaConfig:
         for name in ("attn_logit_softcap", "final_logit_softcap"):
             if getattr(self, name) is not None:
                 _positive_number(self, name)
-        for name in ("use_qk_norm", "use_post_norms"):
+        if isinstance(self.norm_offset, bool) or not isinstance(self.norm_offset, int | float) \
+                or self.norm_offset not in (0, 1):
+            raise ValueError(f"config {self.name!r}: norm_offset must be 0 or 1; got "
+                             f"{self.norm_offset!r}")
+        if self.mlp_activation not in ("gelu_tanh", "silu"):
+            raise ValueError(f"config {self.name!r}: mlp_activation must be 'gelu_tanh' or "
+                             f"'silu'; got {self.mlp_activation!r}")
+        if not isinstance(self.architecture, str) or not self.architecture:
+            raise ValueError(f"config {self.name!r}: architecture must be a family name; got "
+                             f"{self.architecture!r}")
+        if self.rope_llama3 is not None:
+            if not isinstance(self.rope_llama3, tuple) or len(self.rope_llama3) != 4 or any(
+                    isinstance(v, bool) or not isinstance(v, int | float)
+                    or not math.isfinite(v) or v <= 0 for v in self.rope_llama3) \
+                    or self.rope_llama3[1] >= self.rope_llama3[2]:
+                raise ValueError(f"config {self.name!r}: rope_llama3 must be (factor, "
+                                 f"low_freq_factor < high_freq_factor, original_context), "
+                                 f"all positive; got {self.rope_llama3!r}")
+        for name in ("use_qk_norm", "use_post_norms", "embed_scale", "tie_embeddings",
+                     "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config {self.name!r}: {name} must be True or False; got "
                                  f"{getattr(self, name)!r}")

@@ -27,10 +27,13 @@ from gguf.quants import dequantize
 
 from ..core.config import PRESETS, GemmaConfig, family_config, gemma2_pattern, gemma3_pattern
 from ..model import params
+from ..model.families import FAMILIES, family_of_gguf, unpermute_rotary
 from ..model.modules import Transformer
 from ..model.weights import model_from_arrays
 
-ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+ARCHITECTURES = ("gemma", "gemma2", "gemma3")  # Gemma's own, read below
+# Every architecture a GGUF file may name: Gemma's and those of the declared families.
+READABLE = ARCHITECTURES + tuple(a for f in FAMILIES.values() for a in f.gguf_architectures)
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
@@ -300,12 +303,44 @@ def _rows_dequantizer(qtype: GGMLQuantizationType) -> Any:
 
 def _architecture(header: GGUFHeader) -> str:
     arch = header.metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in READABLE:
         raise ValueError(
-            f"{header.path}: GGUF architecture {arch!r} is not a Gemma text model "
-            f"(expected one of {', '.join(ARCHITECTURES)})"
+            f"{header.path}: GGUF architecture {arch!r} is not one this library reads "
+            f"({', '.join(READABLE)})"
         )
     return arch
+
+
+class _MetaFields:
+    """Typed reads of `{arch}.{name}` metadata (a family's `FieldReader`)."""
+
+    def __init__(self, header: GGUFHeader, arch: str):
+        self.header, self.arch, self.source = header, arch, str(header.path)
+
+    def _key(self, name: str) -> str:
+        return f"{self.arch}.{name}"
+
+    def has(self, name: str) -> bool:
+        return self._key(name) in self.header.metadata
+
+    def count(self, name: str, default: Any = ...) -> int:
+        return _meta_count(self.header, self._key(name), default)
+
+    def number(self, name: str, default: Any = ..., *, optional: bool = False) -> Any:
+        return _meta_number(self.header, self._key(name), None if optional else default)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = _meta(self.header, self._key(name), default)
+        if not isinstance(value, bool | np.bool_):
+            raise ValueError(f"{self.source}: GGUF metadata {self._key(name)!r} must be true "
+                             f"or false; got {value!r}")
+        return bool(value)
+
+    def text(self, name: str, default: Any = ...) -> Any:
+        return _meta(self.header, self._key(name), default)
+
+    def nested(self, name: str) -> None:
+        return None
 
 
 def _meta(header: GGUFHeader, key: str, default: Any = ...) -> Any:
@@ -373,6 +408,9 @@ def config_from_gguf(header: GGUFHeader) -> GemmaConfig:
         num_layers=layers, embed_dim=width, num_heads=heads, num_kv_heads=kv_heads,
         head_dim=head_dim, hidden_dim=count("feed_forward_length"), vocab_size=int(vocab),
     )
+    family = family_of_gguf(arch) if arch not in ARCHITECTURES else None
+    if family is not None:
+        return _zoo_config(header, arch, family, sizes)
     # What the file says overrides the family's defaults (config.family_config); what it
     # omits (query scale, local RoPE base of Gemma 3) keeps them. llama.cpp scales queries by
     # (embed / heads)^-1/2 for the 27B Gemma 2 and 3 (head_dim 128) and by head_dim^-1/2
@@ -400,6 +438,31 @@ def config_from_gguf(header: GGUFHeader) -> GemmaConfig:
     except ValueError as e:  # fields that disagree with each other (GemmaConfig's checks)
         raise ValueError(f"{header.path}: {e}") from None
     return match_preset(config)
+
+
+def _zoo_config(header: GGUFHeader, arch: str, family: Any, sizes: dict) -> GemmaConfig:
+    """A declared family's config: the sizes, the family's defaults and what its declaration
+    reads from the metadata; tied when the file has no separate output matrix."""
+    if "rope_freqs.weight" in header.tensors:
+        raise ValueError(f"{header.path}: tensor 'rope_freqs.weight' (llama.cpp's rescaled "
+                         f"RoPE frequencies, Llama 3.1 and later) is not supported; load the "
+                         f"Hugging Face directory instead")
+    rotary = _meta_count(header, f"{arch}.rope.dimension_count", sizes["head_dim"])
+    if rotary != sizes["head_dim"]:
+        raise ValueError(f"{header.path}: {arch}.rope.dimension_count is {rotary}, not the head "
+                         f"dimension {sizes['head_dim']}: partial rotary is not supported for "
+                         f"{arch}")
+    try:
+        return GemmaConfig(
+            **sizes, architecture=family.name, **family.defaults,
+            query_pre_attn_scalar=float(sizes["head_dim"]),
+            tie_embeddings="output.weight" not in header.tensors,
+            **family.from_gguf(_MetaFields(header, arch),
+                               {k: v for k, v in sizes.items() if k != "name"}))
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(str(header.path))
+                         else f"{header.path}: {message}") from None
 
 
 def _pattern(header: GGUFHeader, arch: str, layers: int) -> tuple[str, ...]:
@@ -459,9 +522,18 @@ def arrays_from_gguf(header: GGUFHeader, config: GemmaConfig) -> dict[str, np.nd
             if got != want:
                 raise ValueError(f"{header.path}: tensor {name!r} has shape {got}; leaf "
                                  f"{leaf.path} of {config.name} needs {want}")
+    family = FAMILIES.get(config.architecture)
+    permuted = family is not None and family.gguf_rotary_permuted
+    heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+
+    def read(name: str) -> np.ndarray:
+        w = read_tensor(header, name)
+        kind = name.split(".")[-2] if name.startswith("blk.") else ""
+        return unpermute_rotary(w, heads[kind]) if permuted and kind in heads else w
+
     # Some are transposed views; whoever converts them (jnp.asarray) copies them once anyway.
     return params.arrays_from_tensors(
-        config, lambda name: read_tensor(header, name), names="gguf",
+        config, read, names="gguf",
         check=lambda name, w, shape: _reshaped(header, name, w, shape),
         description=f"dequantizing {Path(header.path).name}",
     )

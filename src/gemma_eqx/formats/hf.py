@@ -21,6 +21,7 @@ from jaxtyping import DTypeLike
 from ..core.checks import check_model_file
 from ..core.config import GemmaConfig, family_config
 from ..model import params
+from ..model.families import FAMILIES, family_of_hf
 from ..model.modules import Transformer
 from ..model.weights import model_from_arrays
 from ..parallel.sharding import ShardingRules, leaf_sharding
@@ -77,6 +78,22 @@ class _Fields:
             raise self._bad(name, value, "an object")
         return value
 
+    def has(self, name: str) -> bool:
+        return self.raw.get(name) is not None
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            raise self._bad(name, value, "true or false")
+        return value
+
+    def text(self, name: str, default: Any = _REQUIRED) -> Any:
+        return self._get(name, default)
+
+    def nested(self, name: str) -> _Fields | None:
+        value = self.mapping(name)
+        return None if value is None else _Fields(value, f"{self.source} {name}")
+
 
 def config_from_dict(raw: Any, *, source: str, name: str) -> GemmaConfig:
     """Our config from a Hugging Face config mapping (`config.json`'s object, or
@@ -87,13 +104,24 @@ def config_from_dict(raw: Any, *, source: str, name: str) -> GemmaConfig:
     text = _Fields(raw, source).mapping("text_config") or raw
     f = _Fields(text, source)
     model_type = text.get("model_type")
-    if model_type not in _FAMILIES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not a Gemma text model this "
-                         f"library reads (expected one of {', '.join(_FAMILIES)})")
-    family = _FAMILIES[model_type]
+    zoo = None if model_type in _FAMILIES else family_of_hf(model_type)
+    if model_type not in _FAMILIES and zoo is None:
+        known = [*_FAMILIES, *(t for fam in FAMILIES.values() for t in fam.hf_model_types)]
+        raise ValueError(f"{source}: model_type {model_type!r} is not an architecture this "
+                         f"library reads (it reads {', '.join(known)})")
     layers, width, heads = (f.count("num_hidden_layers"), f.count("hidden_size"),
                             f.count("num_attention_heads"))
     head_dim = f.count("head_dim", width // heads if width >= heads else _REQUIRED)
+    if zoo is not None:
+        sizes = dict(num_layers=layers, embed_dim=width, num_heads=heads,
+                     num_kv_heads=f.count("num_key_value_heads", heads), head_dim=head_dim,
+                     hidden_dim=f.count("intermediate_size"), vocab_size=f.count("vocab_size"))
+        try:
+            return GemmaConfig(name=name, architecture=zoo.name, **sizes, **zoo.defaults,
+                               query_pre_attn_scalar=float(head_dim), **zoo.from_hf(f, sizes))
+        except ValueError as e:
+            raise ValueError(e if str(e).startswith(source) else f"{source}: {e}") from None
+    family = _FAMILIES[model_type]
     read: dict[str, Any] = dict(norm_eps=f.number("rms_norm_eps", 1e-6),
                                 context_length=f.count("max_position_embeddings", 8192))
     if family == "gemma":
@@ -167,15 +195,17 @@ def _not_text_model(name: str) -> bool:
     return "vision_tower" in parts or "multi_modal_projector" in parts
 
 
-def _ignored(name: str) -> bool:
-    return name in _LM_HEADS or _not_text_model(name)
+def _ignorer(config: GemmaConfig):
+    """What a checkpoint of `config` may hold that no leaf reads: a tied model's copy of the
+    output projection (checked equal to the embedding), a vision tower."""
+    return lambda name: (config.tie_embeddings and name in _LM_HEADS) or _not_text_model(name)
 
 
 def _check_tied(lm_head: np.ndarray, embedding: np.ndarray, source: str, name: str) -> None:
     if lm_head.shape != embedding.shape or not np.array_equal(lm_head, embedding):
-        raise ValueError(f"{source}: {name} differs from the token embedding; Gemma ties the "
-                         f"output projection to the embedding, so this library cannot use "
-                         f"an untied one")
+        raise ValueError(f"{source}: {name} differs from the token embedding, but the "
+                         f"config ties the output projection to the embedding (Gemma always "
+                         f"does; other families say tie_word_embeddings)")
 
 
 def arrays_from_hf(state_dict: Mapping[str, Any], config: GemmaConfig) -> dict[str, np.ndarray]:
@@ -184,7 +214,7 @@ def arrays_from_hf(state_dict: Mapping[str, Any], config: GemmaConfig) -> dict[s
     read (`params.match_tensors`)."""
     found = params.match_tensors(config, list(state_dict), names="hf",
                                  source="Hugging Face state dict", prefixes=_PREFIXES,
-                                 ignored=_ignored)
+                                 ignored=_ignorer(config))
 
     def get(name: str) -> np.ndarray:
         t = state_dict[found[name]]
@@ -192,7 +222,7 @@ def arrays_from_hf(state_dict: Mapping[str, Any], config: GemmaConfig) -> dict[s
 
     arrays = params.arrays_from_tensors(config, get, names="hf",
                                         check=lambda name, w, shape: w.reshape(shape))
-    for head in _LM_HEADS:
+    for head in _LM_HEADS if config.tie_embeddings else ():
         if head in state_dict:
             t = state_dict[head]
             t = t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
@@ -407,7 +437,7 @@ def _plan(directory: Path) -> tuple[GemmaConfig, SafetensorsReader, dict[str, st
     config = config_from_json(directory / "config.json")
     reader = SafetensorsReader(directory)
     found = params.match_tensors(config, reader.names(), names="hf", source=str(directory),
-                                 prefixes=_PREFIXES, ignored=_ignored)
+                                 prefixes=_PREFIXES, ignored=_ignorer(config))
     return config, reader, found
 
 
@@ -450,7 +480,7 @@ def load_hf_directory(
                 raise ValueError(f"{directory}: tensor {name} has shape {array.shape}; leaf "
                                  f"{leaf.path} of {config.name} needs {want}")
         host = params.from_storage(leaf, stored, names, lambda _, a, shape: a.reshape(shape))
-        if leaf.path == "embedder.embedding":
+        if leaf.path == "embedder.embedding" and config.tie_embeddings:
             for head in (h for h in _LM_HEADS if h in reader.names()):
                 _check_tied(reader.read(head), host, str(directory), head)
         if dtype is not None:

@@ -200,7 +200,9 @@ def kaggle_from_arrays(
 _KEY_ORDER = ("embedder", "final_norm", "pre_attention_norm", "pre_ffw_norm",
               "post_attention_norm", "post_ffw_norm", "attn/qkv_einsum", "attn/q_einsum",
               "attn/kv_einsum", "attn/attn_vec_einsum", "attn/_query_norm", "attn/_key_norm",
-              "mlp/gating_einsum", "mlp/linear")
+              "mlp/gating_einsum", "mlp/linear",
+              # Not in Gemma's checkpoints: other families' leaves, in our own saves.
+              "unembedder", "attn/q_bias", "attn/k_bias", "attn/v_bias")
 
 
 def _official_order(slot: tuple[str, str]) -> tuple[int, int]:

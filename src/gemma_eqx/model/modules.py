@@ -38,31 +38,57 @@ def _normal(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, dtype: DType
 
 
 class RMSNorm(Module):
-    """`x * rsqrt(mean(x^2) + eps) * (1 + scale)` over the last axis; `scale` is stored raw."""
+    """`x * rsqrt(mean(x^2) + eps) * (offset + scale)` over the last axis: Gemma stores the
+    scale raw (offset 1), Llama and Qwen the multiplier itself (offset 0)."""
 
     scale: Float[Array, " dim"]
     eps: float = eqx.field(static=True, default=1e-6)
+    offset: float = eqx.field(static=True, default=1.0)
+
+    def factor(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        """What `x` is multiplied by: `rsqrt(mean(x^2) + eps) * (offset + scale)`, in at least
+        float32 (frozen, it makes the norm linear: direct logit attribution)."""
+        x32 = _at_least_f32(x)
+        r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return r * (self.offset + self.scale.astype(x32.dtype))
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         x32 = _at_least_f32(x)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (1.0 + self.scale.astype(x32.dtype))).astype(x.dtype)
+        return (normed * (self.offset + self.scale.astype(x32.dtype))).astype(x.dtype)
+
+
+def _norm(config: GemmaConfig, size: int, dtype: DTypeLike) -> RMSNorm:
+    # Initialised to the identity: a zero scale under offset 1, a unit one under offset 0.
+    return RMSNorm(jnp.full((size,), 1.0 - config.norm_offset, dtype), config.norm_eps,
+                   float(config.norm_offset))
 
 
 class Embedder(Module):
-    """Token embedding, scaled by sqrt(embed) on the way in, tied unembedding on the way out."""
+    """Token embedding on the way in (Gemma scales it by sqrt(embed)), and the unembedding on
+    the way out: the same table when tied, else `unembedding`."""
 
     embedding: Float[Array, "vocab embed"]
+    unembedding: Float[Array, "vocab embed"] | None = None
+    scale_inputs: bool = eqx.field(static=True, default=True)
+
+    @property
+    def output_table(self) -> Float[Array, "vocab embed"]:
+        """The `[vocab, embed]` matrix the logits are read with."""
+        return self.embedding if self.unembedding is None else self.unembedding
 
     def encode(
         self, tokens: Int[Array, "batch seq"], dtype: DTypeLike
     ) -> Float[Array, "batch seq embed"]:
+        embedded = self.embedding[tokens].astype(dtype)
+        if not self.scale_inputs:
+            return embedded
         # As in the official code: sqrt(D) is rounded to the parameter dtype first.
         normalizer = jnp.asarray(math.sqrt(self.embedding.shape[1]), self.embedding.dtype)
-        return self.embedding[tokens].astype(dtype) * normalizer.astype(dtype)
+        return embedded * normalizer.astype(dtype)
 
     def decode(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq vocab"]:
-        return jnp.einsum("bsd,vd->bsv", x, self.embedding.astype(x.dtype))
+        return jnp.einsum("bsd,vd->bsv", x, self.output_table.astype(x.dtype))
 
 
 # `Transformer.target_logprobs` streams the vocabulary only when the logits would be larger.
@@ -88,16 +114,36 @@ def project(
     return jnp.moveaxis(out, 0, 1).reshape(b, s, w.shape[0], w.shape[2])
 
 
+def llama3_frequencies(
+    inverse: Float[np.ndarray, " half"], factor: float, low: float, high: float, original: int
+) -> Float[np.ndarray, " half"]:
+    """Llama 3.1's rescaled rotary frequencies: wavelengths longer than `original / low` are
+    stretched by `factor`, shorter than `original / high` kept, those between interpolated."""
+    wavelength = 2 * math.pi / inverse
+    scaled = np.where(wavelength > original / low, inverse / factor, inverse)
+    smooth = (original / wavelength - low) / (high - low)
+    between = (1 - smooth) * scaled / factor + smooth * scaled
+    middle = (wavelength >= original / high) & (wavelength <= original / low)
+    return np.where(middle, between, scaled)
+
+
 def apply_rope(
     x: Float[Array, "batch seq heads head_dim"],
     positions: Int[Array, "batch seq"],
     base: float,
     scale: float = 1.0,
+    llama3: tuple[float, float, float, int] | None = None,
 ) -> Float[Array, "batch seq heads head_dim"]:
-    """Rotary embedding, split-half: the first half of each head rotates against the second."""
+    """Rotary embedding, split-half: the first half of each head rotates against the second.
+    Positions are divided by `scale` (linear scaling); `llama3` rescales the frequencies
+    (`llama3_frequencies`)."""
     half = x.shape[-1] // 2
     x32 = _at_least_f32(x)
-    timescale = base ** (2 * jnp.arange(half, dtype=x32.dtype) / x.shape[-1])
+    if llama3 is None:
+        timescale = base ** (2 * jnp.arange(half, dtype=x32.dtype) / x.shape[-1])
+    else:  # computed in float64 on the host, as transformers computes them once
+        inverse = 1.0 / base ** (2 * np.arange(half, dtype=np.float64) / x.shape[-1])
+        timescale = jnp.asarray(1.0 / llama3_frequencies(inverse, *llama3), x32.dtype)
     angles = positions.astype(x32.dtype)[..., None, None] / scale / timescale
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     first, second = x32[..., :half], x32[..., half:]
@@ -163,6 +209,10 @@ class Attention(Module):
     rope_scale: float = eqx.field(static=True)
     sliding_window: int | None = eqx.field(static=True)
     logit_softcap: float | None = eqx.field(static=True)
+    b_q: Float[Array, "heads head_dim"] | None = None
+    b_k: Float[Array, "kv_heads head_dim"] | None = None
+    b_v: Float[Array, "kv_heads head_dim"] | None = None
+    rope_llama3: tuple[float, float, float, int] | None = eqx.field(static=True, default=None)
 
     def __init__(self, config: GemmaConfig, layer: int, *, key: PRNGKeyArray, dtype: DTypeLike):
         n, k, d, h = config.num_heads, config.num_kv_heads, config.embed_dim, config.head_dim
@@ -172,10 +222,14 @@ class Attention(Module):
         self.w_v = _normal(kv, (k, d, h), d, dtype)
         self.w_o = _normal(ko, (n, h, d), n * h, dtype)
         if config.use_qk_norm:
-            self.query_norm = RMSNorm(jnp.zeros((h,), dtype), config.norm_eps)
-            self.key_norm = RMSNorm(jnp.zeros((h,), dtype), config.norm_eps)
+            self.query_norm, self.key_norm = _norm(config, h, dtype), _norm(config, h, dtype)
         else:
             self.query_norm = self.key_norm = None
+        if config.qkv_bias:
+            self.b_q, self.b_k, self.b_v = (jnp.zeros((m, h), dtype) for m in (n, k, k))
+        else:
+            self.b_q = self.b_k = self.b_v = None
+        self.rope_llama3 = config.rope_llama3
         self.query_scale = config.query_scale
         is_local = config.attention_kinds[layer] == "local"
         self.rope_base = config.local_rope_base if is_local else config.global_rope_base
@@ -195,9 +249,17 @@ class Attention(Module):
         self, x: Float[Array, "batch seq embed"], positions: Int[Array, "batch seq"]
     ) -> tuple[Float[Array, "batch seq kv_heads head_dim"], Float[Array, "batch seq kv_heads head_dim"]]:  # noqa: E501
         keys, values = project(x, self.w_k), project(x, self.w_v)
+        if self.b_k is not None:
+            keys, values = keys + self.b_k.astype(x.dtype), values + self.b_v.astype(x.dtype)
         if self.key_norm is not None:
             keys = self.key_norm(keys)
-        return apply_rope(keys, positions, self.rope_base, self.rope_scale), values
+        return self.rope(keys, positions), values
+
+    def rope(
+        self, x: Float[Array, "batch seq heads head_dim"], positions: Int[Array, "batch seq"]
+    ) -> Float[Array, "batch seq heads head_dim"]:
+        """This layer's rotary embedding of queries or keys."""
+        return apply_rope(x, positions, self.rope_base, self.rope_scale, self.rope_llama3)
 
     def mask(
         self,
@@ -232,9 +294,11 @@ class Attention(Module):
         context = SiteContext(positions, valid, positions, valid, layer)
         site = lambda name, value: hooks.apply(name, value, context, records)  # noqa: E731
         queries = project(x, self.w_q)
+        if self.b_q is not None:
+            queries = queries + self.b_q.astype(x.dtype)
         if self.query_norm is not None:
             queries = self.query_norm(queries)
-        queries = site("q", apply_rope(queries, positions, self.rope_base, self.rope_scale))
+        queries = site("q", self.rope(queries, positions))
         queries = queries * jnp.asarray(self.query_scale, x.dtype)
         keys, values = self.project_kv(x, positions)
         keys, values = site("k", keys), site("v", values)
@@ -293,17 +357,23 @@ class Attention(Module):
         return site("attn_out", out), cache
 
 
+_ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
+
+
 class MLP(Module):
-    """GeGLU: `gelu_tanh(x @ W_gate[0]) * (x @ W_gate[1]) @ W_linear`."""
+    """Gated MLP: `act(x @ W_gate[0]) * (x @ W_gate[1]) @ W_linear`; `act` is tanh-approximated
+    GELU (Gemma's GeGLU) or SiLU (Llama's SwiGLU)."""
 
     w_gating: Float[Array, "2 embed mlp"]
     w_linear: Float[Array, "mlp embed"]
+    activation: str = eqx.field(static=True, default="gelu_tanh")
 
     def __init__(self, config: GemmaConfig, *, key: PRNGKeyArray, dtype: DTypeLike):
         d, f = config.embed_dim, config.hidden_dim
         kg, kl = jax.random.split(key)
         self.w_gating = _normal(kg, (2, d, f), d, dtype)
         self.w_linear = _normal(kl, (f, d), f, dtype)
+        self.activation = config.mlp_activation
 
     def hidden(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq mlp"]:
         if x.shape[0] * x.shape[1] <= _FEW_ROWS:
@@ -313,7 +383,7 @@ class MLP(Module):
             w = self.w_gating.astype(x.dtype)
             gate = jnp.einsum("bsd,df->bsf", x, w[0])
             up = jnp.einsum("bsd,df->bsf", x, w[1])
-        return jax.nn.gelu(gate, approximate=True) * up
+        return _ACTIVATIONS[self.activation](gate) * up
 
     def project(self, hidden: Float[Array, "batch seq mlp"]) -> Float[Array, "batch seq embed"]:
         return jnp.einsum("bsf,fd->bsd", hidden, self.w_linear.astype(hidden.dtype))
@@ -338,7 +408,7 @@ class Block(Module):
 
     def __init__(self, config: GemmaConfig, layer: int, *, key: PRNGKeyArray, dtype: DTypeLike):
         ka, km = jax.random.split(key)
-        norm = lambda: RMSNorm(jnp.zeros((config.embed_dim,), dtype), config.norm_eps)  # noqa: E731
+        norm = lambda: _norm(config, config.embed_dim, dtype)  # noqa: E731
         self.pre_attention_norm = norm()
         self.attn = Attention(config, layer, key=ka, dtype=dtype)
         self.post_attention_norm = norm() if config.use_post_norms else None
@@ -453,13 +523,19 @@ class Transformer(Module):
             return
         ke, *kb = jax.random.split(key, config.num_layers + 1)
         self.config = config
+        table = (config.vocab_size, config.embed_dim)
+        # An untied unembedding draws from a key of its own, leaving the others' draws as a
+        # tied model's.
         self.embedder = Embedder(
-            _normal(ke, (config.vocab_size, config.embed_dim), config.embed_dim, dtype)
+            _normal(ke, table, config.embed_dim, dtype),
+            None if config.tie_embeddings else _normal(jax.random.fold_in(ke, 1), table,
+                                                       config.embed_dim, dtype),
+            config.embed_scale,
         )
         self.blocks = tuple(
             Block(config, i, key=k, dtype=dtype) for i, k in enumerate(kb)
         )
-        self.final_norm = RMSNorm(jnp.zeros((config.embed_dim,), dtype), config.norm_eps)
+        self.final_norm = _norm(config, config.embed_dim, dtype)
         self.hooks = SiteHooks()
         self.activation_dtype = jnp.dtype(activation_dtype or dtype)
 
@@ -538,7 +614,7 @@ class Transformer(Module):
                              "site; use readout")
         lead = normed.shape[:-1]
         x = _at_least_f32(normed.reshape(-1, normed.shape[-1]))
-        table = self.embedder.embedding
+        table = self.embedder.output_table
         vocab = table.shape[0]
         rows = x.shape[0]
         if chunk is None:
@@ -567,7 +643,7 @@ class Transformer(Module):
         (top, total, _, arg), _ = jax.lax.scan(step, init, jnp.arange(n_chunks))
         flat_targets = targets.reshape(-1)
         target = self._softcap(jnp.einsum(
-            "rd,rd->r", x, self.embedder.embedding[flat_targets].astype(x.dtype)))
+            "rd,rd->r", x, self.embedder.output_table[flat_targets].astype(x.dtype)))
         logprob = target - (top + jnp.log(total))
         return logprob.reshape(lead), arg.reshape(lead) if argmax else None
 

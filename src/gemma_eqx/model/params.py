@@ -32,6 +32,7 @@ class Storage(enum.Enum):
     OUT = "out"  # ours [heads, head_dim, embed]; theirs [embed, heads * head_dim]
     GATE_UP = "gate_up"  # ours [2, embed, mlp]; theirs gate and up, each [mlp, embed]
     TRANSPOSED = "transposed"  # ours [mlp, embed]; theirs [embed, mlp]
+    BIAS = "bias"  # ours [heads, head_dim]; theirs [heads * head_dim]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,9 @@ class Param:
     hf: Callable[[GemmaConfig], tuple[str, ...]]
     gguf: tuple[str, ...]
     storage: Storage = Storage.SAME
-    gguf_offset: float = 0.0  # llama.cpp adds 1 to every norm scale
+    # A norm's scale: GGUF stores the multiplier, `config.norm_offset + scale` (llama.cpp
+    # adds 1 to every Gemma norm; other families store the multiplier in every format).
+    is_norm: bool = False
     present: Callable[[GemmaConfig], bool] = lambda c: True
 
     @property
@@ -70,7 +73,7 @@ def _norm(path: str, kaggle: str, hf: str | Callable[[GemmaConfig], str], gguf: 
     size = (lambda c: (c.head_dim,)) if axes == ("head_dim",) else (lambda c: (c.embed_dim,))
     return Param(
         path=path, axes=axes, shape=size, kaggle=lambda c: KaggleSlot(kaggle, "scale"),
-        hf=lambda c: (hf(c) if callable(hf) else hf,), gguf=(gguf,), gguf_offset=1.0,
+        hf=lambda c: (hf(c) if callable(hf) else hf,), gguf=(gguf,), is_norm=True,
         present=present,
     )
 
@@ -93,10 +96,24 @@ def _fixed(name: str) -> Callable[[GemmaConfig], tuple[str, ...]]:
 _L = "transformer/layer_{i}"
 _ATTN = "layers.{i}.self_attn"
 
+
+def _bias(which: str, heads: str) -> Param:
+    """A query, key or value bias (Qwen2). Kaggle's Gemma checkpoints have none: our own
+    Kaggle-layout saves of such a model keep it beside the weight."""
+    return Param(f"blocks.{{i}}.attn.b_{which}", (heads, "head_dim"),
+                 lambda c: ((c.num_heads if heads == "heads" else c.num_kv_heads), c.head_dim),
+                 lambda c: KaggleSlot(f"{_L}/attn/{which}_bias", "b"),
+                 _fixed(f"{_ATTN}.{which}_proj.bias"), (f"blk.{{i}}.attn_{which}.bias",),
+                 Storage.BIAS, present=lambda c: c.qkv_bias)
+
 PARAMS: tuple[Param, ...] = (
     Param("embedder.embedding", ("vocab", "embed"), lambda c: (c.vocab_size, c.embed_dim),
           lambda c: KaggleSlot("transformer/embedder", "input_embedding"),
           _fixed("embed_tokens.weight"), ("token_embd.weight",)),
+    Param("embedder.unembedding", ("vocab", "embed"), lambda c: (c.vocab_size, c.embed_dim),
+          lambda c: KaggleSlot("transformer/unembedder", "output_embedding"),
+          lambda c: ("lm_head.weight",), ("output.weight",),
+          present=lambda c: not c.tie_embeddings),
     _norm("final_norm.scale", "transformer/final_norm", "norm.weight", "output_norm.weight"),
     _norm("blocks.{i}.pre_attention_norm.scale", f"{_L}/pre_attention_norm",
           "layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
@@ -125,6 +142,9 @@ PARAMS: tuple[Param, ...] = (
           lambda c: (c.num_heads, c.head_dim, c.embed_dim),
           lambda c: KaggleSlot(f"{_L}/attn/attn_vec_einsum", "w"),
           _fixed(f"{_ATTN}.o_proj.weight"), ("blk.{i}.attn_output.weight",), Storage.OUT),
+    _bias("q", "heads"),
+    _bias("k", "kv_heads"),
+    _bias("v", "kv_heads"),
     _norm("blocks.{i}.attn.query_norm.scale", f"{_L}/attn/_query_norm",
           f"{_ATTN}.q_norm.weight", "blk.{i}.attn_q_norm.weight",
           present=lambda c: c.use_qk_norm, axes=("head_dim",)),
@@ -213,6 +233,8 @@ def from_storage(
         return np.stack([stored[0].T, stored[1].T])
     if storage is Storage.TRANSPOSED:
         return stored[0].T
+    if storage is Storage.BIAS:
+        return check(names[0], stored[0], (heads, h))
     return stored[0]
 
 
@@ -228,6 +250,8 @@ def stored_shapes(leaf: Leaf) -> list[tuple[int, ...]]:
         return [(c.hidden_dim, c.embed_dim)] * 2
     if storage is Storage.TRANSPOSED:
         return [shape[::-1]]
+    if storage is Storage.BIAS:
+        return [(shape[0] * shape[1],)]
     return [shape]
 
 
@@ -249,8 +273,8 @@ def arrays_from_tensors(
     for leaf in every if description is None else progress(every, description, unit="leaf"):
         tensor_names = leaf.hf if names == "hf" else leaf.gguf
         stored = [get(n) for n in tensor_names]
-        if names == "gguf" and leaf.param.gguf_offset:
-            stored = [s - np.float32(leaf.param.gguf_offset) for s in stored]
+        if names == "gguf" and leaf.param.is_norm and config.norm_offset:
+            stored = [s - np.float32(config.norm_offset) for s in stored]
         out[leaf.path] = from_storage(leaf, stored, tensor_names, check)
     return out
 

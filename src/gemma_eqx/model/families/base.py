@@ -1,0 +1,53 @@
+"""What a family declaration is (`Family`) and what reads its fields (`FieldReader`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class FieldReader(Protocol):
+    """Typed reads of one source's config fields (a `config.json` object, a GGUF file's
+    metadata under its architecture's prefix); each refusal names the source and the field."""
+
+    source: str
+
+    def has(self, name: str) -> bool: ...
+
+    def count(self, name: str, default: Any = ...) -> int: ...
+
+    def number(self, name: str, default: Any = ..., *, optional: bool = False) -> Any: ...
+
+    def flag(self, name: str, default: bool) -> bool: ...
+
+    def text(self, name: str, default: Any = ...) -> Any: ...
+
+    def nested(self, name: str) -> FieldReader | None:
+        """A reader of the object at `name` (None when absent)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One family: `defaults` hold for every model of it (config fields); `from_hf(fields,
+    sizes)` and `from_gguf(fields, sizes)` read the rest from a `config.json` or from GGUF
+    metadata, given the sizes every family shares (layers, widths, heads, vocabulary)."""
+
+    name: str
+    hf_model_types: tuple[str, ...]
+    gguf_architectures: tuple[str, ...]
+    defaults: Mapping[str, Any]
+    from_hf: Callable[[FieldReader, Mapping[str, int]], dict[str, Any]]
+    from_gguf: Callable[[FieldReader, Mapping[str, int]], dict[str, Any]]
+    # llama.cpp's converter interleaves the halves of each query and key head of Llama
+    # architectures for its rotary kernel; loading undoes it (`unpermute_rotary`).
+    gguf_rotary_permuted: bool = False
+
+
+def unpermute_rotary(w: Any, heads: int) -> Any:
+    """A `[heads * head_dim, in]` query or key matrix from llama.cpp's interleaved rotary
+    layout back to the split-half layout of Hugging Face (the inverse of its converter's
+    `permute`; a `[heads * head_dim]` bias likewise)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
