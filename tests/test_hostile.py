@@ -411,7 +411,7 @@ def test_integer_kaggle_leaves_are_refused(tmp_path):
     (lambda c: c.pop("vocab_size"), r"field 'vocab_size' is missing"),
     (lambda c: c.update(model_type="gpt_bigcode"), r"model_type 'gpt_bigcode' is not an "
      r"architecture this library reads \(it reads gemma, gemma2, gemma3_text, gemma3, llama, "
-     r"mistral, qwen2, qwen3\)"),
+     r"mistral, qwen2, qwen3, gpt2, gpt_neox\)"),
     (lambda c: c.update(num_key_value_heads=3), r"num_heads=2 is not a multiple of "
      r"num_kv_heads=3"),
 ])

@@ -71,7 +71,27 @@ CASES = {
         dict(architecture="qwen3", use_qk_norm=True, qkv_bias=False),
         [dict(use_qk_norm=False)],
     ),
+    # GPT-2 names its sizes its own way; n_positions 256 sets the learned table.
+    "gpt2": (
+        "GPT2Config", "GPT2LMHeadModel",
+        dict(n_embd=64, n_head=4, n_layer=3, n_inner=96, n_positions=256,
+             activation_function="gelu_new"),
+        dict(architecture="gpt2", norm_kind="layer", learned_positions=True,
+             rotary_fraction=0.0, mlp_gated=False, attn_out_bias=True, num_kv_heads=4,
+             mlp_activation="gelu_tanh", tie_embeddings=True),
+        [dict(parallel_residual=True)],
+    ),
+    "gpt-neox": (
+        "GPTNeoXConfig", "GPTNeoXForCausalLM",
+        dict(num_key_value_heads=4, hidden_act="gelu", tie_word_embeddings=False,
+             rope_parameters=dict(rope_type="default", rope_theta=10_000.0,
+                                  partial_rotary_factor=0.25)),
+        dict(architecture="gpt_neox", norm_kind="layer", parallel_residual=True,
+             rotary_fraction=0.25, mlp_activation="gelu", tie_embeddings=False),
+        [dict(parallel_residual=False), dict(rotary_fraction=1.0)],
+    ),
 }
+GPT = ("gpt2", "gpt-neox")
 
 
 ROPE_VARIANTS = ("llama3.1-rope-tied", "llama-linear-rope")
@@ -79,21 +99,44 @@ ROPE_VARIANTS = ("llama3.1-rope-tied", "llama-linear-rope")
 
 def _randomise(hf_model) -> None:
     """Redraw every parameter: norm scales ~ 1 + N(0, 0.5^2) (a multiplier near one), biases
-    ~ N(0, 0.5^2), matrices ~ N(0, 1/fan_in)."""
+    ~ N(0, 0.1^2), matrices ~ N(0, 1/fan_in)."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in hf_model.named_parameters():
             if p.ndim == 1:
-                base = 1.0 if "norm" in name else 0.0
-                p.copy_(base + torch.randn(p.shape, generator=gen) * 0.5)
+                norm = "norm" in name or ".ln_" in name
+                base = 1.0 if norm and name.endswith("weight") else 0.0
+                # A bias writes the same direction at every position: large, it would
+                # drown the tokens and make greedy decoding repeat one token.
+                std = 0.1 if name.endswith("bias") else 0.5
+                p.copy_(base + torch.randn(p.shape, generator=gen) * std)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * p.shape[1] ** -0.5)
+
+
+def _hf_config(name: str):
+    config_cls, _, overrides, _, _ = CASES[name]
+    common = dict(vocab_size=VOCAB, attn_implementation="eager") if name == "gpt2" else COMMON
+    return getattr(transformers, config_cls)(**{**common, **overrides})
+
+
+def _hf_layers(hf_model):
+    """The decoder layers of a transformers causal LM, whatever the family calls them."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers"):
+        owner = hf_model
+        try:
+            for part in path.split("."):
+                owner = getattr(owner, part)
+        except AttributeError:
+            continue
+        return owner
+    raise AttributeError(type(hf_model).__name__)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
     config_cls, model_cls, overrides, _, _ = CASES[request.param]
-    hf_config = getattr(transformers, config_cls)(**{**COMMON, **overrides})
+    hf_config = _hf_config(request.param)
     torch.manual_seed(0)
     hf_model = getattr(transformers, model_cls)(hf_config).eval()
     _randomise(hf_model)
@@ -108,8 +151,10 @@ def test_config_is_read_with_the_family_facts(case):
     c = ours.config
     for field, want in CASES[name][3].items():
         assert getattr(c, field) == want, (name, field, getattr(c, field))
-    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (3, 4, 2, 16)
-    assert not c.embed_scale and c.mlp_activation == "silu" and c.final_logit_softcap is None
+    assert (c.num_layers, c.num_heads, c.head_dim) == (3, 4, 16)
+    assert not c.embed_scale and c.final_logit_softcap is None
+    if name not in GPT:
+        assert c.num_kv_heads == 2 and c.mlp_activation == "silu" and c.norm_kind == "rms"
     assert config_from_hf(hf_model.config) == c
 
 
@@ -129,7 +174,7 @@ def test_sites_match_transformers(case):
     name, hf_model, ours, tokens, out = case
     mlp_outs = []
     hooks = [layer.mlp.register_forward_hook(lambda m, i, o: mlp_outs.append(o.detach()))
-             for layer in hf_model.model.layers]
+             for layer in _hf_layers(hf_model)]
     try:
         with torch.no_grad():
             hf_model(torch.tensor(tokens))
@@ -266,7 +311,7 @@ def test_a_gguf_of_the_family_loads_as_transformers_computes(name, arch, tmp_pat
     from gemma_eqx.model import families
 
     config_cls, model_cls, overrides, _, _ = CASES[name]
-    hf_config = getattr(transformers, config_cls)(**{**COMMON, **overrides})
+    hf_config = _hf_config(name)
     torch.manual_seed(0)
     hf_model = getattr(transformers, model_cls)(hf_config).eval()
     _randomise(hf_model)
@@ -335,7 +380,7 @@ def _edited(source, target, **changes):
 @pytest.mark.parametrize("changes, message", [
     (dict(model_type="gpt_bigcode"), r"model_type 'gpt_bigcode' is not an architecture this "
                                      r"library reads \(it reads gemma, .*llama, mistral, qwen2, "
-                                     r"qwen3\)"),
+                                     r"qwen3, gpt2, gpt_neox\)"),
     (dict(hidden_size=32, head_dim=8), r"tensor model.embed_tokens.weight has shape \(101, 64\); "
                                        r"leaf embedder.embedding of .* needs \(101, 32\)"),
     (dict(num_hidden_layers=2), r"layers.2.* are not read by .* \(2 layers\): the config and the "
@@ -391,9 +436,11 @@ def test_interp_tools_work_unchanged(case):
     targets = np.asarray(tokens[:, 1:6])
     positions = list(range(5))
     dla = patching.direct_logit_attribution(ours, tokens, targets, positions)
-    total = dla.embed + dla.attn.sum(0) + dla.mlp.sum(0)
+    total = dla.embed + dla.attn.sum(0) + dla.mlp.sum(0) + dla.norm_bias
     np.testing.assert_allclose(total, dla.logit, atol=1e-4, err_msg=name)
-    np.testing.assert_allclose(dla.heads.sum(1), dla.attn, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(dla.heads.sum(1) + dla.attn_bias, dla.attn, atol=1e-4,
+                               err_msg=name)
+    assert (np.abs(dla.norm_bias).max() > 1e-3) == (name in GPT)  # LayerNorm's bias
     logits = out.logits.numpy()[:, :5]
     picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(dla.logit, picked, atol=TOL, err_msg=name)

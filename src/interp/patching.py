@@ -484,18 +484,23 @@ class LogitAttribution:
     position, `[batch, k]`) to the embedding, each layer's attention and MLP update, and each
     head (`heads[layer, head]`).
 
-    The final norm's scale is frozen at its value on this input (its input's RMS per
-    position), which makes the map from residual stream to logits linear; likewise the
-    post-attention norm of Gemma 2 and 3 is frozen per position so heads add up to their
-    layer's update. Then exactly (to float rounding):
-    `embed + attn.sum(0) + mlp.sum(0) == logit` and `heads.sum(1) == attn`. With a final
-    soft-cap (Gemma 2) the model's logit is `cap * tanh(logit / cap)`."""
+    The final norm's statistics are frozen at their value on this input (its input's RMS, or
+    mean and variance for a LayerNorm, per position), which makes the map from residual
+    stream to logits linear (a LayerNorm centres each part; its bias is `norm_bias`);
+    likewise the post-attention norm of Gemma 2 and 3 is frozen per position so heads add up
+    to their layer's update. Then exactly (to float rounding):
+    `embed + attn.sum(0) + mlp.sum(0) + norm_bias == logit` and
+    `heads.sum(1) + attn_bias == attn` (`attn_bias`: the output projection's bias, GPT-2 and
+    NeoX; zero elsewhere). With a final soft-cap (Gemma 2) the model's logit is
+    `cap * tanh(logit / cap)`."""
 
     embed: np.ndarray  # [batch, k]
     attn: np.ndarray  # [layers, batch, k]
     mlp: np.ndarray  # [layers, batch, k]
     heads: np.ndarray  # [layers, heads, batch, k]
     logit: np.ndarray  # [batch, k]
+    attn_bias: np.ndarray | None = None  # [layers, batch, k]
+    norm_bias: np.ndarray | None = None  # [batch, k]
 
 
 @eqx.filter_jit
@@ -506,25 +511,35 @@ def _dla(model, tokens, padding_mask, positions, targets):
     recorded = add_interventions(recorded, {None: [Record("embed"), Record("final_norm_in")]})
     records = recorded.forward(tokens, padding_mask=padding_mask, check_ids=False).records
     at = lambda a: jnp.take(a, positions, axis=1)  # noqa: E731
-    unembed = jnp.take(model.embedder.output_table, targets, axis=0).astype(jnp.float32)  # [b k d]
-    final = model.final_norm.factor(at(records["final_norm_in"]))
+    unembed = jnp.take(model.embedder.output_table, targets, axis=0)
+    unembed = unembed.astype(jnp.float32)  # [b k d]
+    total = at(records["final_norm_in"])
 
-    def direct(x):  # x [b, k, d] -> [b, k]
-        return jnp.sum(x * final * unembed, axis=-1)
+    def direct(x):  # x [b, k, d] -> [b, k]; or [b, k, heads, d] -> [b, k, heads]
+        frozen = total if x.ndim == 3 else total[:, :, None]
+        weights = unembed if x.ndim == 3 else unembed[:, :, None]
+        return jnp.sum(model.final_norm.linear(x, frozen) * weights, axis=-1)
 
     embed = direct(at(records["embed"]))
-    attn, mlp, heads = [], [], []
+    attn, mlp, heads, attn_bias = [], [], [], []
     for i, block in enumerate(model.blocks):
         key = lambda s, i=i: records[site_key(s, i)]  # noqa: E731
         attn.append(direct(at(key("resid_mid") - key("resid_pre"))))
         mlp.append(direct(at(key("resid_post") - key("resid_mid"))))
-        head_out = at(key("head_out"))  # [b k heads d]
+        head_out = at(key("head_out")).astype(jnp.float32)  # [b k heads d]
+        bias = jnp.zeros_like(total) if block.attn.b_o is None else jnp.broadcast_to(
+            block.attn.b_o.astype(jnp.float32), total.shape)
         if block.post_attention_norm is not None:
-            head_out = head_out * block.post_attention_norm.factor(
-                at(key("attn_out")))[:, :, None]
-        heads.append(jnp.moveaxis(_direct_heads(head_out, final, unembed), -1, 0))
-    logit = direct(at(records["final_norm_in"]))
-    return embed, jnp.stack(attn), jnp.stack(mlp), jnp.stack(heads), logit
+            factor = block.post_attention_norm.factor(at(key("attn_out")))
+            head_out, bias = head_out * factor[:, :, None], bias * factor
+        heads.append(jnp.moveaxis(direct(head_out), -1, 0))
+        attn_bias.append(direct(bias))
+    constant = jnp.broadcast_to(jnp.asarray(model.final_norm.constant(), jnp.float32),
+                                total.shape[-1:])
+    norm_bias = jnp.sum(constant * unembed, axis=-1)
+    logit = direct(total) + norm_bias
+    return (embed, jnp.stack(attn), jnp.stack(mlp), jnp.stack(heads), logit,
+            jnp.stack(attn_bias), norm_bias)
 
 
 def _readout_inputs(model, tokens, targets, positions, padding_mask):
@@ -537,11 +552,6 @@ def _readout_inputs(model, tokens, targets, positions, padding_mask):
                          f"{(tokens.shape[0], len(positions))}; got {tuple(targets.shape)}")
     check_token_ids(targets, model.config.vocab_size, "target token id")
     return tokens, padding_mask, pos, jnp.asarray(targets)
-
-
-def _direct_heads(head_out, final, unembed):
-    """`[b, k, heads, d]` head outputs to their direct logit contributions `[b, k, heads]`."""
-    return jnp.einsum("bknd,bkd->bkn", head_out * final[:, :, None], unembed)
 
 
 def direct_logit_attribution(
@@ -557,8 +567,9 @@ def direct_logit_attribution(
     tokens, padding_mask, pos, targets = _readout_inputs(model, tokens, targets, positions,
                                                          padding_mask)
     parts = _dla(model, tokens, padding_mask, pos, targets)
-    embed, attn, mlp, heads, logit = (to_host(p, np.float64) for p in parts)
-    return LogitAttribution(embed, attn, mlp, heads, logit)
+    embed, attn, mlp, heads, logit, attn_bias, norm_bias = (to_host(p, np.float64)
+                                                            for p in parts)
+    return LogitAttribution(embed, attn, mlp, heads, logit, attn_bias, norm_bias)
 
 
 # ------------------------------------------------------------------------------ logit lens

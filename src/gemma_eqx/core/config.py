@@ -7,7 +7,8 @@ import math
 from typing import Literal
 
 AttentionKind = Literal["global", "local"]
-MLPActivation = Literal["gelu_tanh", "silu"]
+MLPActivation = Literal["gelu_tanh", "gelu", "silu"]
+NormKind = Literal["rms", "layer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,13 @@ class GemmaConfig:
     # Llama 3.1's RoPE frequency scaling: (factor, low_freq_factor, high_freq_factor,
     # original_context); None = none (a linear scale is global_rope_scale).
     rope_llama3: tuple[float, float, float, int] | None = None
+    norm_kind: NormKind = "rms"  # "layer": LayerNorm with a bias (GPT-2, GPT-NeoX)
+    learned_positions: bool = False  # a [context, embed] table added to the embedding (GPT-2)
+    rotary_fraction: float = 1.0  # share of each head's dims RoPE rotates (NeoX 0.25; 0: none)
+    mlp_gated: bool = True  # gate * up (GeGLU, SwiGLU); else act(x W_in + b_in) (GPT-2, NeoX)
+    mlp_bias: bool = False  # biases on the MLP's input and output projections
+    attn_out_bias: bool = False  # a bias on the attention's output projection
+    parallel_residual: bool = False  # attention and MLP both read the block's input (NeoX)
 
     def __post_init__(self):
         # Types first: a string or a bool where a size belongs would fail far from here, or
@@ -64,9 +72,18 @@ class GemmaConfig:
                 or self.norm_offset not in (0, 1):
             raise ValueError(f"config {self.name!r}: norm_offset must be 0 or 1; got "
                              f"{self.norm_offset!r}")
-        if self.mlp_activation not in ("gelu_tanh", "silu"):
-            raise ValueError(f"config {self.name!r}: mlp_activation must be 'gelu_tanh' or "
-                             f"'silu'; got {self.mlp_activation!r}")
+        if self.mlp_activation not in ("gelu_tanh", "gelu", "silu"):
+            raise ValueError(f"config {self.name!r}: mlp_activation must be 'gelu_tanh', "
+                             f"'gelu' or 'silu'; got {self.mlp_activation!r}")
+        if self.norm_kind not in ("rms", "layer"):
+            raise ValueError(f"config {self.name!r}: norm_kind must be 'rms' or 'layer'; got "
+                             f"{self.norm_kind!r}")
+        fraction = self.rotary_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) \
+                or not 0 <= fraction <= 1 or int(self.head_dim * fraction) % 2:
+            raise ValueError(f"config {self.name!r}: rotary_fraction must lie in [0, 1] and "
+                             f"rotate an even number of the {self.head_dim} head dims; got "
+                             f"{fraction!r}")
         if not isinstance(self.architecture, str) or not self.architecture:
             raise ValueError(f"config {self.name!r}: architecture must be a family name; got "
                              f"{self.architecture!r}")
@@ -79,7 +96,8 @@ class GemmaConfig:
                                  f"low_freq_factor < high_freq_factor, original_context), "
                                  f"all positive; got {self.rope_llama3!r}")
         for name in ("use_qk_norm", "use_post_norms", "embed_scale", "tie_embeddings",
-                     "qkv_bias"):
+                     "qkv_bias", "learned_positions", "mlp_gated", "mlp_bias", "attn_out_bias",
+                     "parallel_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config {self.name!r}: {name} must be True or False; got "
                                  f"{getattr(self, name)!r}")
@@ -103,6 +121,11 @@ class GemmaConfig:
     @property
     def query_scale(self) -> float:
         return self.query_pre_attn_scalar**-0.5
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dims RoPE rotates (the first ones)."""
+        return int(self.head_dim * self.rotary_fraction)
 
     def replace(self, **changes) -> GemmaConfig:
         return dataclasses.replace(self, **changes)

@@ -453,12 +453,11 @@ def _zoo_config(header: GGUFHeader, arch: str, family: Any, sizes: dict) -> Gemm
                          f"dimension {sizes['head_dim']}: partial rotary is not supported for "
                          f"{arch}")
     try:
-        return GemmaConfig(
-            **sizes, architecture=family.name, **family.defaults,
-            query_pre_attn_scalar=float(sizes["head_dim"]),
-            tie_embeddings="output.weight" not in header.tensors,
-            **family.from_gguf(_MetaFields(header, arch),
-                               {k: v for k, v in sizes.items() if k != "name"}))
+        read = family.from_gguf(_MetaFields(header, arch),
+                                {k: v for k, v in sizes.items() if k != "name"})
+        return GemmaConfig(**sizes, architecture=family.name, **{
+            **family.defaults, "query_pre_attn_scalar": float(sizes["head_dim"]),
+            "tie_embeddings": "output.weight" not in header.tensors, **read})
     except ValueError as e:
         message = str(e)
         raise ValueError(message if message.startswith(str(header.path))
@@ -517,7 +516,7 @@ def arrays_from_gguf(header: GGUFHeader, config: GemmaConfig) -> dict[str, np.nd
     # needs (GGUF stores matrices [out, in], as Hugging Face does).
     params.match_tensors(config, header.tensors, names="gguf", source=str(header.path))
     for leaf in params.leaves(config):
-        for name, want in zip(leaf.gguf, params.stored_shapes(leaf), strict=True):
+        for name, want in zip(leaf.gguf, params.stored_shapes(leaf, hf=False), strict=True):
             got = header.tensors[name].shape
             if got != want:
                 raise ValueError(f"{header.path}: tensor {name!r} has shape {got}; leaf "

@@ -109,16 +109,24 @@ def config_from_dict(raw: Any, *, source: str, name: str) -> GemmaConfig:
         known = [*_FAMILIES, *(t for fam in FAMILIES.values() for t in fam.hf_model_types)]
         raise ValueError(f"{source}: model_type {model_type!r} is not an architecture this "
                          f"library reads (it reads {', '.join(known)})")
-    layers, width, heads = (f.count("num_hidden_layers"), f.count("hidden_size"),
-                            f.count("num_attention_heads"))
-    head_dim = f.count("head_dim", width // heads if width >= heads else _REQUIRED)
+    if zoo is not None and zoo.hf_sizes is not None:
+        sizes = zoo.hf_sizes(f)
+        head_dim = sizes["head_dim"]
+    else:
+        layers, width, heads = (f.count("num_hidden_layers"), f.count("hidden_size"),
+                                f.count("num_attention_heads"))
+        head_dim = f.count("head_dim", width // heads if width >= heads else _REQUIRED)
     if zoo is not None:
-        sizes = dict(num_layers=layers, embed_dim=width, num_heads=heads,
-                     num_kv_heads=f.count("num_key_value_heads", heads), head_dim=head_dim,
-                     hidden_dim=f.count("intermediate_size"), vocab_size=f.count("vocab_size"))
+        if zoo.hf_sizes is None:
+            sizes = dict(num_layers=layers, embed_dim=width, num_heads=heads,
+                         num_kv_heads=f.count("num_key_value_heads", heads), head_dim=head_dim,
+                         hidden_dim=f.count("intermediate_size"),
+                         vocab_size=f.count("vocab_size"))
         try:
-            return GemmaConfig(name=name, architecture=zoo.name, **sizes, **zoo.defaults,
-                               query_pre_attn_scalar=float(head_dim), **zoo.from_hf(f, sizes))
+            # What the file says overrides the family's defaults.
+            fields = {**zoo.defaults, "query_pre_attn_scalar": float(head_dim),
+                      **zoo.from_hf(f, sizes)}
+            return GemmaConfig(name=name, architecture=zoo.name, **sizes, **fields)
         except ValueError as e:
             raise ValueError(e if str(e).startswith(source) else f"{source}: {e}") from None
     family = _FAMILIES[model_type]
@@ -183,8 +191,10 @@ def _gemma3_rope(f: _Fields) -> tuple[float, float, float]:
     return f.number("rope_theta", 10_000.0), f.number("rope_local_base_freq", 10_000.0), scale
 
 
-# Where transformers puts the text model's tensors (causal LM, multimodal old and new).
-_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
+# Where transformers puts the text model's tensors (causal LM, multimodal old and new; GPT-2's
+# and GPT-NeoX's own names).
+_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "transformer.",
+             "gpt_neox.", "")
 # The output projection: Gemma ties it to the embedding; a copy may be stored.
 _LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
@@ -198,7 +208,9 @@ def _not_text_model(name: str) -> bool:
 def _ignorer(config: GemmaConfig):
     """What a checkpoint of `config` may hold that no leaf reads: a tied model's copy of the
     output projection (checked equal to the embedding), a vision tower."""
-    return lambda name: (config.tie_embeddings and name in _LM_HEADS) or _not_text_model(name)
+    family = FAMILIES.get(config.architecture)
+    return lambda name: ((config.tie_embeddings and name in _LM_HEADS) or _not_text_model(name)
+                         or (family is not None and family.hf_ignored(name)))
 
 
 def _check_tied(lm_head: np.ndarray, embedding: np.ndarray, source: str, name: str) -> None:
@@ -240,7 +252,10 @@ def from_hf(
     """Our model with the weights of a transformers Gemma causal LM (any of the three); a
     weight holding NaN or infinity is refused by name unless `check_finite=False`."""
     config = config_from_hf(hf_model.config)
-    arrays = arrays_from_hf(hf_model.state_dict(), config)
+    family = FAMILIES.get(config.architecture)
+    renamed = {} if family is None else family.hf_in_memory
+    state = {renamed.get(k, k): v for k, v in hf_model.state_dict().items()}
+    arrays = arrays_from_hf(state, config)
     arrays = {p: jnp.asarray(a, dtype) for p, a in arrays.items()}
     return model_from_arrays(
         config, arrays, activation_dtype=activation_dtype, source="Hugging Face model",

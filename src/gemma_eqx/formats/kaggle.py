@@ -202,7 +202,8 @@ _KEY_ORDER = ("embedder", "final_norm", "pre_attention_norm", "pre_ffw_norm",
               "attn/kv_einsum", "attn/attn_vec_einsum", "attn/_query_norm", "attn/_key_norm",
               "mlp/gating_einsum", "mlp/linear",
               # Not in Gemma's checkpoints: other families' leaves, in our own saves.
-              "unembedder", "attn/q_bias", "attn/k_bias", "attn/v_bias")
+              "unembedder", "attn/q_bias", "attn/k_bias", "attn/v_bias", "attn/o_bias",
+              "mlp/in_bias", "mlp/out_bias")
 
 
 def _official_order(slot: tuple[str, str]) -> tuple[int, int]:

@@ -52,14 +52,60 @@ class RMSNorm(Module):
         r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return r * (self.offset + self.scale.astype(x32.dtype))
 
+    def linear(
+        self, part: Float[Array, "*batch dim"], total: Float[Array, "*#batch dim"]
+    ) -> Float[Array, "*batch dim"]:
+        """The norm's response to `part` of its input `total`, its statistics frozen at
+        `total`: the parts' responses add up to the output minus `constant()`."""
+        return _at_least_f32(part) * self.factor(total)
+
+    def constant(self) -> Float[Array, " dim"] | float:
+        """What the norm adds whatever its input (nothing: an RMSNorm has no bias)."""
+        return 0.0
+
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         x32 = _at_least_f32(x)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * (self.offset + self.scale.astype(x32.dtype))).astype(x.dtype)
 
 
-def _norm(config: GemmaConfig, size: int, dtype: DTypeLike) -> RMSNorm:
-    # Initialised to the identity: a zero scale under offset 1, a unit one under offset 0.
+class LayerNorm(Module):
+    """`(x - mean(x)) * rsqrt(var(x) + eps) * scale + bias` over the last axis (GPT-2, NeoX)."""
+
+    scale: Float[Array, " dim"]
+    bias: Float[Array, " dim"]
+    eps: float = eqx.field(static=True, default=1e-5)
+
+    def _rsqrt(self, x32: Array) -> Array:
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        return jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+
+    def linear(
+        self, part: Float[Array, "*batch dim"], total: Float[Array, "*#batch dim"]
+    ) -> Float[Array, "*batch dim"]:
+        """As `RMSNorm.linear`: `part` centred, scaled by the frozen statistics of `total`."""
+        part32 = _at_least_f32(part)
+        centred = part32 - jnp.mean(part32, axis=-1, keepdims=True)
+        return centred * self._rsqrt(_at_least_f32(total)) * self.scale.astype(part32.dtype)
+
+    def constant(self) -> Float[Array, " dim"]:
+        return self.bias
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        x32 = _at_least_f32(x)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        out = centred * self._rsqrt(x32) * self.scale.astype(x32.dtype)
+        return (out + self.bias.astype(x32.dtype)).astype(x.dtype)
+
+
+Norm = RMSNorm | LayerNorm
+
+
+def _norm(config: GemmaConfig, size: int, dtype: DTypeLike) -> Norm:
+    """A norm of `config`'s kind, initialised to the identity (an RMSNorm's zero scale under
+    offset 1, or a unit one under offset 0; a LayerNorm's unit scale and zero bias)."""
+    if config.norm_kind == "layer":
+        return LayerNorm(jnp.ones((size,), dtype), jnp.zeros((size,), dtype), config.norm_eps)
     return RMSNorm(jnp.full((size,), 1.0 - config.norm_offset, dtype), config.norm_eps,
                    float(config.norm_offset))
 
@@ -71,6 +117,7 @@ class Embedder(Module):
     embedding: Float[Array, "vocab embed"]
     unembedding: Float[Array, "vocab embed"] | None = None
     scale_inputs: bool = eqx.field(static=True, default=True)
+    positions: Float[Array, "context embed"] | None = None  # learned positions (GPT-2)
 
     @property
     def output_table(self) -> Float[Array, "vocab embed"]:
@@ -78,9 +125,17 @@ class Embedder(Module):
         return self.embedding if self.unembedding is None else self.unembedding
 
     def encode(
-        self, tokens: Int[Array, "batch seq"], dtype: DTypeLike
+        self,
+        tokens: Int[Array, "batch seq"],
+        dtype: DTypeLike,
+        positions: Int[Array, "batch seq"] | None = None,
     ) -> Float[Array, "batch seq embed"]:
+        """The embedded tokens, plus the learned embedding of their `positions` (if any)."""
         embedded = self.embedding[tokens].astype(dtype)
+        if self.positions is not None:
+            if positions is None:
+                raise ValueError("a model with learned positions needs the positions")
+            embedded = embedded + self.positions[positions].astype(dtype)
         if not self.scale_inputs:
             return embedded
         # As in the official code: sqrt(D) is rounded to the parameter dtype first.
@@ -213,6 +268,8 @@ class Attention(Module):
     b_k: Float[Array, "kv_heads head_dim"] | None = None
     b_v: Float[Array, "kv_heads head_dim"] | None = None
     rope_llama3: tuple[float, float, float, int] | None = eqx.field(static=True, default=None)
+    b_o: Float[Array, " embed"] | None = None
+    rotary_dim: int | None = eqx.field(static=True, default=None)  # None: every head dim
 
     def __init__(self, config: GemmaConfig, layer: int, *, key: PRNGKeyArray, dtype: DTypeLike):
         n, k, d, h = config.num_heads, config.num_kv_heads, config.embed_dim, config.head_dim
@@ -230,6 +287,8 @@ class Attention(Module):
         else:
             self.b_q = self.b_k = self.b_v = None
         self.rope_llama3 = config.rope_llama3
+        self.b_o = jnp.zeros((d,), dtype) if config.attn_out_bias else None
+        self.rotary_dim = None if config.rotary_dim == h else config.rotary_dim
         self.query_scale = config.query_scale
         is_local = config.attention_kinds[layer] == "local"
         self.rope_base = config.local_rope_base if is_local else config.global_rope_base
@@ -258,8 +317,15 @@ class Attention(Module):
     def rope(
         self, x: Float[Array, "batch seq heads head_dim"], positions: Int[Array, "batch seq"]
     ) -> Float[Array, "batch seq heads head_dim"]:
-        """This layer's rotary embedding of queries or keys."""
-        return apply_rope(x, positions, self.rope_base, self.rope_scale, self.rope_llama3)
+        """This layer's rotary embedding of queries or keys (of their first `rotary_dim` dims:
+        GPT-NeoX rotates a quarter of each head, GPT-2 none)."""
+        if self.rotary_dim is None:
+            return apply_rope(x, positions, self.rope_base, self.rope_scale, self.rope_llama3)
+        if self.rotary_dim == 0:
+            return x
+        turned = apply_rope(x[..., :self.rotary_dim], positions, self.rope_base,
+                            self.rope_scale, self.rope_llama3)
+        return jnp.concatenate([turned, x[..., self.rotary_dim:]], axis=-1)
 
     def mask(
         self,
@@ -354,28 +420,43 @@ class Attention(Module):
             out = site("head_out", jnp.einsum("bsnh,nhd->bsnd", mixed, w_o)).sum(axis=2)
         else:  # one matmul over (heads, head_dim): faster than the einsum at every size
             out = mixed.reshape(b, s, n * h) @ w_o.reshape(n * h, w_o.shape[-1])
+        if self.b_o is not None:  # not any head's: after `head_out`, inside `attn_out`
+            out = out + self.b_o.astype(out.dtype)
         return site("attn_out", out), cache
 
 
-_ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
+_ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+                "gelu": lambda x: jax.nn.gelu(x, approximate=False), "silu": jax.nn.silu}
 
 
 class MLP(Module):
-    """Gated MLP: `act(x @ W_gate[0]) * (x @ W_gate[1]) @ W_linear`; `act` is tanh-approximated
-    GELU (Gemma's GeGLU) or SiLU (Llama's SwiGLU)."""
+    """Gated, `act(x @ W_gate[0]) * (x @ W_gate[1]) @ W_linear` (Gemma's GeGLU with
+    tanh-approximated GELU, Llama's SwiGLU with SiLU); or plain, one input matrix,
+    `act(x @ W_gate[0] + b_in) @ W_linear + b_out` (GPT-2, GPT-NeoX)."""
 
-    w_gating: Float[Array, "2 embed mlp"]
+    w_gating: Float[Array, "gates embed mlp"]  # gates: 2 (gate, up) or 1 (plain)
     w_linear: Float[Array, "mlp embed"]
     activation: str = eqx.field(static=True, default="gelu_tanh")
+    b_in: Float[Array, " mlp"] | None = None
+    b_out: Float[Array, " embed"] | None = None
 
     def __init__(self, config: GemmaConfig, *, key: PRNGKeyArray, dtype: DTypeLike):
         d, f = config.embed_dim, config.hidden_dim
         kg, kl = jax.random.split(key)
-        self.w_gating = _normal(kg, (2, d, f), d, dtype)
+        self.w_gating = _normal(kg, (2 if config.mlp_gated else 1, d, f), d, dtype)
         self.w_linear = _normal(kl, (f, d), f, dtype)
         self.activation = config.mlp_activation
+        if config.mlp_bias:
+            self.b_in, self.b_out = jnp.zeros((f,), dtype), jnp.zeros((d,), dtype)
+        else:
+            self.b_in = self.b_out = None
 
     def hidden(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq mlp"]:
+        if self.w_gating.shape[0] == 1:
+            pre = jnp.einsum("bsd,df->bsf", x, self.w_gating[0].astype(x.dtype))
+            if self.b_in is not None:
+                pre = pre + self.b_in.astype(x.dtype)
+            return _ACTIVATIONS[self.activation](pre)
         if x.shape[0] * x.shape[1] <= _FEW_ROWS:
             both = project(x, self.w_gating)
             gate, up = both[:, :, 0], both[:, :, 1]
@@ -386,7 +467,8 @@ class MLP(Module):
         return _ACTIVATIONS[self.activation](gate) * up
 
     def project(self, hidden: Float[Array, "batch seq mlp"]) -> Float[Array, "batch seq embed"]:
-        return jnp.einsum("bsf,fd->bsd", hidden, self.w_linear.astype(hidden.dtype))
+        out = jnp.einsum("bsf,fd->bsd", hidden, self.w_linear.astype(hidden.dtype))
+        return out if self.b_out is None else out + self.b_out.astype(out.dtype)
 
     def __call__(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq embed"]:
         return self.project(self.hidden(x))
@@ -398,13 +480,14 @@ class Block(Module):
     `hooks` holds the interventions on this layer's sites (`gemma_eqx.sites`); by default none.
     """
 
-    pre_attention_norm: RMSNorm
+    pre_attention_norm: Norm
     attn: Attention
     post_attention_norm: RMSNorm | None
-    pre_ffw_norm: RMSNorm
+    pre_ffw_norm: Norm
     mlp: MLP
     post_ffw_norm: RMSNorm | None
     hooks: SiteHooks
+    parallel: bool = eqx.field(static=True, default=False)  # the MLP reads the block's input
 
     def __init__(self, config: GemmaConfig, layer: int, *, key: PRNGKeyArray, dtype: DTypeLike):
         ka, km = jax.random.split(key)
@@ -416,6 +499,7 @@ class Block(Module):
         self.mlp = MLP(config, key=km, dtype=dtype)
         self.post_ffw_norm = norm() if config.use_post_norms else None
         self.hooks = SiteHooks()
+        self.parallel = config.parallel_residual
 
     def __call__(
         self,
@@ -439,8 +523,11 @@ class Block(Module):
         )
         if self.post_attention_norm is not None:
             attended = self.post_attention_norm(attended)
+        # A parallel block (GPT-NeoX) adds both updates to its input: `resid_mid` is still the
+        # stream after attention, but the MLP reads `resid_pre`.
+        mlp_input = x
         x = site("resid_mid", x + attended)
-        normed = self.pre_ffw_norm(x)
+        normed = self.pre_ffw_norm(mlp_input if self.parallel else x)
         if hooks.wants("mlp_hidden"):
             if not isinstance(self.mlp, MLP):
                 raise ValueError(f"site mlp_hidden of layer {layer}: the MLP was replaced by "
@@ -497,7 +584,7 @@ class Transformer(Module):
     config: GemmaConfig = eqx.field(static=True)
     embedder: Embedder
     blocks: tuple[Block, ...]
-    final_norm: RMSNorm
+    final_norm: Norm
     hooks: SiteHooks
     activation_dtype: Any = eqx.field(static=True)
 
@@ -531,6 +618,8 @@ class Transformer(Module):
             None if config.tie_embeddings else _normal(jax.random.fold_in(ke, 1), table,
                                                        config.embed_dim, dtype),
             config.embed_scale,
+            _normal(jax.random.fold_in(ke, 2), (config.context_length, config.embed_dim),
+                    config.embed_dim, dtype) if config.learned_positions else None,
         )
         self.blocks = tuple(
             Block(config, i, key=k, dtype=dtype) for i, k in enumerate(kb)
@@ -554,8 +643,9 @@ class Transformer(Module):
     ) -> Float[Array, "batch seq embed"]:
         """The stream entering block 0 (the `embed` site applied; ids already checked)."""
         context = SiteContext(positions, padding_mask, positions, padding_mask, None)
-        return self.hooks.apply("embed", self.embedder.encode(tokens, self.activation_dtype),
-                                context, records)
+        return self.hooks.apply(
+            "embed", self.embedder.encode(tokens, self.activation_dtype, positions), context,
+            records)
 
     def final_stream(
         self,

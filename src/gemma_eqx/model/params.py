@@ -78,6 +78,20 @@ def _norm(path: str, kaggle: str, hf: str | Callable[[GemmaConfig], str], gguf: 
     )
 
 
+def _norm_bias(path: str, kaggle: str, hf: str, gguf: str) -> Param:
+    """A LayerNorm's bias (GPT-2, GPT-NeoX), beside its scale."""
+    return Param(path=path, axes=("embed",), shape=lambda c: (c.embed_dim,),
+                 kaggle=lambda c: KaggleSlot(kaggle, "bias"), hf=lambda c: (hf,), gguf=(gguf,),
+                 present=lambda c: c.norm_kind == "layer")
+
+
+def _vector(path: str, axis: str, size: Callable[[GemmaConfig], int], kaggle: str, hf: str,
+            gguf: str, present: Callable[[GemmaConfig], bool]) -> Param:
+    """A bias vector stored as it is in every format."""
+    return Param(path, (axis,), lambda c: (size(c),), lambda c: KaggleSlot(kaggle, "b"),
+                 lambda c: (hf,), (gguf,), present=present)
+
+
 def _qkv(which: int) -> Callable[[GemmaConfig], KaggleSlot]:
     def slot(c: GemmaConfig) -> KaggleSlot:
         if c.num_kv_heads == c.num_heads:
@@ -114,7 +128,16 @@ PARAMS: tuple[Param, ...] = (
           lambda c: KaggleSlot("transformer/unembedder", "output_embedding"),
           lambda c: ("lm_head.weight",), ("output.weight",),
           present=lambda c: not c.tie_embeddings),
+    Param("embedder.positions", (None, "embed"), lambda c: (c.context_length, c.embed_dim),
+          lambda c: KaggleSlot("transformer/embedder", "position_embedding"),
+          lambda c: ("embed_positions.weight",), ("position_embd.weight",),
+          present=lambda c: c.learned_positions),
     _norm("final_norm.scale", "transformer/final_norm", "norm.weight", "output_norm.weight"),
+    _norm_bias("final_norm.bias", "transformer/final_norm", "norm.bias", "output_norm.bias"),
+    _norm_bias("blocks.{i}.pre_attention_norm.bias", f"{_L}/pre_attention_norm",
+               "layers.{i}.input_layernorm.bias", "blk.{i}.attn_norm.bias"),
+    _norm_bias("blocks.{i}.pre_ffw_norm.bias", f"{_L}/pre_ffw_norm",
+               "layers.{i}.post_attention_layernorm.bias", "blk.{i}.ffn_norm.bias"),
     _norm("blocks.{i}.pre_attention_norm.scale", f"{_L}/pre_attention_norm",
           "layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
     # Gemma 1 calls its pre-MLP norm "post_attention_layernorm"; Gemma 2 and 3 use that name
@@ -145,6 +168,8 @@ PARAMS: tuple[Param, ...] = (
     _bias("q", "heads"),
     _bias("k", "kv_heads"),
     _bias("v", "kv_heads"),
+    _vector("blocks.{i}.attn.b_o", "embed", lambda c: c.embed_dim, f"{_L}/attn/o_bias",
+            f"{_ATTN}.o_proj.bias", "blk.{i}.attn_output.bias", lambda c: c.attn_out_bias),
     _norm("blocks.{i}.attn.query_norm.scale", f"{_L}/attn/_query_norm",
           f"{_ATTN}.q_norm.weight", "blk.{i}.attn_q_norm.weight",
           present=lambda c: c.use_qk_norm, axes=("head_dim",)),
@@ -152,7 +177,7 @@ PARAMS: tuple[Param, ...] = (
           f"{_ATTN}.k_norm.weight", "blk.{i}.attn_k_norm.weight",
           present=lambda c: c.use_qk_norm, axes=("head_dim",)),
     Param("blocks.{i}.mlp.w_gating", (None, "embed", "mlp"),
-          lambda c: (2, c.embed_dim, c.hidden_dim),
+          lambda c: (2 if c.mlp_gated else 1, c.embed_dim, c.hidden_dim),
           lambda c: KaggleSlot(f"{_L}/mlp/gating_einsum", "w"),
           lambda c: ("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"),
           ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"), Storage.GATE_UP),
@@ -160,6 +185,10 @@ PARAMS: tuple[Param, ...] = (
           lambda c: KaggleSlot(f"{_L}/mlp/linear", "w"),
           _fixed("layers.{i}.mlp.down_proj.weight"), ("blk.{i}.ffn_down.weight",),
           Storage.TRANSPOSED),
+    _vector("blocks.{i}.mlp.b_in", "mlp", lambda c: c.hidden_dim, f"{_L}/mlp/in_bias",
+            "layers.{i}.mlp.up_proj.bias", "blk.{i}.ffn_up.bias", lambda c: c.mlp_bias),
+    _vector("blocks.{i}.mlp.b_out", "embed", lambda c: c.embed_dim, f"{_L}/mlp/out_bias",
+            "layers.{i}.mlp.down_proj.bias", "blk.{i}.ffn_down.bias", lambda c: c.mlp_bias),
 )
 
 
@@ -188,8 +217,18 @@ class Leaf:
         return dataclasses.replace(slot, key=self._fill(slot.key))
 
     @property
+    def stored(self) -> Any:
+        """The family's own Hugging Face layout of this leaf (`families.Stored`), or None."""
+        from .families import FAMILIES
+
+        family = FAMILIES.get(self.config.architecture)
+        return None if family is None else family.hf_layout.get(self.param.path)
+
+    @property
     def hf(self) -> tuple[str, ...]:
-        return tuple(self._fill(n) for n in self.param.hf(self.config))
+        stored = self.stored
+        names = stored.names if stored is not None else self.param.hf(self.config)
+        return tuple(self._fill(n) for n in names)
 
     @property
     def gguf(self) -> tuple[str, ...]:
@@ -219,12 +258,14 @@ def logical_axes(path: str, ndim: int) -> LogicalAxes:
 
 def from_storage(
     leaf: Leaf, stored: list[np.ndarray], names: tuple[str, ...],
-    check: Callable[[str, Any, tuple[int, ...]], Any],
+    check: Callable[[str, Any, tuple[int, ...]], Any], *, hf: bool = True,
 ) -> np.ndarray:
     """Our array from the Hugging Face / GGUF tensors `stored`, named `names`;
     `check(name, array, shape)` reshapes a flattened tensor or raises naming it."""
     c, storage = leaf.config, leaf.param.storage
     heads, d, h = leaf.shape[0], c.embed_dim, c.head_dim
+    if hf and leaf.stored is not None:
+        return leaf.stored.to_ours(stored, c)
     if storage is Storage.QKV:
         return check(names[0], stored[0], (heads, h, d)).transpose(0, 2, 1)
     if storage is Storage.OUT:
@@ -238,10 +279,12 @@ def from_storage(
     return stored[0]
 
 
-def stored_shapes(leaf: Leaf) -> list[tuple[int, ...]]:
-    """The shapes Hugging Face stores a leaf's tensor(s) in (`[out, in]` matrices): what
-    `from_storage` turns into the leaf."""
+def stored_shapes(leaf: Leaf, *, hf: bool = True) -> list[tuple[int, ...]]:
+    """The shapes Hugging Face (`hf`) or GGUF stores a leaf's tensor(s) in (`[out, in]`
+    matrices): what `from_storage` turns into the leaf."""
     c, shape, storage = leaf.config, leaf.shape, leaf.param.storage
+    if hf and leaf.stored is not None:
+        return list(leaf.stored.shapes(c))
     if storage is Storage.QKV:
         return [(shape[0] * c.head_dim, c.embed_dim)]
     if storage is Storage.OUT:
@@ -275,7 +318,7 @@ def arrays_from_tensors(
         stored = [get(n) for n in tensor_names]
         if names == "gguf" and leaf.param.is_norm and config.norm_offset:
             stored = [s - np.float32(config.norm_offset) for s in stored]
-        out[leaf.path] = from_storage(leaf, stored, tensor_names, check)
+        out[leaf.path] = from_storage(leaf, stored, tensor_names, check, hf=names == "hf")
     return out
 
 

@@ -29,17 +29,22 @@ brackets):
     pattern       batch heads query key       weights after the softmax [pattern]
     mixed_values  batch seq heads head_dim    each head's pattern-weighted values [z]
     head_out      batch seq heads embed       each head's output `mixed_values[h] @ w_o[h]`;
-                                              sums over heads to attn_out [result]
+                                              sums over heads to attn_out (less the output
+                                              bias of GPT-2 and NeoX, no head's) [result]
     attn_out      batch seq embed             attention output, before the post-attention
                                               norm of Gemma 2 and 3 [attn_out]
-    resid_mid     batch seq embed             stream between attention and MLP [resid_mid]
-    mlp_hidden    batch seq mlp               gelu(gate) * up [mlp.hook_post]
+    resid_mid     batch seq embed             stream after attention (the MLP's input in
+                                              a sequential block; a parallel one, NeoX's,
+                                              feeds the MLP resid_pre) [resid_mid]
+    mlp_hidden    batch seq mlp               act(gate) * up, or act(x W_in + b_in) in a
+                                              plain MLP (GPT-2, NeoX) [mlp.hook_post]
     mlp_out       batch seq embed             MLP output, before the post-MLP norm [mlp_out]
     resid_post    batch seq embed             stream leaving the block [resid_post]
 
-Sites of the whole model: `embed` (`batch seq embed`: scaled token embeddings, the stream
-entering block 0), `final_norm_in` and `final_norm_out` (`batch seq embed`) and `logits`
-(`batch seq vocab`, after the final soft-cap). With `logits_at`, these three have the selected
+Sites of the whole model: `embed` (`batch seq embed`: the token embeddings, scaled in Gemma,
+plus the learned positions in GPT-2: the stream entering block 0), `final_norm_in` and
+`final_norm_out` (`batch seq embed`) and `logits` (`batch seq vocab`, after the final
+soft-cap). With `logits_at`, these three have the selected
 positions in place of `seq`. In generation with a cache, `k`, `v` are the new tokens' keys and
 values and `k_per_head`, `v_per_head`, `attn_logits`, `pattern` span the whole cache (`key`).
 
@@ -88,7 +93,8 @@ def _spec(name: str, axes: str, per_layer: bool, doc: str) -> SiteSpec:
 SITES: dict[str, SiteSpec] = {
     s.name: s
     for s in (
-        _spec("embed", "batch seq embed", False, "scaled token embeddings"),
+        _spec("embed", "batch seq embed", False,
+              "token embeddings (scaled, Gemma; plus learned positions, GPT-2)"),
         _spec("resid_pre", "batch seq embed", True, "residual stream entering the block"),
         _spec("q", "batch seq heads head_dim", True, "queries after norm and rope"),
         _spec("k", "batch seq kv_heads head_dim", True, "keys after norm and rope"),
@@ -102,8 +108,10 @@ SITES: dict[str, SiteSpec] = {
         _spec("mixed_values", "batch seq heads head_dim", True, "pattern-weighted values"),
         _spec("head_out", "batch seq heads embed", True, "each head's output"),
         _spec("attn_out", "batch seq embed", True, "attention output before the post-norm"),
-        _spec("resid_mid", "batch seq embed", True, "residual stream between attention and MLP"),
-        _spec("mlp_hidden", "batch seq mlp", True, "gelu(gate) * up"),
+        _spec("resid_mid", "batch seq embed", True,
+              "residual stream after attention (a parallel block's MLP reads resid_pre)"),
+        _spec("mlp_hidden", "batch seq mlp", True,
+              "act(gate) * up, or act(x W_in + b_in) in a plain MLP"),
         _spec("mlp_out", "batch seq embed", True, "MLP output before the post-norm"),
         _spec("resid_post", "batch seq embed", True, "residual stream leaving the block"),
         _spec("final_norm_in", "batch seq embed", False, "input of the final norm"),

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import llama
-from .base import Family, FieldReader, unpermute_rotary
+from . import gpt, llama
+from .base import Family, FieldReader, Stored, unpermute_rotary
 
-FAMILIES: dict[str, Family] = {f.name: f for f in llama.FAMILIES}
+FAMILIES: dict[str, Family] = {f.name: f for f in (*llama.FAMILIES, *gpt.FAMILIES)}
 
 
 def family_of_hf(model_type: Any) -> Family | None:
@@ -28,5 +28,5 @@ def family_of_gguf(architecture: Any) -> Family | None:
     return next((f for f in FAMILIES.values() if architecture in f.gguf_architectures), None)
 
 
-__all__ = ["FAMILIES", "Family", "FieldReader", "family_of_gguf", "family_of_hf",
+__all__ = ["FAMILIES", "Family", "FieldReader", "Stored", "family_of_gguf", "family_of_hf",
            "unpermute_rotary"]

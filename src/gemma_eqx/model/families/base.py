@@ -29,6 +29,17 @@ class FieldReader(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class Stored:
+    """How a family's Hugging Face files hold one leaf, where the schema's default does not
+    say: the tensor names (`{i}` for the layer), their shapes for a config, and the
+    conversion of the tensors read into our layout (a slice of a fused tensor, say)."""
+
+    names: tuple[str, ...]
+    shapes: Callable[[Any], list[tuple[int, ...]]]
+    to_ours: Callable[[list[Any], Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """One family: `defaults` hold for every model of it (config fields); `from_hf(fields,
     sizes)` and `from_gguf(fields, sizes)` read the rest from a `config.json` or from GGUF
@@ -43,6 +54,14 @@ class Family:
     # llama.cpp's converter interleaves the halves of each query and key head of Llama
     # architectures for its rotary kernel; loading undoes it (`unpermute_rotary`).
     gguf_rotary_permuted: bool = False
+    # The sizes from `config.json` where its names differ from Llama's (GPT-2's n_embd, ...).
+    hf_sizes: Callable[[FieldReader], dict[str, int]] | None = None
+    # Leaves whose Hugging Face names or layout differ from the schema's default, by path.
+    hf_layout: Mapping[str, Stored] = dataclasses.field(default_factory=dict)
+    # Stored tensors that no leaf reads and that hold nothing of the model (cached masks).
+    hf_ignored: Callable[[str], bool] = lambda name: False
+    # Tensors a loaded transformers model names otherwise than its files: {memory: file}.
+    hf_in_memory: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def unpermute_rotary(w: Any, heads: int) -> Any:

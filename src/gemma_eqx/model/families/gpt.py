@@ -1,0 +1,167 @@
+"""GPT-2 and GPT-NeoX (Pythia): LayerNorm with a bias, biases on every projection, a plain
+(ungated) GELU MLP; GPT-2 adds learned positions to the embedding and stores its matrices
+transposed (`Conv1D`, q/k/v fused in `c_attn`); NeoX rotates a quarter of each head, runs
+attention and MLP side by side, and fuses q/k/v per head."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from .base import Family, FieldReader, Stored
+
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_SHARED = dict(norm_kind="layer", norm_offset=0.0, embed_scale=False, mlp_gated=False,
+               mlp_bias=True, qkv_bias=True, attn_out_bias=True)
+
+
+def _activation(f: FieldReader, name: str) -> str:
+    act = f.text(name, "gelu_new")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"{f.source}: {name} {act!r} is not supported for this family "
+                         f"({', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[act]
+
+
+# ------------------------------------------------------------------------------ GPT-2
+
+
+def _gpt2_sizes(f: FieldReader) -> dict[str, int]:
+    width, heads = f.count("n_embd"), f.count("n_head")
+    return dict(num_layers=f.count("n_layer"), embed_dim=width, num_heads=heads,
+                num_kv_heads=heads, head_dim=width // heads,
+                hidden_dim=f.count("n_inner", 4 * width), vocab_size=f.count("vocab_size"))
+
+
+def _gpt2(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
+    for name, wrong in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False)):
+        if f.flag(name, not wrong) == wrong:
+            raise ValueError(f"{f.source}: {name} = {str(wrong).lower()} is not supported")
+    return dict(norm_eps=f.number("layer_norm_epsilon", 1e-5),
+                context_length=f.count("n_positions", 1024), learned_positions=True,
+                rotary_fraction=0.0, mlp_activation=_activation(f, "activation_function"),
+                tie_embeddings=f.flag("tie_word_embeddings", True),
+                attention_kinds=("global",) * sizes["num_layers"])
+
+
+def _conv_qkv(part: int) -> Stored:
+    """One of q, k, v from `c_attn`: a `Conv1D` weight `[embed, 3 * embed]` (x @ W)."""
+    def to_ours(stored, c):
+        n, h, d = c.num_heads, c.head_dim, c.embed_dim
+        return stored[0][:, part * n * h:(part + 1) * n * h].reshape(d, n, h).transpose(1, 0, 2)
+
+    return Stored(("h.{i}.attn.c_attn.weight",),
+                  lambda c: [(c.embed_dim, 3 * c.num_heads * c.head_dim)], to_ours)
+
+
+def _conv_qkv_bias(part: int) -> Stored:
+    def to_ours(stored, c):
+        n, h = c.num_heads, c.head_dim
+        return stored[0][part * n * h:(part + 1) * n * h].reshape(n, h)
+
+    return Stored(("h.{i}.attn.c_attn.bias",), lambda c: [(3 * c.num_heads * c.head_dim,)],
+                  to_ours)
+
+
+def _as_is(name: str, shape) -> Stored:
+    return Stored((name,), lambda c: [shape(c)], lambda stored, c: stored[0])
+
+
+_GPT2_LAYOUT = {
+    "embedder.embedding": _as_is("wte.weight", lambda c: (c.vocab_size, c.embed_dim)),
+    "embedder.positions": _as_is("wpe.weight", lambda c: (c.context_length, c.embed_dim)),
+    "final_norm.scale": _as_is("ln_f.weight", lambda c: (c.embed_dim,)),
+    "final_norm.bias": _as_is("ln_f.bias", lambda c: (c.embed_dim,)),
+    **{f"blocks.{{i}}.{ours}.{kind}": _as_is(f"h.{{i}}.{theirs}.{stored}",
+                                             lambda c: (c.embed_dim,))
+       for ours, theirs in (("pre_attention_norm", "ln_1"), ("pre_ffw_norm", "ln_2"))
+       for kind, stored in (("scale", "weight"), ("bias", "bias"))},
+    **{f"blocks.{{i}}.attn.w_{x}": _conv_qkv(p) for p, x in enumerate("qkv")},
+    **{f"blocks.{{i}}.attn.b_{x}": _conv_qkv_bias(p) for p, x in enumerate("qkv")},
+    "blocks.{i}.attn.w_o": Stored(
+        ("h.{i}.attn.c_proj.weight",), lambda c: [(c.num_heads * c.head_dim, c.embed_dim)],
+        lambda stored, c: stored[0].reshape(c.num_heads, c.head_dim, c.embed_dim)),
+    "blocks.{i}.attn.b_o": _as_is("h.{i}.attn.c_proj.bias", lambda c: (c.embed_dim,)),
+    "blocks.{i}.mlp.w_gating": Stored(
+        ("h.{i}.mlp.c_fc.weight",), lambda c: [(c.embed_dim, c.hidden_dim)],
+        lambda stored, c: stored[0][None]),
+    "blocks.{i}.mlp.b_in": _as_is("h.{i}.mlp.c_fc.bias", lambda c: (c.hidden_dim,)),
+    "blocks.{i}.mlp.w_linear": _as_is("h.{i}.mlp.c_proj.weight",
+                                      lambda c: (c.hidden_dim, c.embed_dim)),
+    "blocks.{i}.mlp.b_out": _as_is("h.{i}.mlp.c_proj.bias", lambda c: (c.embed_dim,)),
+}
+
+
+# ------------------------------------------------------------------------- GPT-NeoX
+
+
+def _neox(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
+    p = f.nested("rope_parameters")
+    if p is not None and p.has("rope_theta"):
+        base, fraction = p.number("rope_theta"), p.number("partial_rotary_factor", 1.0)
+        kind = p.text("rope_type", "default")
+    else:
+        base, fraction, kind = (f.number("rotary_emb_base", 10_000.0),
+                                f.number("rotary_pct", 0.25), "default")
+    if kind != "default":
+        raise ValueError(f"{f.source}: RoPE type {kind!r} is not supported for GPT-NeoX "
+                         f"(default)")
+    biased = f.flag("attention_bias", True)
+    return dict(norm_eps=f.number("layer_norm_eps", 1e-5),
+                context_length=f.count("max_position_embeddings", 2048),
+                global_rope_base=base, local_rope_base=base, rotary_fraction=fraction,
+                mlp_activation=_activation(f, "hidden_act"), qkv_bias=biased,
+                attn_out_bias=biased, parallel_residual=f.flag("use_parallel_residual", True),
+                tie_embeddings=f.flag("tie_word_embeddings", False),
+                attention_kinds=("global",) * sizes["num_layers"])
+
+
+def _fused_per_head(part: int, kind: str) -> Stored:
+    """One of q, k, v from `query_key_value`: rows ordered [heads, (q, k, v), head_dim]."""
+    def to_ours(stored, c):
+        n, h, d = c.num_heads, c.head_dim, c.embed_dim
+        if kind == "bias":
+            return stored[0].reshape(n, 3, h)[:, part]
+        return stored[0].reshape(n, 3, h, d)[:, part].transpose(0, 2, 1)
+
+    shape = (lambda c: [(3 * c.num_heads * c.head_dim,)]) if kind == "bias" else (
+        lambda c: [(3 * c.num_heads * c.head_dim, c.embed_dim)])
+    return Stored((f"layers.{{i}}.attention.query_key_value.{kind}",), shape, to_ours)
+
+
+_NEOX_LAYOUT = {
+    "embedder.embedding": _as_is("embed_in.weight", lambda c: (c.vocab_size, c.embed_dim)),
+    "embedder.unembedding": _as_is("embed_out.weight", lambda c: (c.vocab_size, c.embed_dim)),
+    "final_norm.scale": _as_is("final_layer_norm.weight", lambda c: (c.embed_dim,)),
+    "final_norm.bias": _as_is("final_layer_norm.bias", lambda c: (c.embed_dim,)),
+    **{f"blocks.{{i}}.attn.w_{x}": _fused_per_head(p, "weight") for p, x in enumerate("qkv")},
+    **{f"blocks.{{i}}.attn.b_{x}": _fused_per_head(p, "bias") for p, x in enumerate("qkv")},
+    "blocks.{i}.attn.w_o": Stored(
+        ("layers.{i}.attention.dense.weight",),
+        lambda c: [(c.embed_dim, c.num_heads * c.head_dim)],
+        lambda stored, c: stored[0].reshape(c.embed_dim, c.num_heads, c.head_dim).transpose(
+            1, 2, 0)),
+    "blocks.{i}.attn.b_o": _as_is("layers.{i}.attention.dense.bias", lambda c: (c.embed_dim,)),
+    "blocks.{i}.mlp.w_gating": Stored(
+        ("layers.{i}.mlp.dense_h_to_4h.weight",), lambda c: [(c.hidden_dim, c.embed_dim)],
+        lambda stored, c: stored[0].T[None]),
+    "blocks.{i}.mlp.b_in": _as_is("layers.{i}.mlp.dense_h_to_4h.bias", lambda c: (c.hidden_dim,)),
+    "blocks.{i}.mlp.w_linear": Stored(
+        ("layers.{i}.mlp.dense_4h_to_h.weight",), lambda c: [(c.embed_dim, c.hidden_dim)],
+        lambda stored, c: stored[0].T),
+    "blocks.{i}.mlp.b_out": _as_is("layers.{i}.mlp.dense_4h_to_h.bias",
+                                   lambda c: (c.embed_dim,)),
+}
+
+# Buffers some checkpoints store beside the weights: causal masks, RoPE frequencies.
+_BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|attention\.bias|"
+                      r"attention\.masked_bias|rotary_emb\.inv_freq)$")
+
+FAMILIES = (
+    Family("gpt2", ("gpt2",), (), _SHARED, _gpt2, lambda f, s: {}, hf_sizes=_gpt2_sizes,
+           hf_layout=_GPT2_LAYOUT, hf_ignored=lambda name: bool(_BUFFERS.search(name))),
+    Family("gpt_neox", ("gpt_neox",), (), _SHARED, _neox, lambda f, s: {},
+           hf_layout=_NEOX_LAYOUT, hf_ignored=lambda name: bool(_BUFFERS.search(name)),
+           hf_in_memory={"lm_head.weight": "embed_out.weight"}),
+)
