@@ -24,6 +24,10 @@ def _activation(f: FieldReader, name: str) -> str:
     return _ACTIVATIONS[act]
 
 
+def _as_is(name: str, shape) -> Stored:
+    return Stored((name,), lambda c: [shape(c)], lambda stored, c: stored[0])
+
+
 # ------------------------------------------------------------------------------ GPT-2
 
 
@@ -45,27 +49,16 @@ def _gpt2(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
                 attention_kinds=("global",) * sizes["num_layers"])
 
 
-def _conv_qkv(part: int) -> Stored:
-    """One of q, k, v from `c_attn`: a `Conv1D` weight `[embed, 3 * embed]` (x @ W)."""
+def _c_attn(part: int, kind: str) -> Stored:
+    """One of q, k, v from `c_attn`: a `Conv1D` weight `[embed, 3 * embed]` (x @ W), or its
+    bias `[3 * embed]`."""
     def to_ours(stored, c):
         n, h, d = c.num_heads, c.head_dim, c.embed_dim
-        return stored[0][:, part * n * h:(part + 1) * n * h].reshape(d, n, h).transpose(1, 0, 2)
+        piece = stored[0][..., part * n * h:(part + 1) * n * h]
+        return piece.reshape(n, h) if kind == "bias" else piece.reshape(d, n, h).transpose(1, 0, 2)
 
-    return Stored(("h.{i}.attn.c_attn.weight",),
-                  lambda c: [(c.embed_dim, 3 * c.num_heads * c.head_dim)], to_ours)
-
-
-def _conv_qkv_bias(part: int) -> Stored:
-    def to_ours(stored, c):
-        n, h = c.num_heads, c.head_dim
-        return stored[0][part * n * h:(part + 1) * n * h].reshape(n, h)
-
-    return Stored(("h.{i}.attn.c_attn.bias",), lambda c: [(3 * c.num_heads * c.head_dim,)],
-                  to_ours)
-
-
-def _as_is(name: str, shape) -> Stored:
-    return Stored((name,), lambda c: [shape(c)], lambda stored, c: stored[0])
+    return Stored((f"h.{{i}}.attn.c_attn.{kind}",), lambda c: [
+        ((c.embed_dim,) if kind == "weight" else ()) + (3 * c.num_heads * c.head_dim,)], to_ours)
 
 
 _GPT2_LAYOUT = {
@@ -77,8 +70,8 @@ _GPT2_LAYOUT = {
                                              lambda c: (c.embed_dim,))
        for ours, theirs in (("pre_attention_norm", "ln_1"), ("pre_ffw_norm", "ln_2"))
        for kind, stored in (("scale", "weight"), ("bias", "bias"))},
-    **{f"blocks.{{i}}.attn.w_{x}": _conv_qkv(p) for p, x in enumerate("qkv")},
-    **{f"blocks.{{i}}.attn.b_{x}": _conv_qkv_bias(p) for p, x in enumerate("qkv")},
+    **{f"blocks.{{i}}.attn.{w}_{x}": _c_attn(p, kind) for p, x in enumerate("qkv")
+       for w, kind in (("w", "weight"), ("b", "bias"))},
     "blocks.{i}.attn.w_o": Stored(
         ("h.{i}.attn.c_proj.weight",), lambda c: [(c.num_heads * c.head_dim, c.embed_dim)],
         lambda stored, c: stored[0].reshape(c.num_heads, c.head_dim, c.embed_dim)),
