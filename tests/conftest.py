@@ -14,16 +14,23 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# Compiled programs kept between runs of the suite (a contributor's loop recompiles only what
-# changed); GEMMA_EQX_TEST_COMPILE_CACHE moves the folder, "0" turns the cache off.
+import pytest  # noqa: E402
+
+# Compiled programs kept between runs of the quick loop (`-m "not slow"`: a contributor's loop
+# recompiles only what changed); GEMMA_EQX_TEST_COMPILE_CACHE moves the folder, "0" turns the
+# cache off. The full suite (CI, on a fresh clone) runs without it: there it saves little, and
+# serialising one of its large multi-device programs for the cache once aborted the process
+# inside XLA (`executable.serialize()`, tests/test_throughput.py's scanned train step).
 _programs = os.environ.get("GEMMA_EQX_TEST_COMPILE_CACHE",
                            str(Path(__file__).parent.parent / ".pytest_cache" / "jax-programs"))
-if _programs != "0":
-    from gemma_eqx.core.runtime import enable_compilation_cache  # noqa: E402
 
-    enable_compilation_cache(Path(_programs))
 
-import pytest  # noqa: E402
+def pytest_configure(config):
+    quick = "not slow" in (config.option.markexpr or "")
+    if _programs != "0" and quick:
+        from gemma_eqx.core.runtime import enable_compilation_cache
+
+        enable_compilation_cache(Path(_programs))
 
 REAL_MODEL_FIXTURES = {"gguf_path", "gemma270m", "hf270m", "smollm2", "hf_smollm2"}
 

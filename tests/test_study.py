@@ -240,7 +240,9 @@ def _readme_first_run_table_holds(report: Path, gguf: Path, cache: Path) -> None
         what, where, size = (c.strip() for c in line.strip("|").split("|"))
         rows[where] = (what, float(size.removesuffix(" MB")))
     stated = {Path(where.strip("`")).name: v for where, v in rows.items()}
-    converted = [p for p in (cache / "converted").iterdir() if p.is_dir()]
+    # The 270M's entry (the session's cache may hold SmolLM2's too).
+    converted = [p for p in (cache / "converted").iterdir() if p.is_dir() and json.loads(
+        (p / "manifest.json").read_text())["config"]["name"] == "gemma3-270m"]
     assert len(converted) == 1, converted
     measured = {"gemma-3-270m-q4_k_m.gguf": (_megabytes(gguf), 0.01),
                 "gguf-<sha>": (_megabytes(converted[0]), 0.01),

@@ -28,6 +28,11 @@ def _as_is(name: str, shape) -> Stored:
     return Stored((name,), lambda c: [shape(c)], lambda stored, c: stored[0])
 
 
+# Buffers some checkpoints store beside the weights: causal masks, RoPE frequencies.
+_BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|attention\.bias|"
+                      r"attention\.masked_bias|rotary_emb\.inv_freq)$")
+
+
 # ------------------------------------------------------------------------------ GPT-2
 
 
@@ -90,14 +95,11 @@ _GPT2_LAYOUT = {
 
 
 def _neox(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
-    p = f.nested("rope_parameters")
-    if p is not None and p.has("rope_theta"):
-        base, fraction = p.number("rope_theta"), p.number("partial_rotary_factor", 1.0)
-        kind = p.text("rope_type", "default")
-    else:
-        base, fraction, kind = (f.number("rotary_emb_base", 10_000.0),
-                                f.number("rotary_pct", 0.25), "default")
-    if kind != "default":
+    p = f.nested("rope_parameters")  # transformers 5; earlier files: rotary_pct and _emb_base
+    new = p is not None and p.has("rope_theta")
+    base = p.number("rope_theta") if new else f.number("rotary_emb_base", 10_000.0)
+    fraction = p.number("partial_rotary_factor", 1.0) if new else f.number("rotary_pct", 0.25)
+    if (kind := p.text("rope_type", "default") if new else "default") != "default":
         raise ValueError(f"{f.source}: RoPE type {kind!r} is not supported for GPT-NeoX "
                          f"(default)")
     biased = f.flag("attention_bias", True)
@@ -118,9 +120,8 @@ def _fused_per_head(part: int, kind: str) -> Stored:
             return stored[0].reshape(n, 3, h)[:, part]
         return stored[0].reshape(n, 3, h, d)[:, part].transpose(0, 2, 1)
 
-    shape = (lambda c: [(3 * c.num_heads * c.head_dim,)]) if kind == "bias" else (
-        lambda c: [(3 * c.num_heads * c.head_dim, c.embed_dim)])
-    return Stored((f"layers.{{i}}.attention.query_key_value.{kind}",), shape, to_ours)
+    return Stored((f"layers.{{i}}.attention.query_key_value.{kind}",), lambda c: [
+        (3 * c.num_heads * c.head_dim,) + ((c.embed_dim,) if kind == "weight" else ())], to_ours)
 
 
 _NEOX_LAYOUT = {
@@ -128,8 +129,8 @@ _NEOX_LAYOUT = {
     "embedder.unembedding": _as_is("embed_out.weight", lambda c: (c.vocab_size, c.embed_dim)),
     "final_norm.scale": _as_is("final_layer_norm.weight", lambda c: (c.embed_dim,)),
     "final_norm.bias": _as_is("final_layer_norm.bias", lambda c: (c.embed_dim,)),
-    **{f"blocks.{{i}}.attn.w_{x}": _fused_per_head(p, "weight") for p, x in enumerate("qkv")},
-    **{f"blocks.{{i}}.attn.b_{x}": _fused_per_head(p, "bias") for p, x in enumerate("qkv")},
+    **{f"blocks.{{i}}.attn.{w}_{x}": _fused_per_head(p, kind) for p, x in enumerate("qkv")
+       for w, kind in (("w", "weight"), ("b", "bias"))},
     "blocks.{i}.attn.w_o": Stored(
         ("layers.{i}.attention.dense.weight",),
         lambda c: [(c.embed_dim, c.num_heads * c.head_dim)],
@@ -146,10 +147,6 @@ _NEOX_LAYOUT = {
     "blocks.{i}.mlp.b_out": _as_is("layers.{i}.mlp.dense_4h_to_h.bias",
                                    lambda c: (c.embed_dim,)),
 }
-
-# Buffers some checkpoints store beside the weights: causal masks, RoPE frequencies.
-_BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|attention\.bias|"
-                      r"attention\.masked_bias|rotary_emb\.inv_freq)$")
 
 FAMILIES = (
     Family("gpt2", ("gpt2",), (), _SHARED, _gpt2, lambda f, s: {}, hf_sizes=_gpt2_sizes,
