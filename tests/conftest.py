@@ -32,6 +32,33 @@ def pytest_configure(config):
 
         enable_compilation_cache(Path(_programs))
 
+# Each compiled XLA CPU program holds its own memory mappings, and jax keeps every program it
+# compiled. The full suite compiles thousands; past the kernel's per-process limit
+# (vm.max_map_count, 65530 by default) LLVM's next allocation fails and the process dies with a
+# segfault inside `backend_compile` (CI did, in tests/test_worlds.py, after ~33 minutes).
+# Between modules, drop jax's compiled programs once the count nears the limit: a later test
+# recompiles what it needs, and nothing else changes.
+_MAPPINGS_BEFORE_CLEARING = 30_000
+
+
+def _memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux: no such limit to guard
+        return 0
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is not None and nextitem.module is item.module:
+        return
+    if _memory_mappings() > _MAPPINGS_BEFORE_CLEARING:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
+
+
 REAL_MODEL_FIXTURES = {"gguf_path", "gemma270m", "hf270m", "smollm2", "hf_smollm2"}
 
 

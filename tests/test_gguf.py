@@ -189,7 +189,7 @@ def test_other_architecture(tiny3):
     config, arrays, directory = tiny3
     path = write_tiny_gguf(directory / "mamba.gguf", config, arrays, arch="mamba")
     _raises(path, re.escape("architecture 'mamba' is not one this library reads (gemma, "
-                            "gemma2, gemma3, llama, qwen2, qwen3)"))
+                            "gemma2, gemma3, llama, qwen2, qwen3, gpt2, gptneox)"))
 
 
 def test_missing_tensor(tiny3):

@@ -335,6 +335,106 @@ def test_a_gguf_of_the_family_loads_as_transformers_computes(name, arch, tmp_pat
         assert np.abs(wrong - reference).max() > 100 * TOL
 
 
+def _write_gpt_gguf(path, hf_model, arch: str) -> None:
+    """GPT-2 or GPT-NeoX written as llama.cpp's converter writes them (convert_hf_to_gguf.py,
+    `GPT2Model` and `GPTNeoXModel`): GPT-2's `Conv1D` matrices transposed to [out, in], NeoX's
+    per-head `query_key_value` rows regrouped as all q, then all k, then all v; the metadata
+    it writes (GPT-2: feed_forward_length = 4 * n_embd; NeoX: the rotary dimension, parallel
+    residual flag, no RoPE base) and the unembedding only when untied."""
+    from gguf import GGUFWriter
+
+    c = hf_model.config
+    state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    w = GGUFWriter(str(path), arch)
+    if arch == "gpt2":
+        w.add_block_count(c.n_layer)
+        w.add_context_length(c.n_positions)  # config.json's n_ctx, the same in GPT-2's
+        w.add_embedding_length(c.n_embd)
+        w.add_feed_forward_length(4 * c.n_embd)
+        w.add_head_count(c.n_head)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+        w.add_tokenizer_model("gpt2")  # transformers reads the vocabulary size from it
+        w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+        prefix, n_head, n_embed = "transformer.", c.n_head, c.n_embd
+        names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                 "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        top = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
+               "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias"}
+    else:
+        head_dim = c.hidden_size // c.num_attention_heads
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_rope_dimension_count(int(c.rope_parameters["partial_rotary_factor"] * head_dim))
+        w.add_head_count(c.num_attention_heads)
+        w.add_parallel_residual(c.use_parallel_residual)
+        w.add_layer_norm_eps(c.layer_norm_eps)
+        prefix, n_head, n_embed = "gpt_neox.", c.num_attention_heads, c.hidden_size
+        names = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv",
+                 "attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+                 "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+        top = {"embed_in.weight": "token_embd.weight",
+               "final_layer_norm.weight": "output_norm.weight",
+               "final_layer_norm.bias": "output_norm.bias"}
+    for key, x in state.items():
+        if key in ("lm_head.weight", "embed_out.weight"):
+            if getattr(c, "tie_word_embeddings", False):
+                continue
+            name = "output.weight"
+        elif key.removeprefix(prefix) in top:
+            name = top[key.removeprefix(prefix)]
+        else:
+            _, _, i, *rest = key.split(".")
+            module, kind = ".".join(rest[:-1]), rest[-1]
+            if module not in names:  # cached masks and rotary frequencies
+                continue
+            name = f"blk.{i}.{names[module]}.{kind}"
+            if arch == "gpt2" and kind == "weight" and module != "ln_1" and module != "ln_2":
+                x = x.T
+            if arch == "gptneox" and module == "attention.query_key_value":
+                rows = x.reshape(n_head, 3, n_embed // n_head, *x.shape[1:])
+                x = np.concatenate([rows[:, j].reshape(n_embed, *x.shape[1:])
+                                    for j in range(3)])
+        w.add_tensor(name, np.ascontiguousarray(x, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("name, arch", [("gpt2", "gpt2"), ("gpt-neox", "gptneox")])
+def test_a_gguf_of_gpt2_or_neox_loads_as_transformers_computes(name, arch, tmp_path):
+    """The fused q/k/v of both files, GPT-2's transposed matrices and learned positions, NeoX's
+    regrouped rows and partial rotary: the logits of the model written equal transformers'.
+    For GPT-2, transformers also reads the same file (`gguf_file=`): its reading agrees."""
+    from gemma_eqx.formats.gguf import load_gguf
+
+    config_cls, model_cls, overrides, ours_expected, _ = CASES[name]
+    hf_config = _hf_config(name)
+    if name == "gpt2":  # llama.cpp writes GPT-2's MLP width as 4 * n_embd, whatever n_inner;
+        # transformers reads a GGUF's context length into n_ctx, leaving n_positions at 1024
+        hf_config.n_inner, hf_config.n_positions = None, 1024
+    torch.manual_seed(0)
+    hf_model = getattr(transformers, model_cls)(hf_config).eval()
+    _randomise(hf_model)
+    tokens = np.random.RandomState(1).randint(0, VOCAB, (1, SEQ))
+    with torch.no_grad():
+        reference = hf_model(torch.tensor(tokens)).logits.numpy()
+    _write_gpt_gguf(tmp_path / "m.gguf", hf_model, arch)
+    model = load_gguf(tmp_path / "m.gguf")
+    for field, value in ours_expected.items():
+        assert getattr(model.config, field) == value, field
+    got = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_allclose(got, reference, rtol=0, atol=TOL, err_msg=name)
+    if name == "gpt2":
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file="m.gguf", torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            read_by_them = theirs(torch.tensor(tokens)).logits.numpy()
+        np.testing.assert_allclose(read_by_them, reference, rtol=0, atol=TOL)
+
+
 def test_unpermuting_inverts_llama_cpp():
     from gemma_eqx.model.families import unpermute_rotary
 
@@ -416,7 +516,28 @@ def test_a_gguf_of_an_unknown_architecture_is_refused(tmp_path):
     w.close()
     with pytest.raises(ValueError, match=r"x.gguf: GGUF architecture 'rwkv6' is not one this "
                                          r"library reads \(gemma, gemma2, gemma3, llama, qwen2, "
-                                         r"qwen3\)$"):
+                                         r"qwen3, gpt2, gptneox\)$"):
+        load_gguf(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("rotary", [5, 18])  # 0 is refused as any count is
+def test_a_neox_gguf_with_an_impossible_rotary_width_is_refused(rotary, tmp_path):
+    from gguf import GGUFWriter
+
+    from gemma_eqx.formats.gguf import load_gguf
+
+    w = GGUFWriter(str(tmp_path / "x.gguf"), "gptneox")
+    for add, value in ((w.add_block_count, 1), (w.add_context_length, 8),
+                       (w.add_embedding_length, 32), (w.add_feed_forward_length, 64),
+                       (w.add_head_count, 2), (w.add_rope_dimension_count, rotary)):
+        add(value)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=rf"x.gguf: rope.dimension_count {rotary} must be even "
+                                         rf"and within the head dimension 16$"):
         load_gguf(tmp_path / "x.gguf")
 
 

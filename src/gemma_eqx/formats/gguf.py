@@ -447,11 +447,6 @@ def _zoo_config(header: GGUFHeader, arch: str, family: Any, sizes: dict) -> Gemm
         raise ValueError(f"{header.path}: tensor 'rope_freqs.weight' (llama.cpp's rescaled "
                          f"RoPE frequencies, Llama 3.1 and later) is not supported; load the "
                          f"Hugging Face directory instead")
-    rotary = _meta_count(header, f"{arch}.rope.dimension_count", sizes["head_dim"])
-    if rotary != sizes["head_dim"]:
-        raise ValueError(f"{header.path}: {arch}.rope.dimension_count is {rotary}, not the head "
-                         f"dimension {sizes['head_dim']}: partial rotary is not supported for "
-                         f"{arch}")
     try:
         read = family.from_gguf(_MetaFields(header, arch),
                                 {k: v for k, v in sizes.items() if k != "name"})

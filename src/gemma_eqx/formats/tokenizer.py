@@ -410,7 +410,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _BPE_SPLITS: dict[str, tuple[bool, str | None]] = {  # (each digit alone first, pattern)
-    "gpt2": (False, None), "default": (False, None), "smollm": (True, None),
+    "gpt2": (False, None), "gpt-2": (False, None), "olmo": (False, None),
+    "default": (False, None), "smollm": (True, None),
     "starcoder": (True, None), "llama-bpe": (False, _LLAMA3_SPLIT),
     "llama3": (False, _LLAMA3_SPLIT), "qwen2": (False, _QWEN2_SPLIT),
 }

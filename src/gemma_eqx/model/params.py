@@ -216,23 +216,27 @@ class Leaf:
         slot = self.param.kaggle(self.config)
         return dataclasses.replace(slot, key=self._fill(slot.key))
 
-    @property
-    def stored(self) -> Any:
-        """The family's own Hugging Face layout of this leaf (`families.Stored`), or None."""
+    def stored(self, names: str) -> Any:
+        """The family's own layout of this leaf in Hugging Face (`names="hf"`) or GGUF
+        (`"gguf"`) files (`families.Stored`), or None where the schema's default holds."""
         from .families import FAMILIES
 
         family = FAMILIES.get(self.config.architecture)
-        return None if family is None else family.hf_layout.get(self.param.path)
+        if family is None:
+            return None
+        return (family.hf_layout if names == "hf" else family.gguf_layout).get(self.param.path)
 
     @property
     def hf(self) -> tuple[str, ...]:
-        stored = self.stored
+        stored = self.stored("hf")
         names = stored.names if stored is not None else self.param.hf(self.config)
         return tuple(self._fill(n) for n in names)
 
     @property
     def gguf(self) -> tuple[str, ...]:
-        return tuple(self._fill(n) for n in self.param.gguf)
+        stored = self.stored("gguf")
+        return tuple(self._fill(n) for n in (stored.names if stored is not None
+                                             else self.param.gguf))
 
 
 def leaves(config: GemmaConfig) -> list[Leaf]:
@@ -264,8 +268,9 @@ def from_storage(
     `check(name, array, shape)` reshapes a flattened tensor or raises naming it."""
     c, storage = leaf.config, leaf.param.storage
     heads, d, h = leaf.shape[0], c.embed_dim, c.head_dim
-    if hf and leaf.stored is not None:
-        return leaf.stored.to_ours(stored, c)
+    family_layout = leaf.stored("hf" if hf else "gguf")
+    if family_layout is not None:
+        return family_layout.to_ours(stored, c)
     if storage is Storage.QKV:
         return check(names[0], stored[0], (heads, h, d)).transpose(0, 2, 1)
     if storage is Storage.OUT:
@@ -283,8 +288,9 @@ def stored_shapes(leaf: Leaf, *, hf: bool = True) -> list[tuple[int, ...]]:
     """The shapes Hugging Face (`hf`) or GGUF stores a leaf's tensor(s) in (`[out, in]`
     matrices): what `from_storage` turns into the leaf."""
     c, shape, storage = leaf.config, leaf.shape, leaf.param.storage
-    if hf and leaf.stored is not None:
-        return list(leaf.stored.shapes(c))
+    family_layout = leaf.stored("hf" if hf else "gguf")
+    if family_layout is not None:
+        return list(family_layout.shapes(c))
     if storage is Storage.QKV:
         return [(shape[0] * c.head_dim, c.embed_dim)]
     if storage is Storage.OUT:

@@ -30,8 +30,8 @@ class FieldReader(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Stored:
-    """How a family's Hugging Face files hold one leaf, where the schema's default does not
-    say: the tensor names (`{i}` for the layer), their shapes for a config, and the
+    """How a family's Hugging Face or GGUF files hold one leaf, where the schema's default
+    does not say: the tensor names (`{i}` for the layer), their shapes for a config, and the
     conversion of the tensors read into our layout (a slice of a fused tensor, say)."""
 
     names: tuple[str, ...]
@@ -58,6 +58,8 @@ class Family:
     hf_sizes: Callable[[FieldReader], dict[str, int]] | None = None
     # Leaves whose Hugging Face names or layout differ from the schema's default, by path.
     hf_layout: Mapping[str, Stored] = dataclasses.field(default_factory=dict)
+    # Leaves whose GGUF names or layout differ from the schema's default (a fused q/k/v).
+    gguf_layout: Mapping[str, Stored] = dataclasses.field(default_factory=dict)
     # Stored tensors that no leaf reads and that hold nothing of the model (cached masks).
     hf_ignored: Callable[[str], bool] = lambda name: False
     # Tensors a loaded transformers model names otherwise than its files: {memory: file}.

@@ -148,10 +148,59 @@ _NEOX_LAYOUT = {
                                    lambda c: (c.embed_dim,)),
 }
 
+# ----------------------------------------------------------------------------- GGUF
+# llama.cpp's converter stores both families alike: matrices [out, in] (GPT-2's transposed
+# back), q/k/v fused in `attn_qkv` as all query rows, then all key rows, then all value rows
+# (NeoX's per-head interleaving undone), the MLP as `ffn_up` / `ffn_down`.
+
+
+def _qkv_rows(part: int, kind: str) -> Stored:
+    def to_ours(stored, c):
+        n, h, d = c.num_heads, c.head_dim, c.embed_dim
+        piece = stored[0][part * n * h:(part + 1) * n * h]
+        return piece.reshape(n, h) if kind == "bias" else piece.reshape(n, h, d).transpose(0, 2, 1)
+
+    return Stored((f"blk.{{i}}.attn_qkv.{kind}",), lambda c: [
+        (3 * c.num_heads * c.head_dim,) + ((c.embed_dim,) if kind == "weight" else ())], to_ours)
+
+
+_GGUF_LAYOUT = {
+    **{f"blocks.{{i}}.attn.{w}_{x}": _qkv_rows(p, kind) for p, x in enumerate("qkv")
+       for w, kind in (("w", "weight"), ("b", "bias"))},
+    "blocks.{i}.mlp.w_gating": Stored(
+        ("blk.{i}.ffn_up.weight",), lambda c: [(c.hidden_dim, c.embed_dim)],
+        lambda stored, c: stored[0].T[None]),
+}
+
+
+def _gpt2_gguf(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
+    return dict(norm_eps=f.number("attention.layer_norm_epsilon", 1e-5),
+                context_length=f.count("context_length"), learned_positions=True,
+                rotary_fraction=0.0, mlp_activation="gelu_tanh",
+                attention_kinds=("global",) * sizes["num_layers"])
+
+
+def _neox_gguf(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
+    """The file names no activation: Pythia's (and HF's default for NeoX) is the exact GELU,
+    which this reads; llama.cpp itself runs the tanh approximation on these files."""
+    rotary, head_dim = f.count("rope.dimension_count"), sizes["head_dim"]
+    if not 0 < rotary <= head_dim or rotary % 2:
+        raise ValueError(f"{f.source}: rope.dimension_count {rotary} must be even and within "
+                         f"the head dimension {head_dim}")
+    base = f.number("rope.freq_base", 10_000.0)
+    return dict(norm_eps=f.number("attention.layer_norm_epsilon", 1e-5),
+                context_length=f.count("context_length", 2048), global_rope_base=base,
+                local_rope_base=base, rotary_fraction=rotary / head_dim, mlp_activation="gelu",
+                parallel_residual=f.flag("use_parallel_residual", True),
+                attention_kinds=("global",) * sizes["num_layers"])
+
+
 FAMILIES = (
-    Family("gpt2", ("gpt2",), (), _SHARED, _gpt2, lambda f, s: {}, hf_sizes=_gpt2_sizes,
-           hf_layout=_GPT2_LAYOUT, hf_ignored=lambda name: bool(_BUFFERS.search(name))),
-    Family("gpt_neox", ("gpt_neox",), (), _SHARED, _neox, lambda f, s: {},
-           hf_layout=_NEOX_LAYOUT, hf_ignored=lambda name: bool(_BUFFERS.search(name)),
+    Family("gpt2", ("gpt2",), ("gpt2",), _SHARED, _gpt2, _gpt2_gguf, hf_sizes=_gpt2_sizes,
+           hf_layout=_GPT2_LAYOUT, gguf_layout=_GGUF_LAYOUT,
+           hf_ignored=lambda name: bool(_BUFFERS.search(name))),
+    Family("gpt_neox", ("gpt_neox",), ("gptneox",), _SHARED, _neox, _neox_gguf,
+           hf_layout=_NEOX_LAYOUT, gguf_layout=_GGUF_LAYOUT,
+           hf_ignored=lambda name: bool(_BUFFERS.search(name)),
            hf_in_memory={"lm_head.weight": "embed_out.weight"}),
 )

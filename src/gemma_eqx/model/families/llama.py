@@ -78,6 +78,11 @@ def _hf(windowed: Any) -> Any:
 
 
 def _gguf(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
+    rotary = f.count("rope.dimension_count", sizes["head_dim"])
+    if rotary != sizes["head_dim"]:
+        raise ValueError(f"{f.source}: rope.dimension_count is {rotary}, not the head "
+                         f"dimension {sizes['head_dim']}: partial rotary is not supported for "
+                         f"this family")
     base = f.number("rope.freq_base", 10_000.0)
     out = dict(norm_eps=f.number("attention.layer_norm_rms_epsilon", 1e-6),
                context_length=f.count("context_length", 2048), global_rope_base=base,
