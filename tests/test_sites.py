@@ -171,7 +171,8 @@ def test_capture_matches_the_model_and_the_site_table(family):
     # Every site of every layer is recorded, with the axes the table gives it.
     sizes = dict(batch=2, seq=SEQ, query=SEQ, key=SEQ, embed=config.embed_dim,
                  heads=config.num_heads, kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                 mlp=config.hidden_dim, vocab=config.vocab_size)
+                 mlp=config.hidden_dim, vocab=config.vocab_size,
+                 heads_x_head_dim=config.num_heads * config.head_dim)
     assert set(cache.keys()) == set(MODEL_SITES) | {
         f"blocks.{i}.{s}" for i in layers for s in LAYER_SITES}
     for key in cache.keys():
@@ -204,6 +205,15 @@ def test_capture_matches_the_model_and_the_site_table(family):
             mlp = np_rms(mlp, block.post_ffw_norm.scale, config.norm_eps)
         np.testing.assert_allclose(get("resid_mid") - get("resid_pre"), attn, atol=1e-5)
         np.testing.assert_allclose(get("resid_post") - get("resid_mid"), mlp, atol=1e-5)
+        # the sites of Gemma Scope's hook points: after the post-norms, the MLP's normed input,
+        # the output projection's input
+        np.testing.assert_allclose(get("attn_out_normed"), attn, atol=1e-5)
+        np.testing.assert_allclose(get("mlp_out_normed"), mlp, atol=1e-5)
+        np.testing.assert_allclose(
+            get("mlp_in"), np_rms(get("resid_mid"), block.pre_ffw_norm.scale, config.norm_eps),
+            atol=1e-5)
+        np.testing.assert_array_equal(get("mixed_values_flat"),
+                                      get("mixed_values").reshape(2, SEQ, -1))
         # the pattern is the softmax of the logits; each query head reads its group's k and v
         np.testing.assert_allclose(get("pattern"), np_softmax(get("attn_logits")), atol=1e-6)
         np.testing.assert_array_equal(get("k_per_head"), np.repeat(get("k"), group, axis=2))

@@ -25,7 +25,7 @@ from .analyses import (
     single_head_masks,
 )
 from .capture import ActivationCache, capture, run, run_with_records
-from .edits import ablate, apply_fn, patch, scale
+from .edits import ablate, apply_fn, patch, scale, steer
 from .examples import Example, ExampleBatch, study_examples, tokenize_examples
 from .install import (
     add_interventions,
@@ -39,6 +39,7 @@ from .interventions import (
     LAYER_SITES,
     MODEL_SITES,
     SITES,
+    Add,
     Apply,
     KnockOut,
     Linearized,
@@ -67,10 +68,11 @@ __all__ = [
     "previous_token_scores", "rank_heads", "repeated_digits", "repeated_random_tokens",
     "repetition_stats", "single_head_masks",
     "Example", "ExampleBatch", "study_examples", "tokenize_examples",
-    "LAYER_SITES", "MODEL_SITES", "SITES", "ActivationCache", "Apply", "KnockOut", "Linearized",
+    "LAYER_SITES", "MODEL_SITES", "SITES", "ActivationCache", "Add", "Apply", "KnockOut",
+    "Linearized",
     "OverridePattern", "Record", "Replace", "Rewire", "Scale", "ablate", "add_interventions",
     "apply_fn", "bos_onehot", "capture", "clear_interventions", "installed", "intervene",
-    "patch", "run", "run_with_records", "scale", "select_layers", "set_interventions",
+    "patch", "run", "run_with_records", "scale", "select_layers", "steer", "set_interventions",
     "attention_patterns", "forward_with_records", "knock_out", "knockout_mask",
     "override_attention", "record_attention", "set_knockout_mask",
 ]

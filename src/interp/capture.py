@@ -111,7 +111,7 @@ class ActivationCache(Module):
         name = self._key(key)
         if name not in self.arrays:
             site = key[0] if isinstance(key, tuple) else key
-            if SITES[site].per_layer and not isinstance(key, tuple):
+            if site_spec(site).per_layer and not isinstance(key, tuple):
                 raise KeyError(f"site {site} is recorded per layer: use cache[{site!r}, layer]")
             raise KeyError(f"{name} was not recorded; recorded: {', '.join(sorted(self.arrays))}")
         return self.arrays[name]
@@ -185,7 +185,7 @@ def capture(
     per_layer = {}
     layer_idx = select_layers(model, layers)
     for name in names:
-        spec = SITES[name]
+        spec = site_spec(name)
         # `heads` are query heads: the key/value-head sites `k` and `v` are kept whole.
         h = head_idx if spec.head_axis is not None and spec.axes[spec.head_axis] == "heads" \
             else None

@@ -18,7 +18,7 @@ from gemma_eqx.model.sites import (
 
 from .capture import ActivationCache
 from .install import add_interventions, select_layers
-from .interventions import Apply, Layers, Replace, Scale, Units, as_leaf, static_indices
+from .interventions import Add, Apply, Layers, Replace, Scale, Units, as_leaf, static_indices
 
 
 def _source_array(cache: ActivationCache, model: Transformer, site: str, layer: int | None):
@@ -114,6 +114,28 @@ def scale(
     return add_interventions(model, {i: item for i in idx})
 
 
+def steer(
+    model: Transformer,
+    site: str,
+    direction: Float[Array, ...],
+    *,
+    coefficient: float | Float[Array, ""] = 1.0,
+    layers: Layers = None,
+    heads: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+) -> Transformer:
+    """A model with `coefficient * direction` added at `site` on the selected units:
+    `direction` has the site's trailing shape (a residual direction `[embed]`; on a feature
+    site `features@...`, one value per latent, so a one-hot adds that latent's decoder row to
+    the reconstruction)."""
+    spec = site_spec(site)
+    idx = [None] if not spec.per_layer else select_layers(model, layers)
+    item = Add(spec.name, value=as_leaf(coefficient) * jnp.asarray(direction),
+               heads=static_indices(heads, "head"),
+               positions=static_indices(positions, "position"))
+    return add_interventions(model, {i: item for i in idx})
+
+
 def apply_fn(
     model: Transformer,
     site: str,
@@ -134,4 +156,4 @@ def apply_fn(
 
 
 
-__all__ = ["ablate", "apply_fn", "patch", "scale"]
+__all__ = ["ablate", "apply_fn", "patch", "scale", "steer"]

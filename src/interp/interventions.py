@@ -36,6 +36,7 @@ from gemma_eqx.model.sites import (
     SiteContext,
     SiteSpec,
     check_site_array,
+    site_spec,
     unit_weights,
 )
 
@@ -110,7 +111,7 @@ class _Selective(Intervention):
     positions: tuple[int, ...] | None = eqx.field(static=True, default=None)
 
     def amount(self, x: Array, context: SiteContext) -> Array | None:
-        spec = SITES[self.site]
+        spec = site_spec(self.site)
         amount = _selection(x, spec, self.heads, self.positions, context.layer)
         if self.weight is not None:
             w = unit_weights(self.weight, x, spec)
@@ -132,7 +133,7 @@ class Record(Intervention):
     records = True
 
     def __call__(self, x: Array, context: SiteContext) -> tuple[Array, Array]:
-        spec = SITES[self.site]
+        spec = site_spec(self.site)
         record = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.positions is not None:
             # jnp.take would fill an out-of-range position with NaN, silently.
@@ -156,7 +157,7 @@ class Replace(_Selective):
     broadcast_batch: bool = eqx.field(static=True, default=False)
 
     def __call__(self, x: Array, context: SiteContext) -> tuple[Array, None]:
-        spec = SITES[self.site]
+        spec = site_spec(self.site)
         if self.value is None:
             value = jnp.zeros_like(x)
         else:
@@ -182,7 +183,7 @@ class Scale(_Selective):
     factor: Float[Array, ""] | Units = eqx.field(default=0.0, converter=as_leaf)
 
     def __call__(self, x: Array, context: SiteContext) -> tuple[Array, None]:
-        spec = SITES[self.site]
+        spec = site_spec(self.site)
         factor = jnp.asarray(self.factor, x.dtype)
         if factor.ndim:
             factor = unit_weights(factor, x, spec)
@@ -214,6 +215,29 @@ class Apply(_Selective):
         amount = self.amount(x, context)
         new = new.astype(x.dtype)
         return (new if amount is None else (1 - amount) * x + amount * new), None
+
+
+class Add(_Selective):
+    """`x + amount * value` on the selected units: steering (a direction, `[features]` or the
+    site's trailing shape, broadcast over batch and positions) or a handle for gradients
+    (zeros of the site's full shape: `jax.grad` with respect to `value` is the gradient with
+    respect to the site)."""
+
+    value: Array = None
+
+    def __call__(self, x: Array, context: SiteContext) -> tuple[Array, None]:
+        spec = site_spec(self.site)
+        value = self.value
+        if value.ndim < x.ndim:
+            if tuple(value.shape) != tuple(x.shape[x.ndim - value.ndim:]):
+                raise ValueError(f"a value added at site {spec.name} must have the site's "
+                                 f"trailing shape {tuple(x.shape[x.ndim - value.ndim:])} or "
+                                 f"its whole shape {tuple(x.shape)}; got {tuple(value.shape)}")
+            value = jnp.broadcast_to(value, x.shape)
+        check_site_array(value, x, spec, context.layer, "a value added")
+        amount = self.amount(x, context)
+        value = value.astype(x.dtype)
+        return x + (value if amount is None else amount * value), None
 
 
 class Rewire(_Selective):
@@ -323,7 +347,7 @@ class Linearized(Module):
 
 
 __all__ = [
-    "LAYER_SITES", "MODEL_SITES", "SITES", "Apply", "KnockOut", "Layers", "Linearized",
+    "LAYER_SITES", "MODEL_SITES", "SITES", "Add", "Apply", "KnockOut", "Layers", "Linearized",
     "OverridePattern", "Record", "Replace", "Rewire", "Scale", "TokenIds", "Units",
     "bos_onehot",
 ]

@@ -29,7 +29,6 @@ from gemma_eqx.core.multihost import to_host
 from gemma_eqx.model.base import Module
 from gemma_eqx.model.modules import Transformer
 from gemma_eqx.model.sites import (
-    SITES,
     Intervention,
     SiteContext,
     check_site_array,
@@ -226,7 +225,7 @@ def _source_cache(model, source, site, layers, padding_mask):
 
 
 def _units_count(model: Transformer, site: str) -> int | None:
-    spec = SITES[site]
+    spec = site_spec(site)
     if spec.head_axis is None:
         return None
     return model.config.num_kv_heads if spec.axes[spec.head_axis] == "kv_heads" else (
@@ -336,7 +335,7 @@ def _without_effect(model, target, padding_mask, site, values, units, by_head,
     the metric: the patched value equals the target run's own (inputs that agree up to a
     position agree there on every layer), or the position comes after every position the
     metric reads (attention is causal). Their score is the target's."""
-    spec = SITES[site]
+    spec = site_spec(site)
     later = units[:, -1] > int(np.max(to_host(positions)))
     _, own = capture(model, target, sites=[site], layers=sorted(values),
                      padding_mask=padding_mask)
@@ -360,7 +359,7 @@ class _GroupReplace(Intervention):
     weight: Units
 
     def __call__(self, x: Array, context: SiteContext) -> tuple[Array, None]:
-        spec = SITES[self.site]
+        spec = site_spec(self.site)
         n = self.value.shape[0]
         check_site_array(self.value, x[:n], spec, context.layer, "a patch")
         w = unit_weights(self.weight, x, spec)

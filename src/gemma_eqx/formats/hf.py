@@ -431,6 +431,18 @@ class SafetensorsReader:
         return data.reshape(shape)
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of one `.safetensors` file (floating point), its header checked first as
+    a model directory's are (dtypes, shapes, offsets that tile the data exactly)."""
+    header = _Header(Path(path))
+    out = {}
+    with open(header.path, "rb") as f:
+        for name, (dtype, shape, begin, _) in header.tensors.items():
+            f.seek(begin)
+            out[name] = np.fromfile(f, dtype=dtype, count=math.prod(shape)).reshape(shape)
+    return out
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())

@@ -74,15 +74,17 @@ HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tok
             "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
 
-def hf_download(repo_id: str, *, revision: str | None = None) -> Path:
+def hf_download(repo_id: str, *, revision: str | None = None,
+                allow_patterns: list[str] | None = None) -> Path:
     """The repo's snapshot in the Hugging Face cache, downloaded if needed (token from
     `HF_TOKEN` or `hf auth login`); failures become one sentence that says what to do."""
     import huggingface_hub
     from huggingface_hub import errors
 
     try:
-        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
-                                                      allow_patterns=HF_FILES))
+        return Path(huggingface_hub.snapshot_download(
+            repo_id, revision=revision,
+            allow_patterns=HF_FILES if allow_patterns is None else allow_patterns))
     except errors.GatedRepoError:
         raise ModelUnavailableError(
             f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} with "

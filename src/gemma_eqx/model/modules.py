@@ -415,6 +415,8 @@ class Attention(Module):
             grouped_weights = weights.reshape(b, kv, n // kv, s, t)
             mixed = jnp.einsum("bkgst,btkh->bskgh", grouped_weights, values).reshape(b, s, n, h)
         mixed = site("mixed_values", mixed)
+        if hooks.wants("mixed_values_flat"):
+            mixed = site("mixed_values_flat", mixed.reshape(b, s, n * h)).reshape(b, s, n, h)
         w_o = self.w_o.astype(x.dtype)
         if hooks.wants("head_out"):
             out = site("head_out", jnp.einsum("bsnh,nhd->bsnd", mixed, w_o)).sum(axis=2)
@@ -523,11 +525,12 @@ class Block(Module):
         )
         if self.post_attention_norm is not None:
             attended = self.post_attention_norm(attended)
+        attended = site("attn_out_normed", attended)
         # A parallel block (GPT-NeoX) adds both updates to its input: `resid_mid` is still the
         # stream after attention, but the MLP reads `resid_pre`.
         mlp_input = x
         x = site("resid_mid", x + attended)
-        normed = self.pre_ffw_norm(mlp_input if self.parallel else x)
+        normed = site("mlp_in", self.pre_ffw_norm(mlp_input if self.parallel else x))
         if hooks.wants("mlp_hidden"):
             if not isinstance(self.mlp, MLP):
                 raise ValueError(f"site mlp_hidden of layer {layer}: the MLP was replaced by "
@@ -538,6 +541,7 @@ class Block(Module):
         update = site("mlp_out", update)
         if self.post_ffw_norm is not None:
             update = self.post_ffw_norm(update)
+        update = site("mlp_out_normed", update)
         return site("resid_post", x + update), cache
 
 

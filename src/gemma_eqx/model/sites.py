@@ -28,17 +28,29 @@ brackets):
                                               whatever an intervention does) [attn_scores]
     pattern       batch heads query key       weights after the softmax [pattern]
     mixed_values  batch seq heads head_dim    each head's pattern-weighted values [z]
+    mixed_values_flat batch seq heads_x_head_dim  the same, heads side by side: the input of
+                                              the output projection (Gemma Scope's
+                                              `attn_out` hook point)
     head_out      batch seq heads embed       each head's output `mixed_values[h] @ w_o[h]`;
                                               sums over heads to attn_out (less the output
                                               bias of GPT-2 and NeoX, no head's) [result]
     attn_out      batch seq embed             attention output, before the post-attention
-                                              norm of Gemma 2 and 3 [attn_out]
+                                              norm of Gemma 2 and 3 [attn_out, where a
+                                              model has no post-norm]
+    attn_out_normed batch seq embed           attention output after the post-attention norm
+                                              (Gemma 2, 3; attn_out elsewhere) [attn_out]
     resid_mid     batch seq embed             stream after attention (the MLP's input in
                                               a sequential block; a parallel one, NeoX's,
                                               feeds the MLP resid_pre) [resid_mid]
+    mlp_in        batch seq embed             the MLP's input after its pre-norm (Gemma
+                                              Scope's transcoder input) [ln2.hook_normalized]
     mlp_hidden    batch seq mlp               act(gate) * up, or act(x W_in + b_in) in a
                                               plain MLP (GPT-2, NeoX) [mlp.hook_post]
-    mlp_out       batch seq embed             MLP output, before the post-MLP norm [mlp_out]
+    mlp_out       batch seq embed             MLP output, before the post-MLP norm [mlp_out,
+                                              where a model has no post-norm]
+    mlp_out_normed batch seq embed            MLP output after the post-MLP norm (Gemma 2,
+                                              3; mlp_out elsewhere): Gemma Scope's `mlp_out`
+                                              and transcoder output [mlp_out]
     resid_post    batch seq embed             stream leaving the block [resid_post]
 
 Sites of the whole model: `embed` (`batch seq embed`: the token embeddings, scaled in Gemma,
@@ -47,6 +59,10 @@ plus the learned positions in GPT-2: the stream entering block 0), `final_norm_i
 soft-cap). With `logits_at`, these three have the selected
 positions in place of `seq`. In generation with a cache, `k`, `v` are the new tokens' keys and
 values and `k_per_head`, `v_per_head`, `attn_logits`, `pattern` span the whole cache (`key`).
+
+A sparse dictionary spliced into a layer (`interp.features`) adds the site of its feature
+activations, `features@<site it reads>` (`batch seq latents`), on that layer: every
+intervention acts on it as on the model's own sites.
 
 Every site has *units*: `[batch, seq]` for stream sites and `[batch, seq, heads]` for head sites
 (`seq` is the query axis of `attn_logits` and `pattern`, the key axis of `k_per_head` and
@@ -106,13 +122,20 @@ SITES: dict[str, SiteSpec] = {
               "attention scores after soft-cap and mask"),
         _spec("pattern", "batch heads query key", True, "attention weights after the softmax"),
         _spec("mixed_values", "batch seq heads head_dim", True, "pattern-weighted values"),
+        _spec("mixed_values_flat", "batch seq heads_x_head_dim", True,
+              "pattern-weighted values, heads side by side: the output projection's input"),
         _spec("head_out", "batch seq heads embed", True, "each head's output"),
         _spec("attn_out", "batch seq embed", True, "attention output before the post-norm"),
+        _spec("attn_out_normed", "batch seq embed", True,
+              "attention output after the post-norm (attn_out without one)"),
         _spec("resid_mid", "batch seq embed", True,
               "residual stream after attention (a parallel block's MLP reads resid_pre)"),
+        _spec("mlp_in", "batch seq embed", True, "the MLP's input after its pre-norm"),
         _spec("mlp_hidden", "batch seq mlp", True,
               "act(gate) * up, or act(x W_in + b_in) in a plain MLP"),
         _spec("mlp_out", "batch seq embed", True, "MLP output before the post-norm"),
+        _spec("mlp_out_normed", "batch seq embed", True,
+              "MLP output after the post-norm (mlp_out without one)"),
         _spec("resid_post", "batch seq embed", True, "residual stream leaving the block"),
         _spec("final_norm_in", "batch seq embed", False, "input of the final norm"),
         _spec("final_norm_out", "batch seq embed", False, "output of the final norm"),
@@ -123,11 +146,31 @@ LAYER_SITES = tuple(name for name, s in SITES.items() if s.per_layer)
 MODEL_SITES = tuple(name for name, s in SITES.items() if not s.per_layer)
 
 
+FEATURES_PREFIX = "features@"
+# Where a dictionary may read and write: a layer's sites of one vector per token.
+STREAM_SITES = tuple(n for n in LAYER_SITES if SITES[n].axes[:2] == ("batch", "seq")
+                     and len(SITES[n].axes) == 3)
+
+
+def feature_site(site: str) -> str:
+    """The name of the feature activations of a dictionary that reads `site`."""
+    if site not in STREAM_SITES:
+        raise ValueError(f"a dictionary reads one vector per token: site {site!r} is not one of "
+                         f"{', '.join(STREAM_SITES)}")
+    return FEATURES_PREFIX + site
+
+
 def site_spec(name: str) -> SiteSpec:
-    """The spec of site `name`; an unknown name is an error that lists the valid ones."""
-    if not isinstance(name, str) or name not in SITES:
-        raise ValueError(f"unknown site {name!r}; valid sites are: {', '.join(SITES)}")
-    return SITES[name]
+    """The spec of site `name` (a model site, or `features@<site>`); an unknown name is an
+    error that lists the valid ones."""
+    if isinstance(name, str) and name in SITES:
+        return SITES[name]
+    if isinstance(name, str) and name.startswith(FEATURES_PREFIX) and \
+            name[len(FEATURES_PREFIX):] in STREAM_SITES:
+        return _spec(name, "batch seq latents", True, "a spliced dictionary's feature "
+                     "activations")
+    raise ValueError(f"unknown site {name!r}; valid sites are: {', '.join(SITES)}, and "
+                     f"{FEATURES_PREFIX}<site> where a dictionary is spliced")
 
 
 def site_key(site: str, layer: int | None) -> str:
@@ -155,8 +198,16 @@ class Intervention(Module):
     site: str = eqx.field(static=True)
 
     records = False
+    # True for an intervention that runs interventions of its own sites (a spliced dictionary
+    # runs those on its features) or passes arrays to a later one (a transcoder's input):
+    # it is called as `nested(x, context, hooks, records)`.
+    nests = False
 
     def __call__(self, x: Array, context: SiteContext) -> tuple[Array, Any]:
+        raise NotImplementedError
+
+    def nested(self, x: Array, context: SiteContext, hooks: SiteHooks,
+               records: dict[str, Any]) -> tuple[Array, Any]:
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -181,7 +232,10 @@ class SiteHooks(Module):
         for intervention in self.interventions:
             if intervention.site != site:
                 continue
-            x, record = intervention(x, context)
+            if intervention.nests:
+                x, record = intervention.nested(x, context, self, records)
+            else:
+                x, record = intervention(x, context)
             if record is not None:
                 if key in records:
                     raise ValueError(f"two interventions record site {key}; keep one")
@@ -224,6 +278,7 @@ def check_site_array(value: Any, x: Array, spec: SiteSpec, layer: int | None, wh
 
 
 __all__ = [
-    "LAYER_SITES", "MODEL_SITES", "SITES", "Intervention", "SiteContext", "SiteHooks",
-    "SiteSpec", "check_site_array", "site_key", "site_spec", "unit_weights",
+    "FEATURES_PREFIX", "LAYER_SITES", "MODEL_SITES", "SITES", "STREAM_SITES", "Intervention",
+    "SiteContext", "SiteHooks", "SiteSpec", "check_site_array", "feature_site", "site_key",
+    "site_spec", "unit_weights",
 ]

@@ -44,7 +44,8 @@ class ShardingRules:
 
 
 DEFAULT_RULES = ShardingRules(
-    axes=(("vocab", "model"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"))
+    axes=(("vocab", "model"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"),
+          ("latents", "model"))  # a sparse dictionary's width (interp.features)
 )
 LAST_AXIS_RULES = ShardingRules(last_axis="model")
 
