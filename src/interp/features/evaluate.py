@@ -29,7 +29,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array
 
 from gemma_eqx.model.modules import Transformer
 
@@ -159,13 +159,13 @@ class ReconstructionStats:
 def evaluate(
     model: Transformer,
     dictionary: SparseDictionary,
-    batches: Iterable[Int[Array, "batch seq"] | tuple[Any, Bool[Array, "batch seq"]]],
+    batches: Iterable[Any],
     *,
     ignore_tokens: Sequence[int] = (),
 ) -> DictionaryMetrics:
-    """`dictionary` on `model` over `batches` of token ids (or `(tokens, padding_mask)`
-    pairs): the metrics of the module docstring, with the tokens of `ignore_tokens` left out
-    (pass the BOS and padding ids, as SAELens' evaluation does)."""
+    """`dictionary` on `model` over `batches` of token ids `[batch, seq]` (or `(tokens,
+    padding_mask)` pairs; numpy or jax): the metrics of the module docstring, with the tokens
+    of `ignore_tokens` left out (pass the BOS and padding ids, as SAELens' evaluation does)."""
     check_fits(model, dictionary)
     reads, writes = dictionary.reads, dictionary.writes
     recorded = add_interventions(model, {reads.layer: Record(reads.site)})
