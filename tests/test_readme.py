@@ -68,6 +68,28 @@ def _tiny_qwen3_directory(directory: Path) -> Path:
     return directory
 
 
+def _gemma_scope_2_stand_in(root):
+    """Gemma Scope 2's folder of the README's example, in its layout, with a narrower random
+    dictionary for the real 270M (512 latents, not 16k: the same code, less to write)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = root / "resid_post" / "layer_6_width_16k_l0_medium"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    save_file({"w_enc": (rng.normal(size=(640, 512)) * 640 ** -0.5).astype(np.float32),
+               "b_enc": np.zeros(512, np.float32),
+               "w_dec": (rng.normal(size=(512, 640)) * 0.1).astype(np.float32),
+               "b_dec": np.zeros(640, np.float32), "threshold": np.full(512, 1.0, np.float32)},
+              str(folder / "params.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "jump_relu", "model_name": "gemma-v3-270m-pt",
+        "hf_hook_point_in": "model.layers.6.output"}))
+    return root
+
+
 def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_path,
                                                  monkeypatch, study_shared_with_callers):
     import jax
@@ -90,9 +112,10 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
         shutil.copy(tokenizer_file, directory / "tokenizer.model")
         stand_ins[preset] = directory
     stand_ins["qwen3"] = _tiny_qwen3_directory(tmp_path / "qwen3-dir")
+    stand_ins["google/gemma-scope-2-270m-pt"] = _gemma_scope_2_stand_in(tmp_path / "scope")
     monkeypatch.setattr(hub, "kaggle_download",
                         lambda handle: stand_ins["gemma-7b"])
-    monkeypatch.setattr(hub, "hf_download", lambda repo: stand_ins[repo])
+    monkeypatch.setattr(hub, "hf_download", lambda repo, **kwargs: stand_ins[repo])
     monkeypatch.setenv("XLA_FLAGS", "")  # what tune_cpu_flags() adds is dropped afterwards
     monkeypatch.chdir(tmp_path)
     paths = {"/path/to/7b": str(stand_ins["gemma-7b"] / "gemma-7b"),
@@ -121,6 +144,8 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
         print(f"README.md block at line {line}: {time.perf_counter() - start:.1f} s")
     assert (tmp_path / "induction-report" / "report.html").is_file()
     assert namespace["sweep"].normalized.shape == (18, 4)
+    assert namespace["acts"].shape == (*namespace["tokens"].shape, 512)  # features@resid_post
+    assert namespace["grads"]["blocks.6.features@resid_post"].shape == namespace["acts"].shape
     assert isinstance(namespace["texts"][0], str)
 
 

@@ -10,8 +10,11 @@ from .dictionary import (
     activate,
     shard_dictionary,
 )
+from .evaluate import DictionaryMetrics, evaluate
+from .load import load_dictionary, load_gemma_scope_1, load_gemma_scope_2, load_saelens
 from .splice import check_fits, feature_gradients, feature_sites, splice, spliced
 
-__all__ = ["ACTIVATIONS", "CrossLayerTranscoder", "HookPoint", "SparseDictionary", "activate",
-           "check_fits", "feature_gradients", "feature_sites", "shard_dictionary", "splice",
-           "spliced"]
+__all__ = ["ACTIVATIONS", "CrossLayerTranscoder", "DictionaryMetrics", "HookPoint",
+           "SparseDictionary", "activate", "check_fits", "evaluate", "feature_gradients",
+           "feature_sites", "load_dictionary", "load_gemma_scope_1", "load_gemma_scope_2",
+           "load_saelens", "shard_dictionary", "splice", "spliced"]

@@ -298,15 +298,16 @@ def feature_sites(model: Transformer) -> list[tuple[str, int]]:
 
 def feature_gradients(
     model: Transformer,
-    tokens: Array,
+    tokens: Any,
     metric: Any,
     sites: Sequence[tuple[str, int]] | None = None,
-    padding_mask: Array | None = None,
+    padding_mask: Any = None,
 ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
     """`(metric, {key: features}, {key: d metric / d features})` at every feature site of
     the spliced `model` (or at `sites`, `(feature site, layer)` pairs), keyed like records
-    (`blocks.3.features@resid_post`). `metric` is an `interp.patching.Metric` (one number per
-    batch row, summed here); the features are `[batch, seq, latents]`."""
+    (`blocks.3.features@resid_post`). `tokens` `[batch, seq]` (numpy or jax); `metric` is an
+    `interp.patching.Metric` (one number per batch row, summed here); the features are
+    `[batch, seq, latents]`."""
     from ..capture import run_with_records
     from ..interventions import Add, Record
 
