@@ -51,6 +51,7 @@ EXPECTED_POINTS = {
     "gemma-scope-2-sae": ("resid_post", 2, "resid_post", 2),
     "gemma-scope-2-transcoder": ("mlp_in", 1, "mlp_out_normed", 1),
     "gemma-scope-1-res": ("resid_post", 1, "resid_post", 1),
+    "gemma-scope-1-transcoder": ("mlp_in", 1, "mlp_out_normed", 1),
 }
 
 
@@ -212,14 +213,11 @@ def test_features_are_sites_patched_as_numpy_says(model, tokens):
     np.testing.assert_allclose(f, np.where(pre > np.asarray(d.threshold), pre, 0), rtol=1e-5,
                                atol=1e-5)
     donor = np.broadcast_to(f[1:2], f.shape).copy()
-    weight = np.zeros(f.shape[:2], np.float32)
-    weight[0] = 1  # row 0 only
-    latents = np.zeros(f.shape[-1], bool)
-    latents[:10] = True
-    patched_features = np.where(latents & (weight[..., None] > 0), donor, f)
-    value = np.where(latents, donor, f)
+    weight = np.zeros(f.shape, np.float32)  # per unit: [batch, seq, latents]
+    weight[0, :, :10] = 1  # row 0, latents 0-9
+    patched_features = np.where(weight > 0, donor, f)
     edited = interp.add_interventions(spliced, {1: interp.Replace(
-        site, value=jnp.asarray(value), weight=jnp.asarray(weight))})
+        site, value=jnp.asarray(donor), weight=jnp.asarray(weight))})
     _, after = interp.capture(edited, tokens, sites=["resid_post"], layers=[1])
     expected = x + (patched_features - f) @ np.asarray(d.w_dec)
     np.testing.assert_allclose(np.asarray(after["resid_post", 1]), expected, rtol=1e-5,
@@ -242,6 +240,31 @@ def test_steering_a_latent_adds_its_decoder_row(model, tokens):
     expected = np.zeros_like(delta)
     expected[:, 4] = 3.0 * np.asarray(d.w_dec[7])
     np.testing.assert_allclose(delta, expected, atol=1e-5)
+
+
+def test_latents_are_the_units_of_a_feature_site(model, tokens):
+    """Zero-ablating chosen latents (`heads=`, and per-unit weights `[batch, seq, latents]`)
+    removes exactly their decoder rows from the site, against numpy."""
+    point = HookPoint("resid_post", 1)
+    d = _dictionary(model, point, point)
+    spliced = splice(model, d)
+    site = feature_site("resid_post")
+    _, clean = interp.capture(spliced, tokens, sites=["resid_post", site], layers=[1])
+    acts = np.asarray(clean[site, 1], np.float64)
+    w_dec = np.asarray(d.w_dec, np.float64)
+    chosen = [int(i) for i in np.argsort(-(acts != 0).sum(axis=(0, 1)))[:3]]
+    expected = np.asarray(clean["resid_post", 1], np.float64) - acts[..., chosen] @ w_dec[chosen]
+    by_index = interp.ablate(spliced, site, layers=[1], heads=chosen)
+    weights = np.ones((*tokens.shape, d.width), np.float32)
+    weights[..., chosen] = 0
+    by_weight = interp.scale(spliced, site, jnp.asarray(weights), layers=[1])
+    for ablated in (by_index, by_weight):
+        _, after = interp.capture(ablated, tokens, sites=["resid_post"], layers=[1])
+        # float32 sums of ~40 terms of size ~1: a few ulps of the stream's scale
+        np.testing.assert_allclose(np.asarray(after["resid_post", 1]), expected, atol=2e-5)
+    with pytest.raises(ValueError, match="head 40 is out of range for site features@resid_post "
+                       "with 40 latents"):
+        interp.run(interp.ablate(spliced, site, layers=[1], heads=[40]), tokens)
 
 
 def test_feature_gradients_match_finite_differences(model, tokens):

@@ -33,6 +33,17 @@ def add_induction_command(commands: Any) -> None:
     cmd.add_argument("--residual-stride", type=int, default=3, metavar="N",
                      help="patch the residual stream at every N-th layer and the last "
                      "(1: every layer; each layer costs one forward per position)")
+    cmd.add_argument("--dictionary", default=None, metavar="SOURCE",
+                     help="adds experiment 8: an SAE (a local Gemma Scope 1/2 or SAELens folder, "
+                     "or a Hugging Face repo id with --dictionary-folder) spliced into the model; "
+                     "which of its latents fire on the second occurrence of a repeated digit, "
+                     "and what ablating them costs")
+    cmd.add_argument("--dictionary-folder", default=None, metavar="FOLDER",
+                     help="the folder inside the --dictionary repo; '{layer}' in it is replaced "
+                     "by the top induction head's layer (e.g. "
+                     "'attn_out/layer_{layer}_width_16k_l0_small')")
+    cmd.add_argument("--latents", type=int, default=10, metavar="N",
+                     help="how many latents experiment 8 ranks and ablates")
     cmd.add_argument("--out", default="induction-report", metavar="DIR",
                      help="the report's directory (created; the program's own files replaced)")
     cmd.add_argument("--distributed", action="store_true",
@@ -87,6 +98,25 @@ def _enable_compilation_cache() -> None:
     enable_compilation_cache(Path(chosen or cache_dir() / "xla"))
 
 
+def _check_dictionary_options(args: argparse.Namespace) -> bool:
+    """Whether --dictionary-folder is a template (holds '{layer}'); its errors before any work."""
+    import string
+
+    folder = args.dictionary_folder
+    if folder is None:
+        return False
+    if args.dictionary is None:
+        raise ValueError("--dictionary-folder needs --dictionary (the repo id it is inside)")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(folder) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"--dictionary-folder {folder!r}: {e}") from None
+    if fields - {"layer"}:
+        raise ValueError(f"--dictionary-folder {folder!r}: only '{{layer}}' is replaced; got "
+                         f"{', '.join(sorted('{' + f + '}' for f in fields - {'layer'}))}")
+    return "layer" in fields
+
+
 def run_induction(args: argparse.Namespace) -> int:
     from gemma_eqx.cli import check_seed
     from gemma_eqx.core.checks import check_length
@@ -103,10 +133,12 @@ def run_induction(args: argparse.Namespace) -> int:
         check_digits(args.text, 1 << 30, name="--text")
     for option, value, least in (("--period", args.period, 2), ("--top", args.top, 1),
                                  ("--strings", args.strings, 1),
-                                 ("--residual-stride", args.residual_stride, 1)):
+                                 ("--residual-stride", args.residual_stride, 1),
+                                 ("--latents", args.latents, 1)):
         if value < least:
             raise ValueError(f"{option} must be >= {least}; got {value}")
     check_seed(args.seed)
+    template = _check_dictionary_options(args)
     out = Path(args.out)
     _check_out(out)
     _enable_compilation_cache()
@@ -118,10 +150,26 @@ def run_induction(args: argparse.Namespace) -> int:
     else:
         check_length(1 + 2 * args.period, model.config.context_length,
                      f"--period {args.period} (BOS and two repetitions)")
+    dictionary = None
+    if args.dictionary is not None:
+        from .features import load_dictionary
+
+        def load_at(layer: int) -> Any:
+            say(f"loading the dictionary {args.dictionary} "
+                f"{args.dictionary_folder.format(layer=layer)}")
+            return load_dictionary(args.dictionary, args.dictionary_folder.format(layer=layer))
+
+        if args.dictionary_folder is None:
+            say(f"loading the dictionary {args.dictionary}")
+            dictionary = load_dictionary(args.dictionary)
+        elif template:
+            dictionary = load_at  # loaded once the top induction head's layer is known
+        else:
+            dictionary = load_at(0)  # loaded and checked before the study's work
     result = run_study(
         model, tokenizer, digits=args.text, period=args.period, seed=args.seed, top=args.top,
         strings=args.strings, model_name=os.fspath(args.model), progress=say,
-        residual_stride=args.residual_stride,
+        residual_stride=args.residual_stride, dictionary=dictionary, latents=args.latents,
     )
     say("writing the report")
     path = write_report(result, out)  # by process 0 alone in a multi-process cluster
@@ -146,6 +194,11 @@ def run_induction(args: argparse.Namespace) -> int:
     print("  patched between inputs (argmax = the digit copied under the patch, vs unpatched): "
           + ", ".join(f"{p.name} {p.copy_accuracy:.2f} vs {p.baseline_copy_accuracy:.2f}"
                       for p in result.counterfactual.patches))
+    if result.features is not None:
+        f = result.features
+        print(f"  features ({f.site} of layer {f.layer}): latents " + ", ".join(
+            str(x.latent) for x in f.latents[:5]) + f"; all {len(f.latents)} ablated: log-prob "
+            f"{f.baseline_logprob:.2f} -> {f.all_ablated_logprob:.2f}")
     print(f"  report: {path / 'report.html'}  ({time.perf_counter() - start:.1f}s in all)")
     return 0
 

@@ -48,7 +48,9 @@ def _check_intervention(model: Transformer, intervention: Intervention) -> SiteS
         raise TypeError(f"expected an Intervention; got {type(intervention).__name__}")
     spec = site_spec(intervention.site)
     heads = getattr(intervention, "heads", None)
-    if isinstance(heads, tuple) and spec.head_axis is not None:
+    # A feature site's width is the dictionary's: its latents are checked when the site runs.
+    if isinstance(heads, tuple) and spec.head_axis is not None and \
+            spec.axes[spec.head_axis] != "latents":
         size = (model.config.num_kv_heads if spec.axes[spec.head_axis] == "kv_heads"
                 else model.config.num_heads)
         for h in heads:

@@ -272,6 +272,8 @@ def activation_patching(
         raise ValueError(f"the source was recorded on inputs of shape {cache.input_shape}; the "
                          f"target has shape {tuple(target.shape)}")
     heads = _units_count(model, site)
+    if heads is not None and spec.axes[spec.head_axis] == "latents":
+        heads = cache[site, layer_idx[0]].shape[spec.head_axis]
     span = seq if spec.seq_axis is not None else 1
     axes: tuple[str, ...] = ("layer",)
     grid: list[tuple[int, ...]] = [(layer,) for layer in layer_idx]

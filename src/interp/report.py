@@ -214,6 +214,36 @@ def counterfactual_rows(result: StudyResult) -> list[list[str]]:
             for p in result.counterfactual.patches]
 
 
+def feature_rows(result: StudyResult) -> list[list[str]]:
+    """Experiment 8: per latent, mean activation first / second occurrence, how often it fires
+    there, and the metric with it ablated."""
+    if result.features is None:
+        return []
+    return [[str(f.latent), f"{f.first:.3f}", f"{f.second:.3f}", f"{f.fires_first:.2f}",
+             f"{f.fires_second:.2f}", f"{f.ablated_logprob:.3f}", f"{f.ablated_accuracy:.2f}"]
+            for f in result.features.latents]
+
+
+def _features_html(result: StudyResult) -> str:
+    f = result.features
+    if f is None:
+        return ""
+    at_heads = ("at a layer of the critical heads" if f.layer in f.head_layers else
+                f"not at a layer of the critical heads ({', '.join(map(str, f.head_layers))})")
+    return f"""<h2>8. Features of a sparse dictionary</h2>
+<p><code>{html.escape(f.dictionary)}</code> ({f.width} latents) spliced with its error term at
+<code>{html.escape(f.site)}</code> of layer {f.layer}, {at_heads}. Its latents ranked by mean
+activation on the second occurrence of the digits (positions P+1..2P) minus that on their
+first (1..P), over all strings; each zero-ablated at every position (the rest of the model and
+the error term unchanged), then all of them. Mean log-prob of the correct digit over the second
+repetition: <b>{f.baseline_logprob:.3f}</b> as is (accuracy {f.baseline_accuracy:.2f}),
+<b>{f.all_ablated_logprob:.3f}</b> with all {len(f.latents)} ablated (accuracy
+{f.all_ablated_accuracy:.2f}).</p>
+{_table(["latent", "mean, first", "mean, second", "fires, first", "fires, second",
+         "log-prob ablated", "accuracy ablated"], feature_rows(result))}
+"""
+
+
 def summary_rows(result: StudyResult) -> list[list[str]]:
     """Per example: accuracy original / top heads knocked out / control knocked out."""
     return [[row.name, f"{row.original.accuracy:.2f}", f"{row.knocked.accuracy:.2f}",
@@ -312,7 +342,7 @@ A's digits over the second repetition, is {result.patching.clean:.2f} clean and
 {result.patching.corrupted:.2f} corrupted. Residual stream at layers
 {", ".join(map(str, result.patching.residual_layers))}.</p>
 {img("patching.png")}
-<h2>Timings</h2>
+{_features_html(result)}<h2>Timings</h2>
 {_table(["step", "seconds", "programs compiled", "from the compile cache", "compile seconds"],
         [[k, f"{v:.1f}", *_compiled(result.compilation.get(k))]
          for k, v in result.timings.items()])}

@@ -9,7 +9,7 @@ Run from the repository root: python tests/data/make_kaggle_fixtures.py
 import jax
 
 import gemma_eqx
-from gemma_eqx.checkpoint import save_checkpoint
+from gemma_eqx.formats.kaggle import save_checkpoint
 
 PRESETS = ("gemma-7b", "gemma2-2b", "gemma3-1b")  # fused qkv; q + kv; q + kv, QK-norm, (2, F, D)
 

@@ -117,10 +117,11 @@ def gemma_scope_2(name, rng, monkey):
     return sae, folder
 
 
-def gemma_scope_1(rng, monkey):
+def gemma_scope_1(rng, monkey, kind="res"):
     """A `params.npz` under a path naming its repository, loaded by SAELens'
-    `gemma_2_sae_huggingface_loader` (sizes overridden: the real ones are 2304 x 16k)."""
-    repo = OUT / "gemma-scope-1" / "gemma-scope-2b-pt-res"
+    `gemma_2_sae_huggingface_loader` (`kind` "res") or `gemma_2_transcoder_huggingface_loader`
+    ("transcoders"; sizes overridden: the real ones are 2304 x 16k)."""
+    repo = OUT / "gemma-scope-1" / f"gemma-scope-2b-pt-{kind}"
     folder_name = "layer_1/width_16k/average_l0_5"
     shutil.rmtree(repo, ignore_errors=True)
     (repo / folder_name).mkdir(parents=True)
@@ -128,9 +129,14 @@ def gemma_scope_1(rng, monkey):
     np.savez(repo / folder_name / "params.npz", W_enc=w["W_enc"], W_dec=w["W_dec"],
              b_enc=w["b_enc"], b_dec=w["b_dec"], threshold=w["threshold"])
     monkey(repo)
-    cfg, state, _ = loaders.gemma_2_sae_huggingface_loader(
-        "google/gemma-scope-2b-pt-res", folder_name, cfg_overrides={"d_in": D_IN,
-                                                                    "d_sae": WIDTH})
+    sizes = {"d_in": D_IN, "d_sae": WIDTH}
+    if kind == "transcoders":
+        sizes["d_out"] = D_IN
+        cfg, state, _ = loaders.gemma_2_transcoder_huggingface_loader(
+            "google/gemma-scope-2b-pt-transcoders", folder_name, cfg_overrides=sizes)
+    else:
+        cfg, state, _ = loaders.gemma_2_sae_huggingface_loader(
+            "google/gemma-scope-2b-pt-res", folder_name, cfg_overrides=sizes)
     cfg = handle_config_defaulting(cfg)  # as SAE.from_pretrained does
     sae = SAE.get_sae_class_for_architecture(cfg["architecture"])(
         SAE.get_sae_config_class_for_architecture(cfg["architecture"]).from_dict(cfg))
@@ -200,6 +206,9 @@ def main():
     cases += [(name, *gemma_scope_2(name, rng, monkey)) for name in
               ("gemma-scope-2-sae", "gemma-scope-2-transcoder")]
     cases.append(("gemma-scope-1-res", *gemma_scope_1(rng, monkey)))
+    # Added later, with its own random stream so the earlier cases' arrays stay as they were.
+    cases.append(("gemma-scope-1-transcoder",
+                  *gemma_scope_1(np.random.default_rng(1), monkey, "transcoders")))
     loaders.hf_hub_download = real_download
     tokens = rng.integers(1, 50, size=(BATCHES, BATCH, SEQ))
     tokens[:, :, 0] = BOS

@@ -62,7 +62,8 @@ values and `k_per_head`, `v_per_head`, `attn_logits`, `pattern` span the whole c
 
 A sparse dictionary spliced into a layer (`interp.features`) adds the site of its feature
 activations, `features@<site it reads>` (`batch seq latents`), on that layer: every
-intervention acts on it as on the model's own sites.
+intervention acts on it as on the model's own sites, its latents taking the place of heads
+(`heads=` selects latents; per-unit weights are `[batch, seq, latents]`).
 
 Every site has *units*: `[batch, seq]` for stream sites and `[batch, seq, heads]` for head sites
 (`seq` is the query axis of `attn_logits` and `pattern`, the key axis of `k_per_head` and
@@ -102,7 +103,8 @@ class SiteSpec:
 def _spec(name: str, axes: str, per_layer: bool, doc: str) -> SiteSpec:
     names = tuple(axes.split())
     seq = next(i for i, a in enumerate(names) if a in ("seq", "query", "key"))
-    head = next((i for i, a in enumerate(names) if a in ("heads", "kv_heads")), None)
+    # A feature site's latents are its units as a head site's heads are.
+    head = next((i for i, a in enumerate(names) if a in ("heads", "kv_heads", "latents")), None)
     return SiteSpec(name, names, seq, head, per_layer, doc)
 
 

@@ -1,8 +1,8 @@
 """Feature dashboards as the field draws them (SAEDashboard, Neuronpedia): for each latent its
 top-activating contexts with the activating token marked, the histogram of its nonzero
 activations, its density, and the tokens its decoder direction most raises and lowers when
-read straight through the unembedding. Written as one self-contained `dashboard.html` (no
-network) and `dashboard.json` beside it.
+read straight through the final norm's gain and the unembedding (`effects.logit_weights`).
+Written as one self-contained `dashboard.html` (no network) and `dashboard.json` beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from gemma_eqx.model.modules import Transformer
 from ..install import add_interventions
 from ..interventions import Record
 from .dictionary import SparseDictionary
+from .effects import logit_weights
 from .splice import check_fits
 
 CONTEXT = 8  # tokens shown on each side of the activating one
@@ -48,19 +49,6 @@ class LatentCard:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def stream_direction(model: Transformer, dictionary: SparseDictionary) -> np.ndarray | None:
-    """`[latents, embed]`: what each latent's decoder row adds to the residual stream (through
-    the attention output projection for a dictionary on `mixed_values_flat`), or None where
-    the dictionary does not write the stream directly (`mlp_in`, `mlp_hidden`)."""
-    site, w_dec = dictionary.writes.site, np.asarray(dictionary.w_dec, np.float32)
-    if site == "mixed_values_flat":
-        w_o = np.asarray(model.blocks[dictionary.writes.layer].attn.w_o, np.float32)
-        return w_dec @ w_o.reshape(-1, w_o.shape[-1])
-    if site in ("mlp_in", "mlp_hidden"):
-        return None
-    return w_dec
 
 
 @eqx.filter_jit
@@ -105,11 +93,9 @@ def build_cards(model: Transformer, tokenizer: Any, dictionary: SparseDictionary
                     best[j].append((float(a[row, pos]), base + int(row), int(pos)))
             best[j] = sorted(best[j], reverse=True)[:top]
     all_windows = np.concatenate(windows) if windows else np.zeros((0, 0), np.int32)
-    direction = stream_direction(model, dictionary)
     effects = None
-    if direction is not None:
-        table = np.asarray(model.embedder.output_table, np.float32)
-        effects = direction[latents] @ table.T
+    if dictionary.writes.site not in ("mlp_in", "mlp_hidden"):  # else no direct effect
+        effects = logit_weights(model, dictionary, latents)
     piece = lambda ids: tokenizer.decode([int(t) for t in ids])  # noqa: E731
     cards = []
     for j, latent in enumerate(latents):
@@ -185,4 +171,4 @@ def write_dashboard(cards: Sequence[LatentCard], out: str | Path, *, title: str)
     return page
 
 
-__all__ = ["LatentCard", "build_cards", "stream_direction", "write_dashboard"]
+__all__ = ["LatentCard", "build_cards", "write_dashboard"]

@@ -52,7 +52,12 @@ TL_HOOKS = {
 _TL_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 # Gemma Scope 1 repositories end in -res, -att or -mlp (and transcoders in -transcoders).
-_SCOPE1_SITES = {"res": "resid_post", "att": "mixed_values_flat", "mlp": "mlp_out_normed"}
+# Gemma Scope 1's repositories by suffix: (site read, site written). Its transcoders read the
+# MLP's normed input and write the MLP's output after the post-MLP norm, as Gemma Scope 2's do.
+_SCOPE1_SITES = {"res": ("resid_post", "resid_post"),
+                 "att": ("mixed_values_flat", "mixed_values_flat"),
+                 "mlp": ("mlp_out_normed", "mlp_out_normed"),
+                 "transcoders": ("mlp_in", "mlp_out_normed")}
 
 
 def hook_from_hf(point: Any, source: str, field: str) -> HookPoint:
@@ -177,20 +182,24 @@ def load_gemma_scope_2(folder: str | os.PathLike, *, dtype: Any = jnp.float32
 
 def load_gemma_scope_1(path: str | os.PathLike, *, site: str | None = None,
                        layer: int | None = None, dtype: Any = jnp.float32) -> SparseDictionary:
-    """A Gemma Scope 1 `params.npz` (or its folder). Its site comes from the repository's name
-    in the path (`gemma-scope-2b-pt-res` / `-att` / `-mlp`) unless `site` is given, its layer
-    from a `layer_<L>` folder unless `layer` is."""
+    """A Gemma Scope 1 `params.npz` (or its folder): an SAE, or a transcoder (reads `mlp_in`,
+    writes `mlp_out_normed`). Its kind comes from the repository's name in the path
+    (`gemma-scope-2b-pt-res` / `-att` / `-mlp` / `-transcoders`) unless `site` (an SAE's site)
+    is given, its layer from a `layer_<L>` folder unless `layer` is."""
     path = Path(path)
     params = path / "params.npz" if path.is_dir() else path
     if not params.is_file():
         raise ValueError(f"{path}: a Gemma Scope 1 dictionary is a params.npz file; none here")
     text = str(params.resolve())
     if site is None:
-        kind = re.search(r"gemma-scope-[\w.-]+?-(res|att|mlp)(?:[-/]|$)", text)
+        kind = re.search(r"gemma-scope-[\w.-]+?-(res|att|mlp|transcoders)(?:[-/]|$)", text)
         if kind is None:
             raise ValueError(f"{params}: the path names no Gemma Scope 1 repository "
-                             f"(gemma-scope-<size>-<pt|it>-res|att|mlp): give site=")
-        site = _SCOPE1_SITES[kind.group(1)]
+                             f"(gemma-scope-<size>-<pt|it>-res|att|mlp|transcoders): give "
+                             f"site=")
+        reads, writes = _SCOPE1_SITES[kind.group(1)]
+    else:
+        reads = writes = site
     if "embedding" in text:
         raise ValueError(f"{params}: Gemma Scope 1's embedding SAEs read the token embeddings "
                          f"(not a layer's site); they are not supported")
@@ -209,9 +218,8 @@ def load_gemma_scope_1(path: str | os.PathLike, *, site: str | None = None,
         raise ValueError(f"{params}: a scaling_factor other than 1 is not supported")
     names = {f: (f.replace("w_", "W_"), f) for f in ("w_enc", "w_dec")}
     names.update({f: (f,) for f in ("b_enc", "b_dec", "threshold")})
-    point = HookPoint(site, layer)
-    return _dictionary(arrays, params, activation="jumprelu", reads=point, writes=point,
-                       dtype=dtype, names=names)
+    return _dictionary(arrays, params, activation="jumprelu", reads=HookPoint(reads, layer),
+                       writes=HookPoint(writes, layer), dtype=dtype, names=names)
 
 
 _SAELENS_ACTIVATIONS = {

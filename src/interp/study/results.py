@@ -211,6 +211,41 @@ class PatchingMaps:
 
 
 @dataclasses.dataclass(frozen=True)
+class InductionLatent:
+    """One latent of experiment 8: its mean activation (and how often it fires) on the first
+    occurrence of the digits (positions 1..P) and on their second occurrence (P+1..2P), and
+    the knock-out metric with it zero-ablated at every position."""
+
+    latent: int
+    first: float
+    second: float
+    fires_first: float
+    fires_second: float
+    ablated_logprob: float
+    ablated_accuracy: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExperiment:
+    """Experiment 8 (`--dictionary`): an SAE spliced (with its error term) at `site` of
+    `layer`; the latents most active on the second occurrence of a repeated digit relative to
+    its first, and what ablating each of them, and all of them, costs the mean log-prob and
+    accuracy of the correct digit over the second repetition (the knock-out's metric, mean
+    over strings; `baseline` with nothing ablated, which is the model's own)."""
+
+    dictionary: str
+    site: str
+    layer: int
+    width: int
+    head_layers: tuple[int, ...]  # the layers of the critical heads
+    baseline_logprob: float
+    baseline_accuracy: float
+    all_ablated_logprob: float
+    all_ablated_accuracy: float
+    latents: tuple[InductionLatent, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyResult:
     """Everything the report shows; `to_json()` gives what `report.json` holds."""
 
@@ -228,6 +263,7 @@ class StudyResult:
     timings: Mapping[str, float]
     # Per step: programs compiled (or loaded from the persistent cache), cache hits, seconds.
     compilation: Mapping[str, Mapping[str, int | float]] = dataclasses.field(default_factory=dict)
+    features: FeatureExperiment | None = None  # experiment 8, with a dictionary
 
     def to_json(self) -> dict[str, Any]:
         return _rounded(self)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from gemma_eqx.core.runtime import CompileLog
 from gemma_eqx.core.text import TokenizerLike
@@ -57,6 +58,8 @@ def run_study(
     progress: Progress | None = None,
     residual_stride: int = 3,
     verbose: bool = False,
+    dictionary: Any = None,
+    latents: int = 10,
 ) -> StudyResult:
     """Experiments 1-7 on BOS + random digit strings repeated twice, one function each.
 
@@ -68,6 +71,8 @@ def run_study(
     covers every `residual_stride`-th layer and the last (1: every layer; each layer costs
     one forward per position). `verbose` prints each step as it starts, with the seconds
     since the start (what `gemma-eqx induction` shows); `progress` receives the same lines.
+    With `dictionary` (an SAE, or a function of a layer giving one: it gets the top induction
+    head's layer), experiment 8 (`features.feature_experiment`) follows, on `latents` latents.
     """
     say = progress or (elapsed_printer() if verbose else (lambda _: None))
     timings: dict[str, float] = {}
@@ -75,7 +80,7 @@ def run_study(
     compiles = CompileLog()
     compiles.start("capture")
     steps = iter(["scores", "knockout", "attribution", "search", "paths", "counterfactual",
-                  "patching"])
+                  "patching"] + (["features"] if dictionary is not None else []))
 
     def lap(name: str) -> None:
         nonlocal clock
@@ -89,6 +94,13 @@ def run_study(
             compiles.start(following)
 
     check_top(top, model)
+    if dictionary is not None:
+        from ..features import SparseDictionary, check_fits
+
+        if latents < 1:
+            raise ValueError(f"latents must be >= 1; got {latents}")
+        if isinstance(dictionary, SparseDictionary):
+            check_fits(model, dictionary)  # before any work
     residual_layers = every_nth_layer(len(model.blocks), residual_stride)
     try:
         task = digit_task(model, tokenizer, digits=digits, period=period, strings=strings,
@@ -122,8 +134,18 @@ def run_study(
         say("activation patching: every head, and the residual stream per layer and position")
         maps = patching_maps(model, tokenizer, task, seed=seed, residual_layers=residual_layers)
         lap("patching")
+        features = None
+        if dictionary is not None:
+            from .features import feature_experiment
+
+            if not isinstance(dictionary, SparseDictionary):
+                dictionary = dictionary(scores.ranked[0].layer)
+            say(f"features: the {latents} latents of {dictionary.name} most active on the "
+                f"second occurrence, each ablated")
+            features = feature_experiment(model, task, dictionary, critical, count=latents)
+            lap("features")
     finally:
         compiles.close()
     return StudyResult(model_name, model.config.name, task, behaved, scores, knocked,
                        attributed, smallest, paths, counterfactual, maps, timings,
-                       compiles.as_dict())
+                       compiles.as_dict(), features)
