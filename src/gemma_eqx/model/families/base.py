@@ -39,6 +39,22 @@ class Stored:
     to_ours: Callable[[list[Any], Any], Any]
 
 
+def _dim(config: Any, spec: str | int) -> int:
+    """A size named by config attributes and integers joined by `*` (`3*num_heads*head_dim`)."""
+    size = 1
+    for part in str(spec).split("*"):
+        size *= int(part) if part.isdigit() else getattr(config, part)
+    return size
+
+
+def tensor(name: str, *dims: str | int, to_ours: Callable[[Any, Any], Any] | None = None
+           ) -> Stored:
+    """One stored tensor of shape `dims` (each a `_dim` spec), converted by `to_ours(array,
+    config)` (taken as it is by default)."""
+    return Stored((name,), lambda c: [tuple(_dim(c, d) for d in dims)],
+                  lambda stored, c: stored[0] if to_ours is None else to_ours(stored[0], c))
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One family: `defaults` hold for every model of it (config fields); `from_hf(fields,

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .base import Family, FieldReader, Stored
+from .base import Family, FieldReader, Stored, tensor
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _SHARED = dict(norm_kind="layer", norm_offset=0.0, embed_scale=False, mlp_gated=False,
@@ -22,10 +22,6 @@ def _activation(f: FieldReader, name: str) -> str:
         raise ValueError(f"{f.source}: {name} {act!r} is not supported for this family "
                          f"({', '.join(_ACTIVATIONS)})")
     return _ACTIVATIONS[act]
-
-
-def _as_is(name: str, shape) -> Stored:
-    return Stored((name,), lambda c: [shape(c)], lambda stored, c: stored[0])
 
 
 # Buffers some checkpoints store beside the weights: causal masks, RoPE frequencies.
@@ -57,37 +53,34 @@ def _gpt2(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
 def _c_attn(part: int, kind: str) -> Stored:
     """One of q, k, v from `c_attn`: a `Conv1D` weight `[embed, 3 * embed]` (x @ W), or its
     bias `[3 * embed]`."""
-    def to_ours(stored, c):
-        n, h, d = c.num_heads, c.head_dim, c.embed_dim
-        piece = stored[0][..., part * n * h:(part + 1) * n * h]
-        return piece.reshape(n, h) if kind == "bias" else piece.reshape(d, n, h).transpose(1, 0, 2)
+    def to_ours(w, c):
+        n, h = c.num_heads, c.head_dim
+        piece = w[..., part * n * h:(part + 1) * n * h]
+        return piece.reshape(n, h) if kind == "bias" else \
+            piece.reshape(c.embed_dim, n, h).transpose(1, 0, 2)
 
-    return Stored((f"h.{{i}}.attn.c_attn.{kind}",), lambda c: [
-        ((c.embed_dim,) if kind == "weight" else ()) + (3 * c.num_heads * c.head_dim,)], to_ours)
+    return tensor(f"h.{{i}}.attn.c_attn.{kind}", *(["embed_dim"] if kind == "weight" else []),
+                  "3*num_heads*head_dim", to_ours=to_ours)
 
 
 _GPT2_LAYOUT = {
-    "embedder.embedding": _as_is("wte.weight", lambda c: (c.vocab_size, c.embed_dim)),
-    "embedder.positions": _as_is("wpe.weight", lambda c: (c.context_length, c.embed_dim)),
-    "final_norm.scale": _as_is("ln_f.weight", lambda c: (c.embed_dim,)),
-    "final_norm.bias": _as_is("ln_f.bias", lambda c: (c.embed_dim,)),
-    **{f"blocks.{{i}}.{ours}.{kind}": _as_is(f"h.{{i}}.{theirs}.{stored}",
-                                             lambda c: (c.embed_dim,))
+    "embedder.embedding": tensor("wte.weight", "vocab_size", "embed_dim"),
+    "embedder.positions": tensor("wpe.weight", "context_length", "embed_dim"),
+    "final_norm.scale": tensor("ln_f.weight", "embed_dim"),
+    "final_norm.bias": tensor("ln_f.bias", "embed_dim"),
+    **{f"blocks.{{i}}.{ours}.{kind}": tensor(f"h.{{i}}.{theirs}.{stored}", "embed_dim")
        for ours, theirs in (("pre_attention_norm", "ln_1"), ("pre_ffw_norm", "ln_2"))
        for kind, stored in (("scale", "weight"), ("bias", "bias"))},
     **{f"blocks.{{i}}.attn.{w}_{x}": _c_attn(p, kind) for p, x in enumerate("qkv")
        for w, kind in (("w", "weight"), ("b", "bias"))},
-    "blocks.{i}.attn.w_o": Stored(
-        ("h.{i}.attn.c_proj.weight",), lambda c: [(c.num_heads * c.head_dim, c.embed_dim)],
-        lambda stored, c: stored[0].reshape(c.num_heads, c.head_dim, c.embed_dim)),
-    "blocks.{i}.attn.b_o": _as_is("h.{i}.attn.c_proj.bias", lambda c: (c.embed_dim,)),
-    "blocks.{i}.mlp.w_gating": Stored(
-        ("h.{i}.mlp.c_fc.weight",), lambda c: [(c.embed_dim, c.hidden_dim)],
-        lambda stored, c: stored[0][None]),
-    "blocks.{i}.mlp.b_in": _as_is("h.{i}.mlp.c_fc.bias", lambda c: (c.hidden_dim,)),
-    "blocks.{i}.mlp.w_linear": _as_is("h.{i}.mlp.c_proj.weight",
-                                      lambda c: (c.hidden_dim, c.embed_dim)),
-    "blocks.{i}.mlp.b_out": _as_is("h.{i}.mlp.c_proj.bias", lambda c: (c.embed_dim,)),
+    "blocks.{i}.attn.w_o": tensor("h.{i}.attn.c_proj.weight", "num_heads*head_dim", "embed_dim",
+                                  to_ours=lambda w, c: w.reshape(c.num_heads, c.head_dim, -1)),
+    "blocks.{i}.attn.b_o": tensor("h.{i}.attn.c_proj.bias", "embed_dim"),
+    "blocks.{i}.mlp.w_gating": tensor("h.{i}.mlp.c_fc.weight", "embed_dim", "hidden_dim",
+                                      to_ours=lambda w, c: w[None]),
+    "blocks.{i}.mlp.b_in": tensor("h.{i}.mlp.c_fc.bias", "hidden_dim"),
+    "blocks.{i}.mlp.w_linear": tensor("h.{i}.mlp.c_proj.weight", "hidden_dim", "embed_dim"),
+    "blocks.{i}.mlp.b_out": tensor("h.{i}.mlp.c_proj.bias", "embed_dim"),
 }
 
 
@@ -100,8 +93,7 @@ def _neox(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
     base = p.number("rope_theta") if new else f.number("rotary_emb_base", 10_000.0)
     fraction = p.number("partial_rotary_factor", 1.0) if new else f.number("rotary_pct", 0.25)
     if (kind := p.text("rope_type", "default") if new else "default") != "default":
-        raise ValueError(f"{f.source}: RoPE type {kind!r} is not supported for GPT-NeoX "
-                         f"(default)")
+        raise ValueError(f"{f.source}: RoPE type {kind!r} is not supported for GPT-NeoX")
     biased = f.flag("attention_bias", True)
     return dict(norm_eps=f.number("layer_norm_eps", 1e-5),
                 context_length=f.count("max_position_embeddings", 2048),
@@ -114,38 +106,32 @@ def _neox(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
 
 def _fused_per_head(part: int, kind: str) -> Stored:
     """One of q, k, v from `query_key_value`: rows ordered [heads, (q, k, v), head_dim]."""
-    def to_ours(stored, c):
-        n, h, d = c.num_heads, c.head_dim, c.embed_dim
-        if kind == "bias":
-            return stored[0].reshape(n, 3, h)[:, part]
-        return stored[0].reshape(n, 3, h, d)[:, part].transpose(0, 2, 1)
+    def to_ours(w, c):
+        n, h = c.num_heads, c.head_dim
+        return w.reshape(n, 3, h)[:, part] if kind == "bias" else \
+            w.reshape(n, 3, h, c.embed_dim)[:, part].transpose(0, 2, 1)
 
-    return Stored((f"layers.{{i}}.attention.query_key_value.{kind}",), lambda c: [
-        (3 * c.num_heads * c.head_dim,) + ((c.embed_dim,) if kind == "weight" else ())], to_ours)
+    return tensor(f"layers.{{i}}.attention.query_key_value.{kind}", "3*num_heads*head_dim",
+                  *(["embed_dim"] if kind == "weight" else []), to_ours=to_ours)
 
 
 _NEOX_LAYOUT = {
-    "embedder.embedding": _as_is("embed_in.weight", lambda c: (c.vocab_size, c.embed_dim)),
-    "embedder.unembedding": _as_is("embed_out.weight", lambda c: (c.vocab_size, c.embed_dim)),
-    "final_norm.scale": _as_is("final_layer_norm.weight", lambda c: (c.embed_dim,)),
-    "final_norm.bias": _as_is("final_layer_norm.bias", lambda c: (c.embed_dim,)),
+    "embedder.embedding": tensor("embed_in.weight", "vocab_size", "embed_dim"),
+    "embedder.unembedding": tensor("embed_out.weight", "vocab_size", "embed_dim"),
+    "final_norm.scale": tensor("final_layer_norm.weight", "embed_dim"),
+    "final_norm.bias": tensor("final_layer_norm.bias", "embed_dim"),
     **{f"blocks.{{i}}.attn.{w}_{x}": _fused_per_head(p, kind) for p, x in enumerate("qkv")
        for w, kind in (("w", "weight"), ("b", "bias"))},
-    "blocks.{i}.attn.w_o": Stored(
-        ("layers.{i}.attention.dense.weight",),
-        lambda c: [(c.embed_dim, c.num_heads * c.head_dim)],
-        lambda stored, c: stored[0].reshape(c.embed_dim, c.num_heads, c.head_dim).transpose(
-            1, 2, 0)),
-    "blocks.{i}.attn.b_o": _as_is("layers.{i}.attention.dense.bias", lambda c: (c.embed_dim,)),
-    "blocks.{i}.mlp.w_gating": Stored(
-        ("layers.{i}.mlp.dense_h_to_4h.weight",), lambda c: [(c.hidden_dim, c.embed_dim)],
-        lambda stored, c: stored[0].T[None]),
-    "blocks.{i}.mlp.b_in": _as_is("layers.{i}.mlp.dense_h_to_4h.bias", lambda c: (c.hidden_dim,)),
-    "blocks.{i}.mlp.w_linear": Stored(
-        ("layers.{i}.mlp.dense_4h_to_h.weight",), lambda c: [(c.embed_dim, c.hidden_dim)],
-        lambda stored, c: stored[0].T),
-    "blocks.{i}.mlp.b_out": _as_is("layers.{i}.mlp.dense_4h_to_h.bias",
-                                   lambda c: (c.embed_dim,)),
+    "blocks.{i}.attn.w_o": tensor("layers.{i}.attention.dense.weight", "embed_dim", "num_heads*"
+                                  "head_dim", to_ours=lambda w, c: w.reshape(
+                                      c.embed_dim, c.num_heads, -1).transpose(1, 2, 0)),
+    "blocks.{i}.attn.b_o": tensor("layers.{i}.attention.dense.bias", "embed_dim"),
+    "blocks.{i}.mlp.w_gating": tensor("layers.{i}.mlp.dense_h_to_4h.weight", "hidden_dim",
+                                      "embed_dim", to_ours=lambda w, c: w.T[None]),
+    "blocks.{i}.mlp.b_in": tensor("layers.{i}.mlp.dense_h_to_4h.bias", "hidden_dim"),
+    "blocks.{i}.mlp.w_linear": tensor("layers.{i}.mlp.dense_4h_to_h.weight", "embed_dim",
+                                      "hidden_dim", to_ours=lambda w, c: w.T),
+    "blocks.{i}.mlp.b_out": tensor("layers.{i}.mlp.dense_4h_to_h.bias", "embed_dim"),
 }
 
 # ----------------------------------------------------------------------------- GGUF
@@ -155,21 +141,21 @@ _NEOX_LAYOUT = {
 
 
 def _qkv_rows(part: int, kind: str) -> Stored:
-    def to_ours(stored, c):
-        n, h, d = c.num_heads, c.head_dim, c.embed_dim
-        piece = stored[0][part * n * h:(part + 1) * n * h]
-        return piece.reshape(n, h) if kind == "bias" else piece.reshape(n, h, d).transpose(0, 2, 1)
+    def to_ours(w, c):
+        n, h = c.num_heads, c.head_dim
+        piece = w[part * n * h:(part + 1) * n * h]
+        return piece.reshape(n, h) if kind == "bias" else \
+            piece.reshape(n, h, c.embed_dim).transpose(0, 2, 1)
 
-    return Stored((f"blk.{{i}}.attn_qkv.{kind}",), lambda c: [
-        (3 * c.num_heads * c.head_dim,) + ((c.embed_dim,) if kind == "weight" else ())], to_ours)
+    return tensor(f"blk.{{i}}.attn_qkv.{kind}", "3*num_heads*head_dim",
+                  *(["embed_dim"] if kind == "weight" else []), to_ours=to_ours)
 
 
 _GGUF_LAYOUT = {
     **{f"blocks.{{i}}.attn.{w}_{x}": _qkv_rows(p, kind) for p, x in enumerate("qkv")
        for w, kind in (("w", "weight"), ("b", "bias"))},
-    "blocks.{i}.mlp.w_gating": Stored(
-        ("blk.{i}.ffn_up.weight",), lambda c: [(c.hidden_dim, c.embed_dim)],
-        lambda stored, c: stored[0].T[None]),
+    "blocks.{i}.mlp.w_gating": tensor("blk.{i}.ffn_up.weight", "hidden_dim", "embed_dim",
+                                      to_ours=lambda w, c: w.T[None]),
 }
 
 
@@ -181,8 +167,7 @@ def _gpt2_gguf(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
 
 
 def _neox_gguf(f: FieldReader, sizes: Mapping[str, int]) -> dict[str, Any]:
-    """The file names no activation: Pythia's (and HF's default for NeoX) is the exact GELU,
-    which this reads; llama.cpp itself runs the tanh approximation on these files."""
+    # No activation is named: Pythia's exact GELU (llama.cpp itself runs the tanh one here).
     rotary, head_dim = f.count("rope.dimension_count"), sizes["head_dim"]
     if not 0 < rotary <= head_dim or rotary % 2:
         raise ValueError(f"{f.source}: rope.dimension_count {rotary} must be even and within "
