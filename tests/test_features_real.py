@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import interp
+from gemma_eqx.model.sites import feature_site
 from interp.features import splice
 from interp.features.load import load_dictionary
 
@@ -101,10 +102,16 @@ def test_each_hook_point_reads_what_hugging_face_holds_there(gemma270m, text, hf
             theirs = hf_activations[point]
             scale = np.abs(theirs).max()
             assert np.abs(ours - theirs).max() <= 1e-4 * scale, (point, d.reads)
-            # Spliced with its error term, the logits are the model's to 1e-5 of their scale
-            # (30): any edit at a site, even x * 1, makes XLA fuse the rest of the forward
-            # otherwise, which alone moves them by up to 7e-5 (measured at these sites).
-            spliced = interp.run(splice(model, d), text)
-            moved = float(jnp.abs(spliced - clean).max())
-            print(f"{point}: largest logit change spliced with the error term {moved:.2g}")
-            assert moved <= 1e-5 * float(jnp.abs(clean).max()), point
+            # Spliced with its error term, its features recorded (the encoder runs) and scaled
+            # by 1 (the decoder runs: the site becomes x + (f * 1 - f) @ W_dec), the logits
+            # are the model's to 1e-5 of their scale (30): any edit at a site, even x * 1,
+            # makes XLA fuse the rest of the forward otherwise, which alone moved them by up
+            # to 7e-5 at these sites.
+            site = feature_site(d.reads.site)
+            for edited in (splice(model, d), interp.scale(splice(model, d), site, 1.0,
+                                                          layers=[layer])):
+                spliced, features = interp.capture(edited, text, sites=[site], layers=[layer])
+                assert features[site, layer].shape == (*text.shape, 64)
+                moved = float(jnp.abs(spliced - clean).max())
+                print(f"{point}: largest logit change spliced with the error term {moved:.2g}")
+                assert moved <= 1e-5 * float(jnp.abs(clean).max()), point

@@ -206,6 +206,21 @@ class SparseDictionary(Module):
             out = out + x.astype(out.dtype) @ self.w_skip.astype(out.dtype)
         return out
 
+    def decode_change(self, edited: Float[Array, "*tokens latents"],
+                      features: Float[Array, "*tokens latents"],
+                      x: Float[Array, "*tokens d_in"] | None = None
+                      ) -> Float[Array, "*tokens d_out"]:
+        """`decode(edited, x) - decode(features, x)` in one matmul (the decoder is linear in
+        the features; the decoder bias and the skip term cancel): exactly zero where no
+        feature changed."""
+        out = (edited - features) @ self.w_dec.astype(features.dtype)
+        if self.input_norm != "none":
+            if x is None:
+                raise ValueError(f"{self.name}: decoding needs the input x (an input "
+                                 f"normalisation to undo)")
+            out = out * self._normalisation(x)[2].astype(out.dtype)
+        return out
+
     def __call__(self, x: Float[Array, "*tokens d_in"]) -> Float[Array, "*tokens d_out"]:
         """The reconstruction of `x`."""
         return self.decode(self.encode(x), x)

@@ -45,13 +45,15 @@ from .dictionary import CrossLayerTranscoder, SparseDictionary
 _HANDOFF = "_handoff:"
 
 
-def _with_error(new: Array, clean: Array, x: Array, error: bool) -> Array:
-    """`new + (x - clean)`: the reconstruction plus what the dictionary misses on the clean
-    features. Computed as `x + (new - clean)`, which is `x` bit for bit while no feature is
-    edited (the other order rounds at the stream's scale: 5e-5 on the 270M's logits)."""
-    if not error:
-        return new.astype(x.dtype)
-    return (x.astype(new.dtype) + (new - clean)).astype(x.dtype)
+def _with_error(x: Array, change: Array | None) -> Array:
+    """`x` plus what editing the features changed in the reconstruction: the reconstruction
+    of the edited features plus the error term (what the dictionary misses on the clean
+    features), `decode(edited) + (x - decode(clean))`, as `x + (decode(edited) -
+    decode(clean))` in one matmul. Bit for bit `x` while no feature is edited; with nothing
+    bound to the feature site nothing is computed at all (`change` None)."""
+    if change is None:
+        return x
+    return (x.astype(change.dtype) + change).astype(x.dtype)
 
 
 class SplicedSAE(Intervention):
@@ -67,9 +69,12 @@ class SplicedSAE(Intervention):
         d = self.dictionary
         features = d.encode(x)
         edited = hooks.apply(feature_site(self.site), features, context, records)
-        new = d.decode(edited, x)
-        clean = d.decode(features, x) if self.error else new
-        return _with_error(new, clean, x, self.error), None
+        if not self.error:
+            return d.decode(edited, x).astype(x.dtype), None
+        # An untouched feature array (no intervention, or one that only records) is the
+        # same object: the spliced site is then exactly x, at no cost.
+        return _with_error(x, None if edited is features else
+                           d.decode_change(edited, features, x)), None
 
     def describe(self) -> str:
         return f"{self.dictionary.name} ({self.dictionary.width} latents) at {self.site}"
@@ -113,9 +118,10 @@ class SplicedTranscoder(Intervention):
         source = _taken(records, self.key, d.name)
         features = d.encode(source)
         edited = hooks.apply(feature_site(d.reads.site), features, context, records)
-        new = d.decode(edited, source)
-        clean = d.decode(features, source) if self.error else new
-        return _with_error(new, clean, x, self.error), None
+        if not self.error:
+            return d.decode(edited, source).astype(x.dtype), None
+        return _with_error(x, None if edited is features else
+                           d.decode_change(edited, features, source)), None
 
     def describe(self) -> str:
         d = self.dictionary
@@ -166,14 +172,20 @@ class CrossLayerDecoder(Intervention):
         if any(p is None for p in pairs):
             raise ValueError(f"cross-layer transcoder: the features of layer "
                              f"{pairs.index(None)} were not computed before layer {layer}")
-        clean = edited = self.b_dec.astype(pairs[0][0].dtype)
-        for w, (features, changed) in zip(self.w_dec, pairs, strict=True):
-            w = w.astype(features.dtype)
-            clean, edited = clean + features @ w, edited + changed @ w
         if self.last:  # nothing later reads them
             for source in range(layer + 1):
                 records.pop(f"{self.key}{source}")
-        return _with_error(edited, clean, x, self.error), None
+        if not self.error:
+            out = self.b_dec.astype(pairs[0][0].dtype)
+            for w, (_, changed) in zip(self.w_dec, pairs, strict=True):
+                out = out + changed @ w.astype(changed.dtype)
+            return out.astype(x.dtype), None
+        change = None  # the decoders are linear: only edited layers' features change anything
+        for w, (features, changed) in zip(self.w_dec, pairs, strict=True):
+            if changed is not features:
+                part = (changed - features) @ w.astype(features.dtype)
+                change = part if change is None else change + part
+        return _with_error(x, change), None
 
 
 def _site_width(model: Transformer, site: str) -> int:
