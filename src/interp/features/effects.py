@@ -65,8 +65,8 @@ class FeatureLogitAttribution:
     """Direct effect of each latent on the pre-soft-cap logit of the target token:
     `effects[b, k, latent] = activations[b, k, latent] * (decoder row through the frozen
     norms . unembedding of the target)`, and `site_total[b, k]`, the direct effect of the
-    whole site the dictionary writes (reconstruction, decoder bias, skip and error term), so
-    `effects.sum(-1) <= site_total` differ by what the dictionary's other terms carry."""
+    whole site the dictionary writes; `site_total - effects.sum(-1)` is what its other terms
+    carry (decoder bias, skip term, error term)."""
 
     activations: np.ndarray  # [batch, k, latents]
     effects: np.ndarray  # [batch, k, latents]
