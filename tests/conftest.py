@@ -31,6 +31,21 @@ def pytest_configure(config):
         from gemma_eqx.core.runtime import enable_compilation_cache
 
         enable_compilation_cache(Path(_programs))
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        # The controller of an xdist run: its workers, started after this, inherit the path
+        # and write the real-model tests there once collected (`pytest_collection_modifyitems`).
+        import tempfile
+
+        config._real_model_tests = Path(tempfile.mkdtemp(prefix="gemma-eqx-test-groups-"))
+        os.environ[_REAL_MODEL_TESTS] = str(config._real_model_tests / "real-model-tests.txt")
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_real_model_tests", None)
+    if folder is not None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 # Each compiled XLA CPU program holds its own memory mappings, and jax keeps every program it
 # compiled. The full suite compiles thousands; past the kernel's per-process limit
@@ -60,16 +75,52 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 REAL_MODEL_FIXTURES = {"gguf_path", "gemma270m", "hf270m", "smollm2", "hf_smollm2"}
+_REAL_MODEL_TESTS = "GEMMA_EQX_REAL_MODEL_TESTS"  # where xdist workers list them
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """Every test that needs the real Gemma 3 270M (directly or through another fixture) is
     `slow`, so `pytest -m "not slow"` is the quick loop without anyone remembering a marker.
     Tests that start child processes running JAX, or compile preset-scale programs, carry the
-    marker themselves."""
+    marker themselves. An xdist worker also lists the real-model tests for the controller's
+    scheduler (`pytest_xdist_make_scheduler`)."""
+    real = []
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+            real.append(item.nodeid)
+    if hasattr(config, "workerinput") and _REAL_MODEL_TESTS in os.environ:
+        target = Path(os.environ[_REAL_MODEL_TESTS])
+        partial = target.with_name(f".{os.getpid()}.partial.{target.name}")
+        partial.write_text("\n".join(real))
+        os.replace(partial, target)  # every worker writes the same list; whole or not at all
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With `-n N` (xdist's default `--dist load`), every test that loads a real model runs on
+    one worker, one after another, as in a serial run; the rest spread over the others. Each
+    worker would otherwise load the real models (and transformers' copies) its tests need: two
+    workers together reached 22 of this machine's 23 GB. (`--dist loadgroup` with
+    `xdist_group` markers would say the same, but does nothing with pytest 9.2 and
+    pytest-xdist 3.8: xdist tags a group by rewriting `item._nodeid`, which pytest 9.2 no longer
+    reads.) The workers list the real-model tests in `pytest_collection_modifyitems`, before
+    they report their collection, so the list is complete when this scheduler splits it."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RealModelsOnOneWorker(LoadScopeScheduling):
+        real: frozenset[str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.real is None:
+                listed = Path(os.environ[_REAL_MODEL_TESTS])
+                self.real = frozenset(listed.read_text().splitlines())
+            return "real models" if nodeid in self.real else nodeid
+
+    # The largest scope, the real-model tests, is dealt first (xdist's `--loadscope-reorder`).
+    return RealModelsOnOneWorker(config, log)
 
 
 @pytest.fixture(params=["runtime-typechecked", "plain"])
