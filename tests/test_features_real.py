@@ -91,27 +91,36 @@ def test_each_hook_point_reads_what_hugging_face_holds_there(gemma270m, text, hf
                                                               tmp_path):
     model, _ = gemma270m
     clean = interp.run(model, text)
-    for template in POINTS:
-        for layer in LAYERS:
-            point = template.format(L=layer)
-            width_in = 1024 if "o_proj" in point else 640
-            d = load_dictionary(_gemma_scope_2_folder(tmp_path / str(layer), point, 64,
-                                                      width_in, layer))
-            _, cache = interp.capture(model, text, sites=[d.reads.site], layers=[layer])
-            ours = np.asarray(cache[d.reads.site, layer])
-            theirs = hf_activations[point]
-            scale = np.abs(theirs).max()
-            assert np.abs(ours - theirs).max() <= 1e-4 * scale, (point, d.reads)
-            # Spliced with its error term, its features recorded (the encoder runs) and scaled
-            # by 1 (the decoder runs: the site becomes x + (f * 1 - f) @ W_dec), the logits
-            # are the model's to 1e-5 of their scale (30): any edit at a site, even x * 1,
-            # makes XLA fuse the rest of the forward otherwise, which alone moved them by up
-            # to 7e-5 at these sites.
-            site = feature_site(d.reads.site)
-            for edited in (splice(model, d), interp.scale(splice(model, d), site, 1.0,
-                                                          layers=[layer])):
-                spliced, features = interp.capture(edited, text, sites=[site], layers=[layer])
-                assert features[site, layer].shape == (*text.shape, 64)
-                moved = float(jnp.abs(spliced - clean).max())
-                print(f"{point}: largest logit change spliced with the error term {moved:.2g}")
-                assert moved <= 1e-5 * float(jnp.abs(clean).max()), point
+    scale = float(jnp.abs(clean).max())
+    points = [(template.format(L=layer), layer) for template in POINTS for layer in LAYERS]
+    dictionaries = [load_dictionary(_gemma_scope_2_folder(
+        tmp_path / str(layer), point, 64, 1024 if "o_proj" in point else 640, layer))
+        for point, layer in points]
+    # Every hook point of both layers read by one capture ...
+    _, cache = interp.capture(model, text, sites=sorted({d.reads.site for d in dictionaries}),
+                              layers=list(LAYERS))
+    for (point, layer), d in zip(points, dictionaries, strict=True):
+        ours = np.asarray(cache[d.reads.site, layer])
+        theirs = hf_activations[point]
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max(), (point, d.reads)
+    # ... and spliced together, each with its error term, in two groups: the transcoders write
+    # mlp_out_normed, where an SAE also sits. Their features recorded (the encoders run) and
+    # scaled by 1 (the decoders run: each site becomes x + (f * 1 - f) @ W_dec), the logits
+    # are the model's to 1e-5 of their scale (30): any edit at a site, even x * 1, makes XLA
+    # fuse the rest of the forward otherwise, which alone moved them by up to 7e-5 at these
+    # sites one dictionary at a time, and by 7.2e-5 and 7.7e-5 for the two groups (measured).
+    for transcoders in (False, True):
+        group = [d for d in dictionaries if (d.kind != "sae") == transcoders]
+        sites = sorted({feature_site(d.reads.site) for d in group})
+        edited = splice(model, group)
+        for site in sites:
+            edited = interp.scale(edited, site, 1.0, layers=list(LAYERS))
+        for variant in (splice(model, group), edited):
+            spliced, features = interp.capture(variant, text, sites=sites, layers=list(LAYERS))
+            for site in sites:
+                for layer in LAYERS:
+                    assert features[site, layer].shape == (*text.shape, 64)
+            moved = float(jnp.abs(spliced - clean).max())
+            print(f"{len(group)} dictionaries, transcoders {transcoders}: largest logit change "
+                  f"spliced with the error terms {moved:.2g}")
+            assert moved <= 1e-5 * scale, (transcoders, moved)

@@ -124,10 +124,9 @@ def test_every_python_example_in_the_readme_runs(gemma270m, tokenizer_file, tmp_
              "/data/qwen3-dir": str(stand_ins["qwen3"]),
              # The residual map at the first and last layer only: the study of the study
              # tests, computed once in the session (`shared_study`). The experiments one by
-             # one on 2 strings instead of 8: the same code in less time.
+             # one then ask for the programs that study compiled.
              "run_study(model, tokenizer, top=10, verbose=True)":
                  "run_study(model, tokenizer, top=10, verbose=True, residual_stride=17)",
-             "period=20, strings=8)": "period=20, strings=2)",
              "study.patching_maps(model, tokenizer, task)":
                  "study.patching_maps(model, tokenizer, task, residual_layers=[0, 17])"}
     namespace: dict = {}
