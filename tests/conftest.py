@@ -75,6 +75,9 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 REAL_MODEL_FIXTURES = {"gguf_path", "gemma270m", "hf270m", "smollm2", "hf_smollm2"}
+# What makes a worker large: the 270M (1.1 GB in float32, logits of 262k tokens) and the
+# transformers copies. SmolLM2 alone (0.5 GB, 49k tokens) is not: such tests run anywhere.
+HEAVY_FIXTURES = REAL_MODEL_FIXTURES - {"smollm2"}
 _REAL_MODEL_TESTS = "GEMMA_EQX_REAL_MODEL_TESTS"  # where xdist workers list them
 
 
@@ -86,8 +89,10 @@ def pytest_collection_modifyitems(config, items):
     scheduler (`pytest_xdist_make_scheduler`)."""
     real = []
     for item in items:
-        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if REAL_MODEL_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        if HEAVY_FIXTURES & fixtures:
             real.append(item.nodeid)
     if hasattr(config, "workerinput") and _REAL_MODEL_TESTS in os.environ:
         target = Path(os.environ[_REAL_MODEL_TESTS])
@@ -98,10 +103,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """With `-n N` (xdist's default `--dist load`), every test that loads a real model runs on
-    one worker, one after another, as in a serial run; the rest spread over the others. Each
-    worker would otherwise load the real models (and transformers' copies) its tests need: two
-    workers together reached 22 of this machine's 23 GB. (`--dist loadgroup` with
+    """With `-n N` (xdist's default `--dist load`), every test that loads the real 270M or a
+    transformers reference (`HEAVY_FIXTURES`) runs on one worker, one after another, as in a
+    serial run; the rest spread over the others. Each worker would otherwise load the models
+    its tests need: two workers together reached 22 of this machine's 23 GB (19 GB with this
+    schedule). (`--dist loadgroup` with
     `xdist_group` markers would say the same, but does nothing with pytest 9.2 and
     pytest-xdist 3.8: xdist tags a group by rewriting `item._nodeid`, which pytest 9.2 no longer
     reads.) The workers list the real-model tests in `pytest_collection_modifyitems`, before

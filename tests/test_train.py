@@ -171,3 +171,294 @@ def test_init_follows_saelens():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_trained_dictionary_saves_as_gemma_scope_2_and_loads_back(reference, case, tmp_path):
+    """Five steps, then `to_dictionary` and `save_gemma_scope_2`: `load_dictionary` reads the
+    folder back to a dictionary whose features (TopK: the training forward's, its decoder
+    norms folded in) and reconstruction are the trained ones."""
+    from interp.features import HookPoint, load_dictionary
+    from interp.features.load import save_gemma_scope_2
+
+    config = TrainConfig(**SCHEDULE, **CASES[case])
+    state = train.init_state(config, _params(reference, f"{case}/init"))
+    batches = jnp.asarray(reference[f"{case}/batches"])
+    for step in range(STEPS):
+        state, out = train.train_step(state, batches[step], None, config)
+    point = HookPoint("resid_post", 6)
+    trained = train.to_dictionary(state, config, point, model_name="gemma-v3-270m-pt")
+    folder = save_gemma_scope_2(trained, tmp_path / "resid_post" / "layer_6",
+                                extra={"training": {"architecture": config.architecture}})
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["layer_6"]  # no partials left
+    loaded = load_dictionary(folder)
+    assert (loaded.reads, loaded.writes, loaded.width) == (point, point, 64)
+    x = batches[-1]
+    _, final = train.train_step(state, x, None, config)  # the forward at the final params
+    acts = np.asarray(loaded.encode(x))
+    if case != "batchtopk":
+        # the training forward's features (TopK's were already scaled by the decoder norms
+        # that the export folds into the encoder)
+        np.testing.assert_allclose(acts, np.asarray(final.feature_acts), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(loaded.decode(jnp.asarray(acts))),
+                                   np.asarray(final.sae_out), rtol=1e-5, atol=1e-5)
+    else:  # BatchTopK infers with one learned threshold: JumpReLU at it
+        pre = np.asarray(loaded.pre_activations(x))
+        threshold = float(state.topk_threshold)
+        np.testing.assert_allclose(acts, np.where(pre > threshold, pre, 0), rtol=1e-6)
+    # A folder of someone else's files is refused, and left as it was.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="holds files other than a Gemma Scope 2"):
+        save_gemma_scope_2(trained, other)
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+
+
+class _Bytes:
+    """A tokenizer of bytes mod 60 + 1 (the tiny model's 61-token vocabulary), BOS 0."""
+
+    bos_id = 0
+
+    def encode(self, text):
+        return [1 + b % 60 for b in text.encode()]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    import gemma_eqx
+    from factories import tiny
+    from interp.corpus import token_windows
+
+    model = gemma_eqx.Transformer(tiny(("global", "global", "global")), key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "sword", "crown", "night", "day", "love", "war", "fool"]
+    documents = [(f"doc{i}", " ".join(rng.choice(words, 400))) for i in range(12)]
+    return model, token_windows(_Bytes(), documents, 16, seed=0)
+
+
+def test_streamed_activations_are_the_captured_ones_without_bos(tiny_setup):
+    import interp
+    from interp.features import HookPoint
+
+    model, windows = tiny_setup
+    points = [HookPoint("mlp_in", 1), HookPoint("resid_post", 0)]
+    first = next(train.stream_activations(model, windows, points, sequences=4))
+    _, cache = interp.capture(model, windows.train[:4], sites=["mlp_in", "resid_post"])
+    for got, point in zip(first, points, strict=True):
+        want = np.asarray(cache[point.site, point.layer])[:, 1:].reshape(-1, 32)
+        np.testing.assert_array_equal(got, want)
+    # The forward stops after the last layer a point needs: a layer above it is never run
+    # (its intervention would raise as it is traced).
+    def boom(x):
+        raise AssertionError("layer 2 ran")
+
+    guarded = interp.apply_fn(model, "resid_pre", boom, layers=[2])
+    next(train.stream_activations(guarded, windows, points, sequences=4))
+
+
+def test_the_shuffle_buffer_hands_out_each_row_once_mixed_across_contexts():
+    chunks = [(np.full((10, 1), i, np.float32) * 100 + np.arange(10)[:, None],)
+              for i in range(9)]
+    buffer = train.ShuffleBuffer(iter(chunks), capacity=40, seed=0)
+    out = np.concatenate([b[0] for b in buffer.batches(5)])[:, 0]
+    every = np.concatenate([c[0] for c in chunks])[:, 0]
+    assert len(out) == 90 and sorted(out.tolist()) == sorted(every.tolist())
+    assert len({int(v) // 100 for v in out[:5]}) > 1  # the first batch mixes contexts
+    again = np.concatenate([b[0] for b in train.ShuffleBuffer(
+        iter(chunks), capacity=40, seed=0).batches(5)])[:, 0]
+    np.testing.assert_array_equal(out, again)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_fit_learns_and_is_deterministic(tiny_setup, architecture):
+    from interp.features import HookPoint
+
+    model, windows = tiny_setup
+    config = TrainConfig(architecture=architecture, width=64, k=4, lr=3e-3, total_steps=60,
+                         l0_coefficient=1e-3, jumprelu_init_threshold=0.01,
+                         dead_feature_window=20)
+    point = HookPoint("resid_post", 1)
+    runs = [train.fit(model, windows, point, config, batch_rows=64, sequences=4,
+                      buffer_rows=512, log_every=20, show_progress=False) for _ in range(2)]
+    (state, log), (again, _) = runs
+    for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                    jax.tree_util.tree_leaves(again.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical
+    assert log.steps == [20, 40, 60] and log.tokens[-1] == 60 * 64
+    assert log.explained_variance[-1] > log.explained_variance[0]
+    assert log.explained_variance[-1] > 0.5, log.explained_variance
+    assert log.seconds_model > 0 and log.seconds_step > 0
+
+
+def test_fit_trains_a_transcoder_between_two_sites(tiny_setup):
+    from interp.features import HookPoint
+
+    model, windows = tiny_setup
+    config = TrainConfig(architecture="topk", width=64, k=4, lr=3e-3, total_steps=30)
+    reads, writes = HookPoint("mlp_in", 1), HookPoint("mlp_out_normed", 1)
+    state, log = train.fit(model, windows, reads, config, writes=writes, batch_rows=64,
+                           sequences=4, buffer_rows=512, log_every=10, show_progress=False)
+    assert log.explained_variance[-1] > log.explained_variance[0]
+    transcoder = train.to_dictionary(state, config, reads, writes)
+    assert transcoder.kind == "transcoder" and transcoder.d_out == 32
+
+
+def test_fit_refuses_bad_arguments_before_any_work(tiny_setup):
+    from interp.features import HookPoint
+
+    model, windows = tiny_setup
+    config = TrainConfig(width=64, k=4, total_steps=10_000)
+    with pytest.raises(ValueError, match="b_dec_init must be geometric_median, mean or zeros"):
+        train.fit(model, windows, HookPoint("resid_post", 1), config, b_dec_init="median")
+    with pytest.raises(ValueError, match="the corpus ran out after"):
+        train.fit(model, windows, HookPoint("resid_post", 1), config, batch_rows=64,
+                  sequences=4, buffer_rows=512, show_progress=False)
+
+
+def _train_command(tmp_path, monkeypatch, *extra):
+    from factories import gguf_arrays, gguf_config, write_tiny_gguf
+    from gemma_eqx.cli import main
+
+    monkeypatch.setenv("GEMMA_EQX_CACHE", str(tmp_path / "cache"))
+    config = gguf_config("gemma3").replace(vocab_size=320)
+    gguf = write_tiny_gguf(tmp_path / "digits.gguf", config, gguf_arrays(config),
+                           arch="gemma3", digits=True)
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):  # a folder of .txt files: one document each
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(list("0123456789"), 3000)))
+    return main(["features", "train", "--model", str(gguf), "--corpus", str(corpus),
+                 "--length", "16", "--sequences", "4", "--batch-rows", "64",
+                 "--buffer-rows", "512", "--eval-windows", "8", *extra])
+
+
+def test_the_train_command_writes_a_folder_the_loaders_read(tmp_path, monkeypatch, capsys):
+    import json
+
+    from interp.features import HookPoint, load_dictionary
+
+    out = tmp_path / "trained"
+    assert _train_command(tmp_path, monkeypatch, "--site", "resid_post", "--layer", "1",
+                          "--architecture", "topk", "--width", "32", "--k", "4",
+                          "--tokens", "1280", "--out", str(out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.safetensors",
+                                                      "training.json"]
+    loaded = load_dictionary(out)
+    assert (loaded.reads, loaded.width, loaded.activation, loaded.k) == (
+        HookPoint("resid_post", 1), 32, "topk", 4)
+    report = json.loads((out / "training.json").read_text())
+    assert report["tokens"] == 1280 and report["log"]["steps"][-1] == 20
+    assert report["held_out"]["l0"] <= 4 and "explained_variance" in report["held_out"]
+    assert json.loads((out / "config.json").read_text())["training"]["architecture"] == "topk"
+    assert "held out explained_variance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--config", "{config}"], "unknown field(s) learning_rate; TrainConfig has"),
+    (["--site", "pattern"], "site 'pattern' is not one of"),
+    (["--site", "resid_mid"], "site resid_mid has no Hugging Face hook point"),
+    (["--layer", "9"], "--layer 9: "),
+    (["--tokens", "10"], "--tokens 10 is less than one step of --batch-rows 64"),
+    (["--architecture", "gated"], "field 'architecture' must be one of"),
+])
+def test_the_train_command_refuses_bad_input_in_one_line(tmp_path, monkeypatch, capsys, args,
+                                                         message):
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"learning_rate": 1e-3}))
+    out = tmp_path / "trained"
+    args = [a.replace("{config}", str(config)) for a in args]
+    assert _train_command(tmp_path, monkeypatch, *args, "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def _fit(tiny_setup, **kwargs):
+    from interp.features import HookPoint
+
+    model, windows = tiny_setup
+    config = TrainConfig(architecture="topk", width=64, k=4, lr=3e-3, total_steps=30,
+                         dead_feature_window=5)
+    arguments = dict(batch_rows=64, sequences=4, buffer_rows=512, log_every=5,
+                     show_progress=False) | kwargs
+    return train.fit(model, windows, HookPoint("resid_post", 1), config, **arguments)
+
+
+def _interrupt_at(monkeypatch, call: int):
+    real = train.train_step
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == call + 1:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    return real
+
+
+def _same_params(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_setup, tmp_path,
+                                                                 monkeypatch):
+    baseline, baseline_log = _fit(tiny_setup)
+    folder = tmp_path / "checkpoints"
+    real = _interrupt_at(monkeypatch, 16)  # Ctrl-C (or SIGTERM) inside step 16
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tiny_setup, checkpoints=folder, checkpoint_every=10)
+    assert sorted(p.name for p in folder.iterdir()) == ["step_000000010", "step_000000016"]
+    monkeypatch.setattr(train, "train_step", real)
+    resumed, log = _fit(tiny_setup, checkpoints=folder, checkpoint_every=10)
+    _same_params(resumed, baseline)
+    assert log.steps == baseline_log.steps and log.l0 == baseline_log.l0
+    # Another run's arguments: refused, by name, before any work.
+    with pytest.raises(ValueError, match=r"step_000000030: it was made by a run with other "
+                                         r"arguments \(batch_rows\)"):
+        _fit(tiny_setup, checkpoints=folder, batch_rows=32)
+    train.remove_checkpoints(folder)
+    assert not folder.exists()
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_used(tiny_setup, tmp_path,
+                                                               monkeypatch):
+    baseline, _ = _fit(tiny_setup)
+    folder = tmp_path / "checkpoints"
+    real = _interrupt_at(monkeypatch, 16)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tiny_setup, checkpoints=folder, checkpoint_every=10)
+    monkeypatch.setattr(train, "train_step", real)
+    damaged = folder / "step_000000016"
+    victim = sorted(p for p in damaged.rglob("*") if p.is_file() and p.suffix == ".npy")[0]
+    victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.warns(UserWarning, match=r"checkpoint .*step_000000016 is damaged \(its files "
+                                         r"do not match their checksums\)"):
+        resumed, _ = _fit(tiny_setup, checkpoints=folder, checkpoint_every=10)
+    _same_params(resumed, baseline)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoints(
+        tiny_setup, tmp_path, monkeypatch):
+    real = train.train_step
+    calls = []
+
+    def poisoned(state, x, target, config):
+        calls.append(1)
+        if len(calls) == 7:
+            x = x.at[3, 0].set(jnp.nan)
+        return real(state, x, target, config)
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(train.TrainingStopped, match=r"the loss is nan at step 6 \(batch 6: "
+                                                    r"rows 384-447"):
+        _fit(tiny_setup, checkpoints=folder, checkpoint_every=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["step_000000004", "step_000000006"]

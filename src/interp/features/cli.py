@@ -44,7 +44,169 @@ def add_features_command(commands: Any) -> None:
                              help="comma-separated latents (default: the 8 most active)")
         sub.add_argument("--out", default=None, metavar="DIR",
                          help="where to write the JSON (and the dashboard page)")
+    _add_train(actions)
     cmd.set_defaults(run=run_features, memory_advice="fewer --windows or a smaller --batch")
+
+
+def _add_train(actions: Any) -> None:
+    sub = actions.add_parser(
+        "train", help="train an SAE or transcoder at any site, into a Gemma Scope 2 folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Activations streamed from the model on the corpus (nothing written to "
+        "disk but the result), one jitted training step per batch (SAELens' losses), then "
+        "the dictionary in Gemma Scope 2's layout in --out, its training config in "
+        "config.json, the run's log and held-out metrics in training.json.")
+    sub.add_argument("--out", required=True, metavar="DIR", help="the dictionary's folder")
+    sub.add_argument("--model", default="gemma3-270m", help="any model from_pretrained reads")
+    sub.add_argument("--site", default="resid_post", help="the site read (and written)")
+    sub.add_argument("--layer", type=int, default=6, help="its layer")
+    sub.add_argument("--writes", default=None, metavar="SITE",
+                     help="a transcoder: the site (same layer) it predicts")
+    sub.add_argument("--config", default=None, metavar="FILE",
+                     help="a JSON object of TrainConfig fields (flags below override it)")
+    for name, kind, help_text in (
+            ("architecture", str, "relu, jumprelu, topk or batchtopk"),
+            ("width", int, "latents"), ("k", float, "topk/batchtopk: latents per token"),
+            ("lr", float, "Adam's learning rate"),
+            ("l1-coefficient", float, "relu: the L1 coefficient"),
+            ("l0-coefficient", float, "jumprelu: the L0 coefficient")):
+        sub.add_argument(f"--{name}", type=kind, default=None, help=help_text)
+    sub.add_argument("--tokens", type=int, default=2_000_000, help="training tokens")
+    sub.add_argument("--batch-rows", type=int, default=4096, help="tokens per step")
+    sub.add_argument("--corpus", default="shakespeare",
+                     help="'shakespeare', a .txt/.jsonl/.parquet file, a folder of .txt files "
+                          "or hf:<dataset>")
+    sub.add_argument("--length", type=int, default=128, help="tokens per window")
+    sub.add_argument("--sequences", type=int, default=8, help="windows per forward pass")
+    sub.add_argument("--buffer-rows", type=int, default=2**17,
+                     help="the shuffle buffer's rows (memory: rows x d x 4 bytes per site)")
+    sub.add_argument("--eval-windows", type=int, default=64, help="held-out windows evaluated")
+    sub.add_argument("--checkpoints", default=None, metavar="DIR",
+                     help="where checkpoints go (default: DIR.checkpoints beside --out); a "
+                          "run with the same arguments resumes from the newest, and they are "
+                          "deleted once the dictionary is written")
+    sub.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
+                     help="steps between checkpoints (0: only when interrupted)")
+    sub.add_argument("--seed", type=int, default=0)
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig of --config and the flags, refused in one sentence if a field is
+    unknown or a value wrong."""
+    import dataclasses
+
+    from .train import TrainConfig
+
+    fields: dict[str, Any] = {}
+    if args.config is not None:
+        path = Path(args.config)
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--config {path}: not a readable JSON file ({e})") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"--config {path}: must hold a JSON object of TrainConfig fields")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"--config {path}: unknown field(s) {', '.join(unknown)}; "
+                             f"TrainConfig has {', '.join(sorted(known))}")
+    for flag in ("architecture", "width", "k", "lr", "l1_coefficient", "l0_coefficient"):
+        if getattr(args, flag) is not None:
+            fields[flag] = getattr(args, flag)
+    if "k" in fields and float(fields["k"]).is_integer():
+        fields["k"] = int(fields["k"])
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0; got {args.checkpoint_every}")
+    for name in ("batch_rows", "tokens", "length", "sequences", "buffer_rows", "eval_windows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got "
+                             f"{getattr(args, name)}")
+    steps = args.tokens // args.batch_rows
+    if steps < 1:
+        raise ValueError(f"--tokens {args.tokens} is less than one step of --batch-rows "
+                         f"{args.batch_rows}")
+    fields["total_steps"] = steps
+    try:
+        return TrainConfig(**fields)
+    except TypeError as e:
+        raise ValueError(f"--config: {e}") from None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import signal
+    import time
+
+    from gemma_eqx.core.atomic import replace_file
+    from gemma_eqx.formats.pretrained import from_pretrained
+
+    from ..corpus import read_corpus, token_windows
+    from .dictionary import HookPoint
+    from .evaluate import evaluate
+    from .load import hf_hook_point, save_gemma_scope_2
+    from .train import fit, remove_checkpoints, to_dictionary
+
+    config = _train_config(args)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(
+            p.name not in ("params.safetensors", "config.json", "training.json")
+            for p in out.iterdir())):
+        raise ValueError(f"--out {out} exists and holds files other than a trained "
+                         f"dictionary's; choose a new or empty folder")
+    reads = HookPoint(args.site, args.layer)
+    writes = reads if args.writes is None else HookPoint(args.writes, args.layer)
+    for point in {reads, writes}:
+        hf_hook_point(point)  # a site Gemma Scope 2's layout cannot name is refused now
+    model, tokenizer = from_pretrained(args.model)
+    if not 0 <= args.layer < len(model.blocks):
+        raise ValueError(f"--layer {args.layer}: {args.model} has layers 0..."
+                         f"{len(model.blocks) - 1}")
+    windows = token_windows(tokenizer, read_corpus(args.corpus), args.length, seed=args.seed)
+    checkpoints = Path(args.checkpoints) if args.checkpoints else out.with_name(
+        out.name + ".checkpoints")
+    start = time.perf_counter()
+
+    def stop(signum, frame):  # SIGTERM as Ctrl-C: fit saves a checkpoint on its way out
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        state, log = fit(model, windows, reads, config, writes=writes,
+                         batch_rows=args.batch_rows, sequences=args.sequences,
+                         buffer_rows=args.buffer_rows, seed=args.seed, checkpoints=checkpoints,
+                         checkpoint_every=args.checkpoint_every)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    seconds = time.perf_counter() - start
+    name = f"{args.model}/{args.site}/layer_{args.layer}"
+    dictionary = to_dictionary(state, config, reads, writes, name=name,
+                               model_name=model.config.name)
+    held = windows.held_out[:args.eval_windows]
+    batches = [held[i:i + args.sequences]
+               for i in range(0, len(held) - args.sequences + 1, args.sequences)]
+    ignore = [tokenizer.bos_id] + ([tokenizer.pad_id] if tokenizer.pad_id is not None else [])
+    metrics = evaluate(model, dictionary, batches, ignore_tokens=ignore).to_json() \
+        if batches else {}
+    training = dataclasses.asdict(config)
+    save_gemma_scope_2(dictionary, out, extra={"training": training})
+    report = {"config": training, "model": args.model, "reads": str(reads),
+              "writes": str(writes), "tokens": config.total_steps * args.batch_rows,
+              "seconds": round(seconds, 2), "seconds_model": round(log.seconds_model, 2),
+              "seconds_step": round(log.seconds_step, 2),
+              "log": dataclasses.asdict(log), "held_out": metrics}
+    with replace_file(out / "training.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    remove_checkpoints(checkpoints)
+    print(f"trained {config.architecture} x{config.width} at {reads}: "
+          f"{report['tokens']:,} tokens in {seconds:.0f} s (model {log.seconds_model:.0f} s, "
+          f"steps {log.seconds_step:.0f} s)")
+    for key in ("l0", "explained_variance", "ce_loss_recovered", "dead"):
+        if key in metrics:
+            print(f"  held out {key:<20} {metrics[key]:.4g}" if isinstance(metrics[key], float)
+                  else f"  held out {key:<20} {metrics[key]}")
+    print(f"dictionary: {out}")
+    return 0
 
 
 def _positive(args: argparse.Namespace, *names: str) -> None:
@@ -59,6 +221,8 @@ def run_features(args: argparse.Namespace) -> int:
 
     from .load import load_dictionary
 
+    if args.action == "train":
+        return run_train(args)
     if args.action != "attribute":
         _positive(args, "windows", "length", "batch")
     dictionary = load_dictionary(args.dictionary, args.folder)

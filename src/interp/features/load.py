@@ -156,9 +156,17 @@ def load_gemma_scope_2(folder: str | os.PathLike, *, dtype: Any = jnp.float32
                              f"config.json; {path.name} is missing")
     config = _read_json(config_path)
     architecture = config.get("architecture", "jump_relu")
-    if architecture not in ("jump_relu", "jumprelu"):
+    # Google's folders are JumpReLU; `interp.features.train` writes ReLU and TopK (with "k")
+    # dictionaries in the same layout.
+    activation = {"jump_relu": "jumprelu", "jumprelu": "jumprelu", "relu": "relu",
+                  "topk": "topk"}.get(architecture) if isinstance(architecture, str) else None
+    if activation is None:
         raise ValueError(f"{config_path}: architecture {architecture!r} is not a Gemma Scope "
-                         f"2 activation this library reads (jump_relu)")
+                         f"2 activation this library reads (jump_relu, relu, topk)")
+    k = config.get("k")
+    if activation == "topk" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"{config_path}: architecture 'topk' needs field 'k', a positive "
+                         f"integer; got {k!r}")
     if "hf_hook_point_in" not in config:
         raise ValueError(f"{config_path}: no field 'hf_hook_point_in' (the hook point it reads)")
     reads = hook_from_hf(config["hf_hook_point_in"], str(config_path), "hf_hook_point_in")
@@ -175,9 +183,66 @@ def load_gemma_scope_2(folder: str | os.PathLike, *, dtype: Any = jnp.float32
     if unknown:
         raise ValueError(f"{params}: tensor(s) {', '.join(unknown)} are not part of a Gemma "
                          f"Scope 2 dictionary")
-    return _dictionary(arrays, params, activation="jumprelu", reads=reads, writes=writes,
+    return _dictionary(arrays, params, activation=activation, reads=reads, writes=writes,
+                       k=k if activation == "topk" else None,
                        skip=("affine_skip_connection",), dtype=dtype, names=names,
                        model_name=config.get("model_name"))
+
+
+def hf_hook_point(point: HookPoint) -> str:
+    """The Hugging Face module hook point of a site (Gemma Scope 2's `hf_hook_point_in`)."""
+    for module, site in _HF_HOOKS.items():
+        if site == point.site and module not in ("mlp.input",):
+            return f"model.layers.{point.layer}" + (f".{module}" if module else ".output")
+    raise ValueError(f"site {point.site} has no Hugging Face hook point; Gemma Scope 2's layout "
+                     f"names one ({', '.join(sorted(set(_HF_HOOKS.values())))})")
+
+
+def save_gemma_scope_2(dictionary: SparseDictionary, folder: str | os.PathLike, *,
+                       extra: dict[str, Any] | None = None) -> Path:
+    """Write `dictionary` as a Gemma Scope 2 folder (`params.safetensors`, `config.json`;
+    `extra` adds fields, e.g. the training config), atomically: a folder already there is
+    replaced only when it holds such a dictionary. `load_gemma_scope_2` reads it back.
+    ReLU and TopK dictionaries write `architecture` "relu" / "topk" (with `k`), BatchTopK its
+    inference threshold as JumpReLU's; a subtracted decoder bias is folded into `b_enc`."""
+    from safetensors.numpy import save_file
+
+    from gemma_eqx.core.atomic import remove_partials, replace_directory
+
+    d = dictionary
+    if d.w_skip is not None or d.input_norm != "none":
+        raise ValueError(f"{d.name}: a skip connection or a run-time input normalisation has "
+                         f"no place in this writer's Gemma Scope 2 folders")
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(
+            p.name not in ("params.safetensors", "config.json") for p in folder.iterdir())):
+        raise ValueError(f"{folder} exists and holds files other than a Gemma Scope 2 "
+                         f"dictionary's; choose a new or empty folder")
+    config: dict[str, Any] = {
+        "architecture": {"jumprelu": "jump_relu", "batchtopk": "jump_relu"}.get(
+            d.activation, d.activation),
+        "hf_hook_point_in": hf_hook_point(d.reads),
+        "width": d.width, "model_name": d.model_name,
+    }
+    if d.writes != d.reads:
+        config["hf_hook_point_out"] = hf_hook_point(d.writes)
+    if d.activation == "topk":
+        config["k"] = int(d.k)
+    b_enc = np.asarray(d.b_enc, np.float32)
+    if d.subtract_decoder_bias:  # (x - b_dec) W_enc + b_enc = x W_enc + (b_enc - b_dec W_enc)
+        b_enc = b_enc - np.asarray(d.b_dec, np.float32) @ np.asarray(d.w_enc, np.float32)
+    arrays = {"w_enc": d.w_enc, "b_enc": b_enc, "w_dec": d.w_dec, "b_dec": d.b_dec}
+    if d.threshold is not None:
+        arrays["threshold"] = d.threshold
+    arrays = {n: np.ascontiguousarray(np.asarray(a, np.float32)) for n, a in arrays.items()}
+    config.update(extra or {})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_partials(folder)
+    with replace_directory(folder) as new:
+        new.mkdir()
+        save_file(arrays, str(new / "params.safetensors"))
+        (new / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
 
 
 def load_gemma_scope_1(path: str | os.PathLike, *, site: str | None = None,

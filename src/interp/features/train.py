@@ -26,7 +26,10 @@ to its trainer to 1e-5):
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -368,3 +371,398 @@ def train_step(state: TrainState, x: Float[Array, "rows d_in"],
     new = TrainState(eqx.apply_updates(params, updates), opt_state, state.step + 1, since,
                      state.fired + fired_now.sum(0), topk_threshold)
     return new, out
+
+
+def to_dictionary(state: TrainState, config: TrainConfig, reads: Any, writes: Any = None, *,
+                  name: str = "trained", model_name: str | None = None) -> Any:
+    """The trained dictionary as a `SparseDictionary` for inference (what `splice`, `evaluate`
+    and the loaders use). TopK's decoder norms are folded into the encoder, as SAELens does
+    on saving: the same activations, unit decoder rows. BatchTopK infers with its learned
+    threshold (`activation="batchtopk"`); JumpReLU's threshold is the projected one."""
+    from .dictionary import SparseDictionary
+
+    p = state.params
+    w_enc, b_enc, w_dec = p.w_enc, p.b_enc, p.w_dec
+    if config.architecture in ("topk", "batchtopk") and config.rescale_acts_by_decoder_norm:
+        norm = jnp.linalg.norm(w_dec, axis=-1)
+        w_enc, b_enc, w_dec = w_enc * norm, b_enc * norm, w_dec / norm[:, None]
+    threshold, k = None, None
+    if config.architecture == "jumprelu":
+        threshold = jnp.maximum(p.threshold, 0)
+    elif config.architecture == "batchtopk":
+        threshold = jnp.full(config.width, state.topk_threshold, jnp.float32)
+    elif config.architecture == "topk":
+        k = int(config.k)
+    return SparseDictionary(
+        w_enc=w_enc, b_enc=b_enc, w_dec=w_dec, b_dec=p.b_dec, threshold=threshold,
+        w_skip=None, activation=config.architecture, k=k, reads=reads,
+        writes=reads if writes is None else writes,
+        subtract_decoder_bias=config.apply_b_dec_to_input, name=name, model_name=model_name)
+
+
+# --- The data path: activations streamed from the model into a shuffle buffer --------------
+
+@eqx.filter_jit
+def _activations(recorded: Any, tokens: Int[Array, "batch seq"], last: int
+                 ) -> dict[str, Array]:
+    """What `recorded`'s Records hold after block `last`: the blocks above it never run."""
+    padding = jnp.ones(tokens.shape, bool)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    records: dict[str, Any] = {}
+    x = recorded.embed(tokens, positions, padding, records)
+    for i, block in enumerate(recorded.blocks[:last + 1]):
+        x, _ = block(x, positions, padding, None, None, records, i)
+    return records
+
+
+def stream_activations(model: Any, windows: Any, points: Sequence[Any], *, sequences: int = 8,
+                       split: str = "train", skip: int = 0) -> Iterator[tuple[np.ndarray, ...]]:
+    """For each batch of `sequences` token windows of `windows` (`interp.corpus.TokenWindows`),
+    the activations at each hook point in `points`, `[rows, d]` float32, one row per token
+    after the BOS (which is left out: its activations are outliers no dictionary should
+    spend latents on). The forward stops after the last layer the points need; the first
+    `skip` batches are passed over without running it (a resumed run)."""
+    from ..capture import ActivationCache
+    from ..install import add_interventions
+    from ..interventions import Record
+
+    per_layer: dict[int, list[Any]] = {}
+    for point in points:
+        per_layer.setdefault(point.layer, []).append(Record(point.site))
+    recorded = add_interventions(model, per_layer)
+    last = max(point.layer for point in points)
+    for i, batch in enumerate(windows.batches(sequences, split)):
+        if i < skip:
+            continue
+        records = _activations(recorded, jnp.asarray(batch), last)
+        cache = ActivationCache(records, model.config, tuple(batch.shape))
+        yield tuple(np.asarray(cache[p.site, p.layer][:, 1:], np.float32).reshape(
+            -1, cache[p.site, p.layer].shape[-1]) for p in points)
+
+
+class ShuffleBuffer:
+    """Rows from many contexts mixed before they reach a batch: `capacity` rows (memory:
+    capacity x (d_in + d_out) x 4 bytes) are filled from the stream, shuffled, and the first
+    half handed out in batches while the second half waits to be mixed with the next fill
+    (SAELens' mixing buffer). Deterministic for a seed; `state()` / `restore()` carry it
+    across a checkpoint."""
+
+    def __init__(self, stream: Iterator[tuple[np.ndarray, ...]], capacity: int, seed: int):
+        if capacity < 2:
+            raise ValueError(f"the shuffle buffer holds at least 2 rows; got {capacity}")
+        self.stream, self.capacity = stream, capacity
+        self.rng = np.random.default_rng(seed)
+        self.ready: list[np.ndarray] | None = None  # shuffled, being handed out
+        self.held: list[np.ndarray] | None = None  # waiting for the next fill
+        self.exhausted = False
+        self.consumed = 0  # items read from the stream
+
+    def _refill(self, size: int) -> bool:
+        parts: list[list[np.ndarray]] = []
+        for arrays in (self.held, self.ready):
+            if arrays is not None and len(arrays[0]):
+                parts = parts or [[] for _ in arrays]
+                for part, a in zip(parts, arrays, strict=True):
+                    part.append(a)
+        rows = sum(len(a) for a in parts[0]) if parts else 0
+        while rows < self.capacity and not self.exhausted:
+            try:
+                arrays = next(self.stream)
+            except StopIteration:
+                self.exhausted = True
+                break
+            self.consumed += 1
+            parts = parts or [[] for _ in arrays]
+            for part, a in zip(parts, arrays, strict=True):
+                part.append(a)
+            rows += len(arrays[0])
+        if rows < size:
+            return False
+        order = self.rng.permutation(rows)
+        mixed = [np.concatenate(p)[order] for p in parts]
+        out = rows if self.exhausted else max(size, rows // 2)
+        out -= out % size
+        self.ready = [a[:out] for a in mixed]
+        self.held = [a[out:] for a in mixed]
+        return True
+
+    def next_batch(self, size: int) -> tuple[np.ndarray, ...] | None:
+        """The next `size` rows, or None when the stream and the buffer have run dry."""
+        while self.ready is None or len(self.ready[0]) < size:
+            if not self._refill(size):
+                return None
+        out = tuple(a[:size] for a in self.ready)
+        self.ready = [a[size:] for a in self.ready]
+        return out
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, ...]]:
+        """Batches of `size` rows until the stream and the buffer run dry (a last partial
+        batch is dropped)."""
+        while (batch := self.next_batch(size)) is not None:
+            yield batch
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able counters and random state, the rows held) at a batch boundary."""
+        rows = {}
+        for name, arrays in (("ready", self.ready), ("held", self.held)):
+            for i, a in enumerate(arrays or ()):
+                rows[f"{name}_{i}"] = a
+        return {"rng": self.rng.bit_generator.state, "exhausted": self.exhausted,
+                "consumed": self.consumed}, rows
+
+    def restore(self, meta: dict[str, Any], rows: dict[str, np.ndarray]) -> None:
+        self.rng.bit_generator.state = meta["rng"]
+        self.exhausted, self.consumed = bool(meta["exhausted"]), int(meta["consumed"])
+        for name in ("ready", "held"):
+            found = sorted((k for k in rows if k.startswith(name + "_")),
+                           key=lambda k: int(k.rsplit("_", 1)[1]))
+            setattr(self, name, [rows[k] for k in found] or None)
+
+
+@dataclass
+class TrainLog:
+    """What a training run measured, per logged step."""
+
+    steps: list[int] = dataclasses.field(default_factory=list)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    losses: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    l0: list[float] = dataclasses.field(default_factory=list)
+    explained_variance: list[float] = dataclasses.field(default_factory=list)
+    dead_fraction: list[float] = dataclasses.field(default_factory=list)
+    seconds_model: float = 0.0
+    seconds_step: float = 0.0
+
+
+def _step_metrics(x: Array, target: Array, out: StepOutput) -> tuple[float, float]:
+    """L0 and explained variance of one step, as SAELens logs them."""
+    l0 = float((out.feature_acts != 0).sum(-1).mean())
+    residual = ((out.sae_out - target) ** 2).sum(-1).mean()
+    variance = ((target - target.mean(0)) ** 2).sum(-1).mean()
+    return l0, float(1 - residual / variance)
+
+
+class TrainingStopped(RuntimeError):
+    """The loss became NaN or infinite: the message names the step and the batch."""
+
+
+def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: Any = None,
+        batch_rows: int = 4096, sequences: int = 8, buffer_rows: int = 2**17, seed: int = 0,
+        b_dec_init: str = "geometric_median", log_every: int = 50,
+        checkpoints: str | os.PathLike | None = None, checkpoint_every: int = 0,
+        show_progress: bool | None = None) -> tuple[TrainState, TrainLog]:
+    """Train a dictionary reading hook point `reads` (writing `writes`: a transcoder) of
+    `model` for `config.total_steps` steps of `batch_rows` rows, streamed from `windows`'
+    train split through a `ShuffleBuffer` of `buffer_rows` rows; nothing is written to disk
+    but checkpoints. `b_dec` starts at the geometric median (or the mean, or zeros) of the
+    first buffer's targets. The same arguments give bit-identical parameters.
+
+    With `checkpoints` (a folder), the state, the buffer and the log are saved there every
+    `checkpoint_every` steps (and when the run is interrupted: Ctrl-C, SIGTERM), and a run
+    with the same arguments resumes from the newest checkpoint whose files match their
+    checksums (a damaged one is named in a warning and the one before it used), with the
+    result an uninterrupted run gives. A NaN or infinite loss stops the run with
+    `TrainingStopped`, naming the step and the batch; the checkpoints stay as they were."""
+    import time
+
+    from gemma_eqx.core.runtime import progress
+
+    if b_dec_init not in ("geometric_median", "mean", "zeros"):
+        raise ValueError(f"b_dec_init must be geometric_median, mean or zeros; got "
+                         f"{b_dec_init!r}")
+    for name, value in (("batch_rows", batch_rows), ("log_every", log_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if checkpoint_every and checkpoints is None:
+        raise ValueError("checkpoint_every needs checkpoints= (the folder to write them to)")
+    points = [reads] if writes is None or writes == reads else [reads, writes]
+    run_key = _run_key(config, reads, writes, batch_rows, sequences, buffer_rows, seed,
+                       b_dec_init, windows)
+    log = TrainLog()
+    buffer = ShuffleBuffer(iter(()), max(buffer_rows, 2 * batch_rows), seed)
+    state, first = None, 0
+    folder = None if checkpoints is None else Path(checkpoints)
+    if folder is not None:
+        resumed = _resume(folder, run_key, config)
+        if resumed is not None:
+            state, buffer_meta, rows, saved_log = resumed
+            buffer.restore(buffer_meta, rows)
+            log = TrainLog(**saved_log)
+            first = int(state.step)
+    buffer.stream = _timed(stream_activations(model, windows, points, sequences=sequences,
+                                              skip=buffer.consumed), log)
+    clock = time.perf_counter()
+    steps = progress(range(first, config.total_steps), "training", unit="step",
+                     show=show_progress, total=config.total_steps - first)
+    snapshot = buffer.state()  # the buffer as the state's next step will find it
+    try:
+        for step in steps:
+            snapshot = buffer.state()
+            batch = buffer.next_batch(batch_rows)
+            if batch is None:
+                raise ValueError(f"the corpus ran out after {step} of {config.total_steps} "
+                                 f"steps of {batch_rows} rows: fewer steps or more text")
+            x = jnp.asarray(batch[0])
+            target = jnp.asarray(batch[-1])
+            if state is None:
+                # The targets waiting in the buffer: a sample of many contexts.
+                sample = buffer.held[-1] if buffer.held else batch[-1]
+                b_dec = None
+                if b_dec_init == "geometric_median":
+                    b_dec = geometric_median(jnp.asarray(sample))
+                elif b_dec_init == "mean":
+                    b_dec = jnp.asarray(sample.mean(0))
+                params = init_params(config, x.shape[-1], target.shape[-1],
+                                     key=jax.random.key(seed), b_dec=b_dec)
+                state = init_state(config, params)
+            start = time.perf_counter()
+            new, out = train_step(state, x, None if len(batch) == 1 else target, config)
+            loss = float(out.loss)  # one number per step: the NaN check and the sync
+            if not np.isfinite(loss):
+                raise TrainingStopped(
+                    f"the loss is {loss} at step {step} (batch {step}: rows "
+                    f"{step * batch_rows}-{(step + 1) * batch_rows - 1} of the shuffled "
+                    f"stream; terms {({k: float(v) for k, v in out.losses.items()})}); "
+                    + ("the last checkpoint is kept" if folder is not None else
+                       "nothing was saved"))
+            state = new
+            log.seconds_step += time.perf_counter() - start
+            if (step + 1) % log_every == 0 or step + 1 == config.total_steps:
+                l0, explained = _step_metrics(x, target, out)
+                log.steps.append(step + 1)
+                log.tokens.append((step + 1) * batch_rows)
+                log.losses.append({k: float(v) for k, v in out.losses.items()})
+                log.l0.append(l0)
+                log.explained_variance.append(explained)
+                log.dead_fraction.append(float(
+                    (state.since_fired > config.dead_feature_window).mean()))
+                if hasattr(steps, "set_postfix"):
+                    done = log.tokens[-1] - first * batch_rows
+                    steps.set_postfix(l0=f"{l0:.1f}", ev=f"{explained:.3f}",
+                                      dead=f"{log.dead_fraction[-1]:.3f}",
+                                      tok_s=f"{done / (time.perf_counter() - clock):.0f}")
+            if checkpoint_every and (step + 1) % checkpoint_every == 0:
+                _save_checkpoint(folder, state, buffer.state(), log, run_key)
+    except KeyboardInterrupt:
+        if folder is not None and state is not None:
+            _save_checkpoint(folder, state, snapshot, log, run_key)
+        raise
+    return state, log
+
+
+def _run_key(config, reads, writes, batch_rows, sequences, buffer_rows, seed, b_dec_init,
+             windows) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed by this run."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(windows.train).tobytes()).hexdigest()
+    return {"config": dataclasses.asdict(config), "reads": str(reads),
+            "writes": str(writes or reads), "batch_rows": batch_rows, "sequences": sequences,
+            "buffer_rows": buffer_rows, "seed": seed, "b_dec_init": b_dec_init,
+            "windows_sha256": digest}
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def _save_checkpoint(folder: Path, state: TrainState, buffer: tuple[dict, dict],
+                     log: TrainLog, run_key: dict[str, Any], keep: int = 2) -> Path:
+    """`folder/step_<N>`: the state's leaves (orbax), the buffer's rows (.npy), the counters
+    and the log (JSON), a manifest of checksums; written aside and renamed into place. Only
+    the newest `keep` checkpoints this writer made are kept."""
+    import json
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from gemma_eqx.core.atomic import remove_partials, replace_directory
+
+    step = int(state.step)
+    target = folder / f"step_{step:09d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_partials(target)
+    buffer_meta, rows = buffer
+    leaves = jax.tree_util.tree_leaves(state)
+    with replace_directory(target) as new:
+        new.mkdir()
+        ocp.PyTreeCheckpointer().save(
+            (new / "state").absolute(),
+            {f"{i:04d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+        for name, array in rows.items():
+            np.save(new / f"{name}.npy", array)
+        (new / "meta.json").write_text(json.dumps({
+            "step": step, "run": run_key, "buffer": buffer_meta,
+            "log": dataclasses.asdict(log), "d_in": int(state.params.w_enc.shape[0]),
+            "d_out": int(state.params.w_dec.shape[1])}))
+        (new / "manifest.json").write_text(json.dumps(_file_digests(new)))
+    for old in sorted(folder.glob("step_*"))[:-keep]:
+        if (old / "manifest.json").is_file():  # one of ours
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _resume(folder: Path, run_key: dict[str, Any], config: TrainConfig) -> Any:
+    """(state, buffer counters, buffer rows, log) of the newest sound checkpoint in `folder`
+    made by a run with these arguments, or None."""
+    import json
+    import warnings
+
+    import orbax.checkpoint as ocp
+
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("step_*"), reverse=True):
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            if manifest != _file_digests(path):
+                raise ValueError("its files do not match their checksums")
+            meta = json.loads((path / "meta.json").read_text())
+            if meta["run"] != run_key:
+                changed = sorted(k for k in run_key if meta["run"].get(k) != run_key[k])
+                raise ValueError(f"it was made by a run with other arguments "
+                                 f"({', '.join(changed)}); use another checkpoints folder")
+            template = init_state(config, init_params(config, meta["d_in"], meta["d_out"],
+                                                      key=jax.random.key(0)))
+            leaves, treedef = jax.tree_util.tree_flatten(template)
+            saved = ocp.PyTreeCheckpointer().restore((path / "state").absolute())
+            restored = [jnp.asarray(saved[f"{i:04d}"], leaf.dtype)
+                        for i, leaf in enumerate(leaves)]
+            rows = {p.stem: np.load(p) for p in path.glob("*.npy")}
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            if isinstance(e, ValueError) and "other arguments" in str(e):
+                raise ValueError(f"checkpoint {path}: {e}") from None
+            warnings.warn(f"checkpoint {path} is damaged ({e}); trying the one before it",
+                          stacklevel=3)
+            continue
+        return (jax.tree_util.tree_unflatten(treedef, restored), meta["buffer"], rows,
+                meta["log"])
+    return None
+
+
+def remove_checkpoints(folder: str | os.PathLike) -> None:
+    """Delete the checkpoints `fit` wrote in `folder` (those with its manifest), and the
+    folder when nothing else is left in it."""
+    import shutil
+
+    folder = Path(folder)
+    for path in folder.glob("step_*"):
+        if (path / "manifest.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _timed(stream: Iterator[Any], log: TrainLog) -> Iterator[Any]:
+    import time
+
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(stream)
+        except StopIteration:
+            return
+        log.seconds_model += time.perf_counter() - start
+        yield item
