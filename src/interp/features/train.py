@@ -327,16 +327,23 @@ def _forward(params: TrainParams, x: Array, target: Array, config: TrainConfig,
         # live ones left; scaled down while few are dead.
         num_dead = dead.sum()
         k_aux = x.shape[-1] // 2
-        scale = jnp.minimum(num_dead / k_aux, 1.0)
-        masked = jnp.where(dead, pre, -jnp.inf)
-        values, indices = jax.lax.top_k(masked, min(k_aux, pre.shape[-1]))
-        values = jnp.where(jnp.isfinite(values), values, 0)
-        aux_acts = jnp.zeros_like(pre).at[jnp.arange(pre.shape[0])[:, None], indices].set(
-            values)
         residual = jax.lax.stop_gradient(target - sae_out)
-        aux = ((decode(aux_acts) - residual) ** 2).sum(-1).mean()
-        losses["auxiliary_reconstruction_loss"] = jnp.where(
-            num_dead > 0, config.aux_coefficient * scale * aux, 0.0)
+
+        def aux_loss(pre, w_dec):
+            masked = jnp.where(dead, pre, -jnp.inf)
+            values, indices = jax.lax.top_k(masked, min(k_aux, pre.shape[-1]))
+            values = jnp.where(jnp.isfinite(values), values, 0)
+            aux_acts = jnp.zeros_like(pre).at[jnp.arange(pre.shape[0])[:, None],
+                                              indices].set(values)
+            norm = jnp.linalg.norm(w_dec, axis=-1)
+            recons = (aux_acts / norm if rescale else aux_acts) @ w_dec
+            scale = jnp.minimum(num_dead / k_aux, 1.0)
+            return config.aux_coefficient * scale * ((recons - residual) ** 2).sum(-1).mean()
+
+        # Nothing to compute while no latent is dead (most of a run): SAELens returns 0 then.
+        losses["auxiliary_reconstruction_loss"] = jax.lax.cond(
+            num_dead > 0, aux_loss, lambda pre, w_dec: jnp.zeros((), pre.dtype),
+            pre, params.w_dec)
     total = sum(losses.values())
     return total, StepOutput(losses, total, acts, sae_out)
 
