@@ -72,7 +72,6 @@ def _params(ref: dict, prefix: str) -> TrainParams:
 def test_five_steps_equal_saelens_trainer(reference, case):
     config = TrainConfig(**SCHEDULE, **CASES[case])
     state = train.init_state(config, _params(reference, f"{case}/init"))
-    state = jax.tree_util.tree_map(lambda a: a, state)
     state = train.TrainState(state.params, state.opt_state, state.step,
                              jnp.asarray(reference[f"{case}/since_fired"]), state.fired,
                              state.topk_threshold)
@@ -326,7 +325,7 @@ def _train_command(tmp_path, monkeypatch, *extra):
                            arch="gemma3", digits=True)
     rng = np.random.default_rng(0)
     corpus = tmp_path / "corpus"
-    corpus.mkdir()
+    corpus.mkdir(exist_ok=True)
     for i in range(6):  # a folder of .txt files: one document each
         (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(list("0123456789"), 3000)))
     return main(["features", "train", "--model", str(gguf), "--corpus", str(corpus),
@@ -353,6 +352,14 @@ def test_the_train_command_writes_a_folder_the_loaders_read(tmp_path, monkeypatc
     assert report["held_out"]["l0"] <= 4 and "explained_variance" in report["held_out"]
     assert json.loads((out / "config.json").read_text())["training"]["architecture"] == "topk"
     assert "held out explained_variance" in capsys.readouterr().out
+    # Run again into the same folder: the earlier result, all of it ours, is replaced.
+    assert _train_command(tmp_path, monkeypatch, "--site", "resid_post", "--layer", "1",
+                          "--architecture", "relu", "--width", "32", "--tokens", "640",
+                          "--out", str(out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.safetensors",
+                                                      "training.json"]
+    assert load_dictionary(out).activation == "relu"
+    assert json.loads((out / "training.json").read_text())["tokens"] == 640
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -138,22 +138,22 @@ def run_train(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from gemma_eqx.core.atomic import replace_file
     from gemma_eqx.formats.pretrained import from_pretrained
 
     from ..corpus import read_corpus, token_windows
     from .dictionary import HookPoint
     from .evaluate import evaluate
-    from .load import hf_hook_point, save_gemma_scope_2
+    from .load import (
+        GEMMA_SCOPE_2_FILES,
+        check_writable_folder,
+        hf_hook_point,
+        save_gemma_scope_2,
+    )
     from .train import fit, remove_checkpoints, to_dictionary
 
     config = _train_config(args)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(
-            p.name not in ("params.safetensors", "config.json", "training.json")
-            for p in out.iterdir())):
-        raise ValueError(f"--out {out} exists and holds files other than a trained "
-                         f"dictionary's; choose a new or empty folder")
+    check_writable_folder(out, (*GEMMA_SCOPE_2_FILES, "training.json"))  # before any work
     reads = HookPoint(args.site, args.layer)
     writes = reads if args.writes is None else HookPoint(args.writes, args.layer)
     for point in {reads, writes}:
@@ -189,14 +189,13 @@ def run_train(args: argparse.Namespace) -> int:
     metrics = evaluate(model, dictionary, batches, ignore_tokens=ignore).to_json() \
         if batches else {}
     training = dataclasses.asdict(config)
-    save_gemma_scope_2(dictionary, out, extra={"training": training})
     report = {"config": training, "model": args.model, "reads": str(reads),
               "writes": str(writes), "tokens": config.total_steps * args.batch_rows,
               "seconds": round(seconds, 2), "seconds_model": round(log.seconds_model, 2),
               "seconds_step": round(log.seconds_step, 2),
               "log": dataclasses.asdict(log), "held_out": metrics}
-    with replace_file(out / "training.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
+    save_gemma_scope_2(dictionary, out, extra={"training": training},
+                       files={"training.json": json.dumps(report, indent=1)})
     remove_checkpoints(checkpoints)
     print(f"trained {config.architecture} x{config.width} at {reads}: "
           f"{report['tokens']:,} tokens in {seconds:.0f} s (model {log.seconds_model:.0f} s, "

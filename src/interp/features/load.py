@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,11 +199,27 @@ def hf_hook_point(point: HookPoint) -> str:
                      f"names one ({', '.join(sorted(set(_HF_HOOKS.values())))})")
 
 
+GEMMA_SCOPE_2_FILES = ("params.safetensors", "config.json")
+
+
+def check_writable_folder(folder: str | os.PathLike, names: Sequence[str]) -> Path:
+    """`folder`, refused when it exists and holds anything but files named in `names` (what
+    this program writes there, and may replace)."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(
+            p.name not in names for p in folder.iterdir())):
+        raise ValueError(f"{folder} exists and holds files other than a Gemma Scope 2 "
+                         f"dictionary's; choose a new or empty folder")
+    return folder
+
+
 def save_gemma_scope_2(dictionary: SparseDictionary, folder: str | os.PathLike, *,
-                       extra: dict[str, Any] | None = None) -> Path:
+                       extra: dict[str, Any] | None = None,
+                       files: dict[str, str] | None = None) -> Path:
     """Write `dictionary` as a Gemma Scope 2 folder (`params.safetensors`, `config.json`;
-    `extra` adds fields, e.g. the training config), atomically: a folder already there is
-    replaced only when it holds such a dictionary. `load_gemma_scope_2` reads it back.
+    `extra` adds fields, e.g. the training config; `files` more text files beside them),
+    atomically: a folder already there is replaced only when it holds such a dictionary (and
+    those files). `load_gemma_scope_2` reads it back.
     ReLU and TopK dictionaries write `architecture` "relu" / "topk" (with `k`), BatchTopK its
     inference threshold as JumpReLU's; a subtracted decoder bias is folded into `b_enc`."""
     from safetensors.numpy import save_file
@@ -213,11 +230,8 @@ def save_gemma_scope_2(dictionary: SparseDictionary, folder: str | os.PathLike, 
     if d.w_skip is not None or d.input_norm != "none":
         raise ValueError(f"{d.name}: a skip connection or a run-time input normalisation has "
                          f"no place in this writer's Gemma Scope 2 folders")
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(
-            p.name not in ("params.safetensors", "config.json") for p in folder.iterdir())):
-        raise ValueError(f"{folder} exists and holds files other than a Gemma Scope 2 "
-                         f"dictionary's; choose a new or empty folder")
+    files = files or {}
+    folder = check_writable_folder(folder, (*GEMMA_SCOPE_2_FILES, *files))
     config: dict[str, Any] = {
         "architecture": {"jumprelu": "jump_relu", "batchtopk": "jump_relu"}.get(
             d.activation, d.activation),
@@ -242,6 +256,8 @@ def save_gemma_scope_2(dictionary: SparseDictionary, folder: str | os.PathLike, 
         new.mkdir()
         save_file(arrays, str(new / "params.safetensors"))
         (new / "config.json").write_text(json.dumps(config, indent=1))
+        for name, text in files.items():
+            (new / name).write_text(text)
     return folder
 
 

@@ -26,6 +26,7 @@ to its trainer to 1e-5):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
+
+from .dictionary import SparseDictionary, activate
 
 ARCHITECTURES = ("relu", "jumprelu", "topk", "batchtopk")
 SPARSITY_LOSSES = ("step", "tanh")
@@ -237,7 +240,7 @@ def _jumprelu_vjp(bandwidth: float, ste_to_input: bool, x: Array, threshold: Arr
 
 
 def _jumprelu_fwd(bandwidth, ste_to_input, x, threshold):
-    return x * (x > threshold), (x, threshold)
+    return _jumprelu_vjp(bandwidth, ste_to_input, x, threshold), (x, threshold)
 
 
 def _jumprelu_bwd(bandwidth, ste_to_input, residuals, g):
@@ -252,7 +255,7 @@ def _step_vjp(bandwidth: float, ste_to_input: bool, x: Array, threshold: Array) 
 
 
 def _step_fwd(bandwidth, ste_to_input, x, threshold):
-    return (x > threshold).astype(x.dtype), (x, threshold)
+    return _step_vjp(bandwidth, ste_to_input, x, threshold), (x, threshold)
 
 
 def _step_bwd(bandwidth, ste_to_input, residuals, g):
@@ -265,12 +268,6 @@ _jumprelu = jax.custom_vjp(_jumprelu_vjp, nondiff_argnums=(0, 1))
 _jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 _step = jax.custom_vjp(_step_vjp, nondiff_argnums=(0, 1))
 _step.defvjp(_step_fwd, _step_bwd)
-
-
-def _top_values(x: Array, k: int) -> Array:
-    """x with all but its top `k` entries per row set to 0 (ties: the lower index wins)."""
-    values, indices = jax.lax.top_k(x, k)
-    return jnp.zeros_like(x).at[jnp.arange(x.shape[0])[:, None], indices].set(values)
 
 
 class StepOutput(eqx.Module):
@@ -297,10 +294,10 @@ def _forward(params: TrainParams, x: Array, target: Array, config: TrainConfig,
         acts = _jumprelu(config.jumprelu_bandwidth, config.jumprelu_ste_to_input, pre,
                          params.threshold)
     elif architecture == "topk":
-        acts = jax.nn.relu(_top_values(pre, int(config.k)))
+        acts = activate(pre, "topk", None, int(config.k))
     else:
         flat = jax.nn.relu(pre).reshape(-1)
-        acts = _top_values(flat[None], int(config.k * pre.shape[0]))[0].reshape(pre.shape)
+        acts = activate(flat, "topk", None, int(config.k * pre.shape[0])).reshape(pre.shape)
 
     def decode(a):
         return (a / dec_norm if rescale else a) @ params.w_dec
@@ -381,13 +378,11 @@ def train_step(state: TrainState, x: Float[Array, "rows d_in"],
 
 
 def to_dictionary(state: TrainState, config: TrainConfig, reads: Any, writes: Any = None, *,
-                  name: str = "trained", model_name: str | None = None) -> Any:
+                  name: str = "trained", model_name: str | None = None) -> SparseDictionary:
     """The trained dictionary as a `SparseDictionary` for inference (what `splice`, `evaluate`
     and the loaders use). TopK's decoder norms are folded into the encoder, as SAELens does
     on saving: the same activations, unit decoder rows. BatchTopK infers with its learned
     threshold (`activation="batchtopk"`); JumpReLU's threshold is the projected one."""
-    from .dictionary import SparseDictionary
-
     p = state.params
     w_enc, b_enc, w_dec = p.w_enc, p.b_enc, p.w_dec
     if config.architecture in ("topk", "batchtopk") and config.rescale_acts_by_decoder_norm:
@@ -438,9 +433,7 @@ def stream_activations(model: Any, windows: Any, points: Sequence[Any], *, seque
         per_layer.setdefault(point.layer, []).append(Record(point.site))
     recorded = add_interventions(model, per_layer)
     last = max(point.layer for point in points)
-    for i, batch in enumerate(windows.batches(sequences, split)):
-        if i < skip:
-            continue
+    for batch in itertools.islice(windows.batches(sequences, split), skip, None):
         records = _activations(recorded, jnp.asarray(batch), last)
         cache = ActivationCache(records, model.config, tuple(batch.shape))
         yield tuple(np.asarray(cache[p.site, p.layer][:, 1:], np.float32).reshape(
@@ -582,12 +575,12 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
     if checkpoint_every and checkpoints is None:
         raise ValueError("checkpoint_every needs checkpoints= (the folder to write them to)")
     points = [reads] if writes is None or writes == reads else [reads, writes]
-    run_key = _run_key(config, reads, writes, batch_rows, sequences, buffer_rows, seed,
-                       b_dec_init, windows)
+    folder = None if checkpoints is None else Path(checkpoints)
+    run_key = None if folder is None else _run_key(
+        config, reads, writes, batch_rows, sequences, buffer_rows, seed, b_dec_init, windows)
     log = TrainLog()
     buffer = ShuffleBuffer(iter(()), max(buffer_rows, 2 * batch_rows), seed)
     state, first = None, 0
-    folder = None if checkpoints is None else Path(checkpoints)
     if folder is not None:
         resumed = _resume(folder, run_key, config)
         if resumed is not None:
