@@ -7,11 +7,13 @@ median, the straight-through gradients, bad configs."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,9 +74,8 @@ def _params(ref: dict, prefix: str) -> TrainParams:
 def test_five_steps_equal_saelens_trainer(reference, case):
     config = TrainConfig(**SCHEDULE, **CASES[case])
     state = train.init_state(config, _params(reference, f"{case}/init"))
-    state = train.TrainState(state.params, state.opt_state, state.step,
-                             jnp.asarray(reference[f"{case}/since_fired"]), state.fired,
-                             state.topk_threshold)
+    state = eqx.tree_at(lambda s: s.since_fired, state,
+                        jnp.asarray(reference[f"{case}/since_fired"]))
     batches = reference[f"{case}/batches"]
     for step in range(STEPS):
         state, out = train.train_step(state, jnp.asarray(batches[step]), None, config)
@@ -343,7 +344,7 @@ def test_the_train_command_writes_a_folder_the_loaders_read(tmp_path, monkeypatc
                           "--architecture", "topk", "--width", "32", "--k", "4",
                           "--tokens", "1280", "--out", str(out)) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.safetensors",
-                                                      "training.json"]
+                                                      "training.json", "training.png"]
     loaded = load_dictionary(out)
     assert (loaded.reads, loaded.width, loaded.activation, loaded.k) == (
         HookPoint("resid_post", 1), 32, "topk", 4)
@@ -357,7 +358,7 @@ def test_the_train_command_writes_a_folder_the_loaders_read(tmp_path, monkeypatc
                           "--architecture", "relu", "--width", "32", "--tokens", "640",
                           "--out", str(out)) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.safetensors",
-                                                      "training.json"]
+                                                      "training.json", "training.png"]
     assert load_dictionary(out).activation == "relu"
     assert json.loads((out / "training.json").read_text())["tokens"] == 640
 
@@ -469,3 +470,235 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoints(
                                                     r"rows 384-447"):
         _fit(tiny_setup, checkpoints=folder, checkpoint_every=2)
     assert sorted(p.name for p in folder.iterdir()) == ["step_000000004", "step_000000006"]
+
+
+# --- The activation cache, normalisation, skip-transcoders, the mesh, evaluation ------------
+
+def _write_cache(tiny_setup, folder, monkeypatch=None, stop_after=None, **kwargs):
+    from interp.features import HookPoint, activations
+    from interp.features.activations import write_activation_cache
+
+    model, windows = tiny_setup
+    if stop_after is not None:  # Ctrl-C after `stop_after` forward passes
+        real = activations.stream_activations
+
+        def stopping(*args, **kw):
+            for i, item in enumerate(real(*args, **kw)):
+                if i == stop_after:
+                    raise KeyboardInterrupt
+                yield item
+
+        monkeypatch.setattr(activations, "stream_activations", stopping)
+    points = [HookPoint("resid_post", 1), HookPoint("mlp_in", 1), HookPoint("mlp_out_normed", 1)]
+    arguments = dict(sequences=4, flush_every=2, show_progress=False) | kwargs
+    return write_activation_cache(model, windows, points, folder, **arguments)
+
+
+def test_an_interrupted_cache_finishes_and_trains_to_the_streamed_parameters(
+        tiny_setup, tmp_path, monkeypatch):
+    from interp.features import HookPoint
+    from interp.features.activations import open_activation_cache
+
+    model, windows = tiny_setup
+    folder = tmp_path / "activations"
+    with pytest.raises(KeyboardInterrupt):
+        _write_cache(tiny_setup, folder, monkeypatch, stop_after=5)
+    with pytest.raises(ValueError, match=r"is unfinished \(5 of \d+ batches\): rerun"):
+        open_activation_cache(folder)
+    monkeypatch.undo()
+    cache = _write_cache(tiny_setup, folder)
+    assert cache.meta["complete"] and cache.meta["batches_written"] == cache.meta["batches"]
+    # Every row is the one the model streams, in the same order.
+    points = list(cache.points)
+    for got, want in zip(cache.stream(points),
+                         train.stream_activations(model, windows, points, sequences=4),
+                         strict=False):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    # Training from it gives the bit-identical parameters of training from the model.
+    config = TrainConfig(architecture="topk", width=64, k=4, lr=3e-3, total_steps=20)
+    reads, writes = HookPoint("mlp_in", 1), HookPoint("mlp_out_normed", 1)
+    arguments = dict(writes=writes, batch_rows=64, sequences=4, buffer_rows=512,
+                     show_progress=False)
+    streamed, _ = train.fit(model, windows, reads, config, **arguments)
+    cached, log = train.fit(None, cache, reads, config, **arguments)
+    _same_params(cached, streamed)
+    assert log.seconds_model > 0
+    with pytest.raises(ValueError, match=r"holds resid_post of layer 1, mlp_in of layer 1, "
+                                         r"mlp_out_normed of layer 1, not attn_out of layer 1"):
+        train.fit(None, cache, HookPoint("attn_out", 1), config, **arguments)
+
+
+def test_a_cache_checks_its_files_and_refuses_what_it_did_not_write(tiny_setup, tmp_path):
+    import fcntl
+    import json
+    import os
+
+    from interp.features.activations import open_activation_cache
+
+    folder = tmp_path / "activations"
+    cache = _write_cache(tiny_setup, folder, rows=200)
+    # Other arguments into the same folder: refused by name, the cache untouched.
+    before = (folder / "meta.json").read_text()
+    with pytest.raises(ValueError, match=r"was made with other arguments \(batches\)"):
+        _write_cache(tiny_setup, folder, rows=400)
+    assert (folder / "meta.json").read_text() == before
+    # A folder holding someone else's files.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"holds files that are not an activation cache "
+                                         r"\(mine.txt\)"):
+        _write_cache(tiny_setup, other)
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+    # A second writer while one holds the folder.
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ValueError, match="is being written by another process"):
+            _write_cache(tiny_setup, folder, rows=200)
+    finally:
+        os.close(fd)
+    # Fields and files checked before a row is read.
+    meta = json.loads(before)
+    for change, message in (
+            ({"format": "npy"}, r"field 'format' is 'npy'"),
+            ({"batches_written": "all"}, r"field 'batches_written' must be an integer"),
+            ({"rows_per_batch": 7}, r"field 'rows_per_batch' \(7\) is not sequences x"),
+            ({"points": [["pattern", 1]] * 3}, r"field 'points': .*site 'pattern' is not one of"),
+            ({"batches": cache.meta["batches"] + 1}, r"resid_post.1.npy: holds float32 "
+                                                     r"\(\d+, 32\); meta.json says float32")):
+        (folder / "meta.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ValueError, match=message):
+            open_activation_cache(folder)
+    (folder / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match="meta.json: not a readable JSON file"):
+        open_activation_cache(folder)
+    with pytest.raises(ValueError, match="is not an activation cache"):
+        open_activation_cache(tmp_path)
+
+
+def test_normalised_training_is_folded_into_the_exported_transcoder(tiny_setup):
+    from interp.features import HookPoint
+
+    model, windows = tiny_setup
+    config = TrainConfig(architecture="jumprelu", width=64, lr=3e-3, total_steps=15,
+                         l0_coefficient=1e-3, normalize_activations="expected_average_only_in",
+                         skip_connection=True)
+    reads, writes = HookPoint("mlp_in", 1), HookPoint("mlp_out_normed", 1)
+    state, _ = train.fit(model, windows, reads, config, writes=writes, batch_rows=64,
+                         sequences=4, buffer_rows=512, show_progress=False)
+    x, target = (np.concatenate(a) for a in zip(*itertools.islice(
+        train.stream_activations(model, windows, [reads, writes], sequences=4), 4),
+        strict=True))
+    # The factors make the mean norm sqrt(d) on a sample of the stream (this one: close).
+    for scale, rows in ((state.input_scale, x), (state.target_scale, target)):
+        mean_norm = float(np.linalg.norm(rows * float(scale), axis=-1).mean())
+        assert abs(mean_norm / 32**0.5 - 1) < 0.2, mean_norm
+    assert float(state.input_scale) != float(state.target_scale)
+    dictionary = train.to_dictionary(state, config, reads, writes)
+    assert dictionary.kind == "skip-transcoder"
+    # In the site's units, the exported dictionary computes what training computed.
+    _, out = train.train_step(state, jnp.asarray(x), jnp.asarray(target), config)
+    np.testing.assert_allclose(np.asarray(dictionary.encode(jnp.asarray(x))),
+                               np.asarray(out.feature_acts), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dictionary(jnp.asarray(x))),
+                               np.asarray(out.sae_out) / float(state.target_scale),
+                               rtol=1e-4, atol=1e-4 * float(np.abs(target).max()))
+
+
+def test_a_skip_transcoder_saves_as_gemma_scope_2_and_loads_back(tiny_setup, tmp_path):
+    from interp.features import HookPoint, load_gemma_scope_2
+    from interp.features.load import save_gemma_scope_2
+
+    config = TrainConfig(architecture="jumprelu", width=16, total_steps=3,
+                         skip_connection=True)
+    params = train.init_params(config, 32, 32, key=jax.random.key(1))
+    params = eqx.tree_at(lambda p: p.w_skip, params,
+                         jax.random.normal(jax.random.key(2), (32, 32)))
+    state = train.init_state(config, params, input_scale=2.0, target_scale=0.5)
+    d = train.to_dictionary(state, config, HookPoint("mlp_in", 1),
+                            HookPoint("mlp_out_normed", 1))
+    loaded = load_gemma_scope_2(save_gemma_scope_2(d, tmp_path / "skip"))
+    x = jax.random.normal(jax.random.key(3), (5, 32))
+    assert loaded.kind == "skip-transcoder"
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(d(x)), rtol=1e-6, atol=1e-6)
+    # x @ w_skip in the site's units: trained on 2x, predicting 0.5 y -> w_skip * 2 / 0.5
+    np.testing.assert_allclose(np.asarray(loaded.w_skip), np.asarray(params.w_skip) * 4,
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu", "batchtopk"])
+def test_a_mesh_trains_the_parameters_one_device_does(tiny_setup, architecture):
+    from interp.features import HookPoint
+
+    model, windows = tiny_setup
+    assert jax.device_count() == 8  # tests/conftest.py simulates eight
+    config = TrainConfig(architecture=architecture, width=64, k=4, lr=3e-3, total_steps=12,
+                         l0_coefficient=1e-3, dead_feature_window=3)
+    arguments = dict(batch_rows=64, sequences=4, buffer_rows=512, show_progress=False)
+    point = HookPoint("resid_post", 1)
+    one, _ = train.fit(model, windows, point, config, **arguments)
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    spread, _ = train.fit(model, windows, point, config, mesh=mesh, **arguments)
+    assert spread.params.w_enc.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert len(spread.params.w_dec.addressable_shards) == 8
+    assert spread.params.w_dec.addressable_shards[0].data.shape == (16, 32)
+    for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(spread),
+                    strict=True):
+        # float32 sums split over devices add in another order: 1e-5 of each value
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_a_width_or_batch_the_mesh_does_not_divide_is_refused_before_any_work(tiny_setup):
+    from interp.features import HookPoint
+
+    model, windows = tiny_setup
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    with pytest.raises(ValueError, match=r"^width 66 does not divide over the mesh's 'model' "
+                                         r"axis of 4 devices; pick a multiple of 4$"):
+        train.fit(model, windows, HookPoint("resid_post", 1),
+                  TrainConfig(width=66, k=4), mesh=mesh, show_progress=False)
+    with pytest.raises(ValueError, match=r"^batch_rows 63 does not divide over the mesh's "
+                                         r"'data' axis of 2 devices"):
+        train.fit(model, windows, HookPoint("resid_post", 1), TrainConfig(width=64, k=4),
+                  batch_rows=63, mesh=mesh, show_progress=False)
+
+
+def test_the_train_command_from_a_cache_with_evaluations_every_n_steps(tmp_path, monkeypatch,
+                                                                       capsys):
+    import json
+
+    from safetensors.numpy import load_file
+
+    from gemma_eqx.cli import main
+
+    common = ["--site", "mlp_in", "--writes", "mlp_out_normed", "--layer", "1",
+              "--architecture", "topk", "--width", "32", "--k", "4", "--tokens", "640"]
+    streamed = tmp_path / "streamed"
+    assert _train_command(tmp_path, monkeypatch, *common, "--out", str(streamed)) == 0
+    cache = tmp_path / "activations"
+    gguf = tmp_path / "digits.gguf"
+    assert main(["features", "cache", "--model", str(gguf), "--corpus", str(tmp_path / "corpus"),
+                 "--length", "16", "--sequences", "4", "--tokens", "2000",
+                 "--points", "mlp_in:1,mlp_out_normed:1", "--out", str(cache)]) == 0
+    cached = tmp_path / "cached"
+    assert _train_command(tmp_path, monkeypatch, *common, "--cache", str(cache),
+                          "--eval-every", "4", "--mesh", "2x4", "--out", str(cached)) == 0
+    # The same parameters, from the cache on eight devices as from the model on one.
+    theirs, ours = load_file(streamed / "params.safetensors"), load_file(
+        cached / "params.safetensors")
+    for name in theirs:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-5)
+    report = json.loads((cached / "training.json").read_text())
+    assert [e["step"] for e in report["log"]["evaluations"]] == [4, 8, 10]
+    assert set(report["log"]["evaluations"][0]) == {
+        "step", "tokens", "l0", "explained_variance", "ce_loss_recovered",
+        "dead_fraction_held_out"}
+    assert (cached / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reading the cache" in capsys.readouterr().out
+    # A cache of other windows is refused before training.
+    assert _train_command(tmp_path, monkeypatch, *common, "--cache", str(cache), "--length",
+                          "12", "--out", str(tmp_path / "other")) == 2
+    assert "was made from other windows" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

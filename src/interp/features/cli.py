@@ -45,7 +45,11 @@ def add_features_command(commands: Any) -> None:
         sub.add_argument("--out", default=None, metavar="DIR",
                          help="where to write the JSON (and the dashboard page)")
     _add_train(actions)
+    _add_cache(actions)
     cmd.set_defaults(run=run_features, memory_advice="fewer --windows or a smaller --batch")
+
+
+TRAINING_FILES = ("training.json", "training.png")
 
 
 def _add_train(actions: Any) -> None:
@@ -69,7 +73,9 @@ def _add_train(actions: Any) -> None:
             ("width", int, "latents"), ("k", float, "topk/batchtopk: latents per token"),
             ("lr", float, "Adam's learning rate"),
             ("l1-coefficient", float, "relu: the L1 coefficient"),
-            ("l0-coefficient", float, "jumprelu: the L0 coefficient")):
+            ("l0-coefficient", float, "jumprelu: the L0 coefficient"),
+            ("normalize-activations", str,
+             "none, or expected_average_only_in (inputs scaled to mean norm sqrt(d))")):
         sub.add_argument(f"--{name}", type=kind, default=None, help=help_text)
     sub.add_argument("--tokens", type=int, default=2_000_000, help="training tokens")
     sub.add_argument("--batch-rows", type=int, default=4096, help="tokens per step")
@@ -87,7 +93,83 @@ def _add_train(actions: Any) -> None:
                           "deleted once the dictionary is written")
     sub.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS",
                      help="steps between checkpoints (0: only when interrupted)")
+    sub.add_argument("--cache", default=None, metavar="DIR",
+                     help="train from an activation cache (`features cache`) made on the same "
+                          "corpus windows, instead of running the model")
+    sub.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
+                     help="evaluate on the held-out windows every STEPS steps (0: at the end "
+                          "only); the curves go to training.json and training.png")
+    sub.add_argument("--mesh", default=None, metavar="DATAxMODEL",
+                     help="devices as a data x model mesh, e.g. 2x4: batches split over "
+                          "data, latents over model")
     sub.add_argument("--seed", type=int, default=0)
+
+
+def _add_cache(actions: Any) -> None:
+    sub = actions.add_parser(
+        "cache", help="store a model's activations at hook points on disk, to train from",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="One forward pass over the corpus' train windows, the activations at "
+        "each --points stored as float32 .npy files with a meta.json (the format: "
+        "interp.features.activations). Interrupted, it carries on where it stopped when rerun.")
+    sub.add_argument("--out", required=True, metavar="DIR", help="the cache's folder")
+    sub.add_argument("--model", default="gemma3-270m", help="any model from_pretrained reads")
+    sub.add_argument("--points", default="resid_post:6", metavar="SITE:LAYER,...",
+                     help="the hook points stored")
+    sub.add_argument("--tokens", type=int, default=2_200_000, help="rows stored per point")
+    sub.add_argument("--corpus", default="shakespeare",
+                     help="'shakespeare', a .txt/.jsonl/.parquet file, a folder of .txt files "
+                          "or hf:<dataset>")
+    sub.add_argument("--length", type=int, default=128, help="tokens per window")
+    sub.add_argument("--sequences", type=int, default=8, help="windows per forward pass")
+    sub.add_argument("--seed", type=int, default=0, help="which windows are held out")
+    sub.set_defaults(run=run_cache)
+
+
+def _points(text: str) -> list[Any]:
+    from .dictionary import HookPoint
+
+    points = []
+    for part in text.split(","):
+        site, _, layer = part.strip().partition(":")
+        if not layer.strip().isdigit():
+            raise ValueError(f"--points: {part.strip()!r} is not SITE:LAYER (e.g. "
+                             f"resid_post:6)")
+        points.append(HookPoint(site.strip(), int(layer)))
+    return points
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from gemma_eqx.formats.pretrained import from_pretrained
+
+    from ..corpus import read_corpus, token_windows
+    from .activations import write_activation_cache
+
+    points = _points(args.points)
+    _positive(args, "tokens", "sequences")
+    if args.length < 2:
+        raise ValueError(f"--length must be >= 2; got {args.length}")
+    model, tokenizer = from_pretrained(args.model)
+    windows = token_windows(tokenizer, read_corpus(args.corpus), args.length, seed=args.seed)
+    cache = write_activation_cache(model, windows, points, args.out, rows=args.tokens,
+                                   sequences=args.sequences)
+    print(f"activation cache {cache.folder}: {cache.rows:,} rows of "
+          f"{', '.join(map(str, cache.points))}")
+    return 0
+
+
+def _mesh(text: str | None) -> Any:
+    if text is None:
+        return None
+    import jax
+
+    data, _, model = text.lower().partition("x")
+    if not (data.isdigit() and model.isdigit()) or int(data) < 1 or int(model) < 1:
+        raise ValueError(f"--mesh must be DATAxMODEL, e.g. 2x4; got {text!r}")
+    if int(data) * int(model) != jax.device_count():
+        raise ValueError(f"--mesh {text} needs {int(data) * int(model)} devices; there are "
+                         f"{jax.device_count()}")
+    return jax.make_mesh((int(data), int(model)), ("data", "model"))
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -111,13 +193,16 @@ def _train_config(args: argparse.Namespace) -> Any:
         if unknown:
             raise ValueError(f"--config {path}: unknown field(s) {', '.join(unknown)}; "
                              f"TrainConfig has {', '.join(sorted(known))}")
-    for flag in ("architecture", "width", "k", "lr", "l1_coefficient", "l0_coefficient"):
+    for flag in ("architecture", "width", "k", "lr", "l1_coefficient", "l0_coefficient",
+                 "normalize_activations"):
         if getattr(args, flag) is not None:
             fields[flag] = getattr(args, flag)
     if "k" in fields and float(fields["k"]).is_integer():
         fields["k"] = int(fields["k"])
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0; got {args.checkpoint_every}")
+    for name in ("checkpoint_every", "eval_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got "
+                             f"{getattr(args, name)}")
     for name in ("batch_rows", "tokens", "length", "sequences", "buffer_rows", "eval_windows"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got "
@@ -138,9 +223,12 @@ def run_train(args: argparse.Namespace) -> int:
     import signal
     import time
 
+    import jax
+
     from gemma_eqx.formats.pretrained import from_pretrained
 
     from ..corpus import read_corpus, token_windows
+    from .activations import open_activation_cache, windows_digest
     from .dictionary import HookPoint
     from .evaluate import evaluate
     from .load import (
@@ -149,20 +237,55 @@ def run_train(args: argparse.Namespace) -> int:
         hf_hook_point,
         save_gemma_scope_2,
     )
-    from .train import fit, remove_checkpoints, to_dictionary
+    from .train import check_mesh, fit, remove_checkpoints, to_dictionary, training_curves_png
 
     config = _train_config(args)
     out = Path(args.out)
-    check_writable_folder(out, (*GEMMA_SCOPE_2_FILES, "training.json"))  # before any work
+    check_writable_folder(out, (*GEMMA_SCOPE_2_FILES, *TRAINING_FILES))  # before any work
     reads = HookPoint(args.site, args.layer)
     writes = reads if args.writes is None else HookPoint(args.writes, args.layer)
     for point in {reads, writes}:
         hf_hook_point(point)  # a site Gemma Scope 2's layout cannot name is refused now
+    mesh = _mesh(args.mesh)
+    if mesh is not None:
+        check_mesh(config, args.batch_rows, mesh)
+    cache = None
+    if args.cache is not None:
+        cache = open_activation_cache(args.cache)
+        cache.stream([reads, writes], skip=cache.meta["batches"])  # holds both points?
     model, tokenizer = from_pretrained(args.model)
     if not 0 <= args.layer < len(model.blocks):
         raise ValueError(f"--layer {args.layer}: {args.model} has layers 0..."
                          f"{len(model.blocks) - 1}")
     windows = token_windows(tokenizer, read_corpus(args.corpus), args.length, seed=args.seed)
+    if cache is not None:
+        if cache.meta["model"] != model.config.name or cache.meta["length"] != args.length \
+                or cache.meta["windows_sha256"] != windows_digest(windows.train):
+            raise ValueError(f"activation cache {cache.folder} was made from other windows or "
+                             f"another model ({cache.meta['model']}, length "
+                             f"{cache.meta['length']}): pass the --model, --corpus, --length "
+                             f"and --seed it was made with")
+        if cache.meta["sequences"] != args.sequences:
+            raise ValueError(f"--sequences {args.sequences}: the activation cache "
+                             f"{cache.folder} was made with {cache.meta['sequences']}")
+    held = windows.held_out[:args.eval_windows]
+    batches = [held[i:i + args.sequences]
+               for i in range(0, len(held) - args.sequences + 1, args.sequences)]
+    ignore = [tokenizer.bos_id] + ([tokenizer.pad_id] if tokenizer.pad_id is not None else [])
+
+    def evaluation(state: Any, step: int) -> dict[str, float]:
+        # gathered onto the model's device (training may have spread it over a mesh)
+        dictionary = jax.device_put(to_dictionary(state, config, reads, writes),
+                                    jax.devices()[0])
+        m = evaluate(model, dictionary, batches,
+                     ignore_tokens=ignore)
+        return {"l0": m.l0, "explained_variance": m.explained_variance,
+                "ce_loss_recovered": m.ce_loss_recovered,
+                "dead_fraction_held_out": m.dead / config.width}
+
+    if args.eval_every and not batches:
+        raise ValueError(f"--eval-every needs held-out windows: --eval-windows "
+                         f"{args.eval_windows} gives no batch of --sequences {args.sequences}")
     checkpoints = Path(args.checkpoints) if args.checkpoints else out.with_name(
         out.name + ".checkpoints")
     start = time.perf_counter()
@@ -172,20 +295,18 @@ def run_train(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        state, log = fit(model, windows, reads, config, writes=writes,
-                         batch_rows=args.batch_rows, sequences=args.sequences,
+        state, log = fit(model, windows if cache is None else cache, reads, config,
+                         writes=writes, batch_rows=args.batch_rows, sequences=args.sequences,
                          buffer_rows=args.buffer_rows, seed=args.seed, checkpoints=checkpoints,
-                         checkpoint_every=args.checkpoint_every)
+                         checkpoint_every=args.checkpoint_every, mesh=mesh,
+                         evaluation=evaluation if args.eval_every else None,
+                         eval_every=args.eval_every)
     finally:
         signal.signal(signal.SIGTERM, previous)
     seconds = time.perf_counter() - start
     name = f"{args.model}/{args.site}/layer_{args.layer}"
-    dictionary = to_dictionary(state, config, reads, writes, name=name,
-                               model_name=model.config.name)
-    held = windows.held_out[:args.eval_windows]
-    batches = [held[i:i + args.sequences]
-               for i in range(0, len(held) - args.sequences + 1, args.sequences)]
-    ignore = [tokenizer.bos_id] + ([tokenizer.pad_id] if tokenizer.pad_id is not None else [])
+    dictionary = jax.device_put(to_dictionary(state, config, reads, writes, name=name,
+                                              model_name=model.config.name), jax.devices()[0])
     metrics = evaluate(model, dictionary, batches, ignore_tokens=ignore).to_json() \
         if batches else {}
     training = dataclasses.asdict(config)
@@ -195,10 +316,12 @@ def run_train(args: argparse.Namespace) -> int:
               "seconds_step": round(log.seconds_step, 2),
               "log": dataclasses.asdict(log), "held_out": metrics}
     save_gemma_scope_2(dictionary, out, extra={"training": training},
-                       files={"training.json": json.dumps(report, indent=1)})
+                       files={"training.json": json.dumps(report, indent=1)},
+                       binary={"training.png": training_curves_png(log)})
     remove_checkpoints(checkpoints)
     print(f"trained {config.architecture} x{config.width} at {reads}: "
-          f"{report['tokens']:,} tokens in {seconds:.0f} s (model {log.seconds_model:.0f} s, "
+          f"{report['tokens']:,} tokens in {seconds:.0f} s ("
+          f"{'reading the cache' if cache is not None else 'model'} {log.seconds_model:.0f} s, "
           f"steps {log.seconds_step:.0f} s)")
     for key in ("l0", "explained_variance", "ce_loss_recovered", "dead"):
         if key in metrics:

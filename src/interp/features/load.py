@@ -215,9 +215,11 @@ def check_writable_folder(folder: str | os.PathLike, names: Sequence[str]) -> Pa
 
 def save_gemma_scope_2(dictionary: SparseDictionary, folder: str | os.PathLike, *,
                        extra: dict[str, Any] | None = None,
-                       files: dict[str, str] | None = None) -> Path:
+                       files: dict[str, str] | None = None,
+                       binary: dict[str, bytes] | None = None) -> Path:
     """Write `dictionary` as a Gemma Scope 2 folder (`params.safetensors`, `config.json`;
-    `extra` adds fields, e.g. the training config; `files` more text files beside them),
+    `extra` adds fields, e.g. the training config; `files` and `binary` more text and
+    binary files beside them),
     atomically: a folder already there is replaced only when it holds such a dictionary (and
     those files). `load_gemma_scope_2` reads it back.
     ReLU and TopK dictionaries write `architecture` "relu" / "topk" (with `k`), BatchTopK its
@@ -227,11 +229,11 @@ def save_gemma_scope_2(dictionary: SparseDictionary, folder: str | os.PathLike, 
     from gemma_eqx.core.atomic import remove_partials, replace_directory
 
     d = dictionary
-    if d.w_skip is not None or d.input_norm != "none":
-        raise ValueError(f"{d.name}: a skip connection or a run-time input normalisation has "
-                         f"no place in this writer's Gemma Scope 2 folders")
-    files = files or {}
-    folder = check_writable_folder(folder, (*GEMMA_SCOPE_2_FILES, *files))
+    if d.input_norm != "none":
+        raise ValueError(f"{d.name}: a run-time input normalisation has no place in this "
+                         f"writer's Gemma Scope 2 folders")
+    files, binary = files or {}, binary or {}
+    folder = check_writable_folder(folder, (*GEMMA_SCOPE_2_FILES, *files, *binary))
     config: dict[str, Any] = {
         "architecture": {"jumprelu": "jump_relu", "batchtopk": "jump_relu"}.get(
             d.activation, d.activation),
@@ -242,12 +244,16 @@ def save_gemma_scope_2(dictionary: SparseDictionary, folder: str | os.PathLike, 
         config["hf_hook_point_out"] = hf_hook_point(d.writes)
     if d.activation == "topk":
         config["k"] = int(d.k)
+    if d.w_skip is not None:
+        config["affine_connection"] = True
     b_enc = np.asarray(d.b_enc, np.float32)
     if d.subtract_decoder_bias:  # (x - b_dec) W_enc + b_enc = x W_enc + (b_enc - b_dec W_enc)
         b_enc = b_enc - np.asarray(d.b_dec, np.float32) @ np.asarray(d.w_enc, np.float32)
     arrays = {"w_enc": d.w_enc, "b_enc": b_enc, "w_dec": d.w_dec, "b_dec": d.b_dec}
     if d.threshold is not None:
         arrays["threshold"] = d.threshold
+    if d.w_skip is not None:
+        arrays["affine_skip_connection"] = d.w_skip
     arrays = {n: np.ascontiguousarray(np.asarray(a, np.float32)) for n, a in arrays.items()}
     config.update(extra or {})
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +264,8 @@ def save_gemma_scope_2(dictionary: SparseDictionary, folder: str | os.PathLike, 
         (new / "config.json").write_text(json.dumps(config, indent=1))
         for name, text in files.items():
             (new / name).write_text(text)
+        for name, data in binary.items():
+            (new / name).write_bytes(data)
     return folder
 
 

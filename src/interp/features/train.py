@@ -26,7 +26,6 @@ to its trainer to 1e-5):
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,10 +39,12 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
+from .activations import CachedActivations, stream_activations
 from .dictionary import SparseDictionary, activate
 
 ARCHITECTURES = ("relu", "jumprelu", "topk", "batchtopk")
 SPARSITY_LOSSES = ("step", "tanh")
+NORMALIZATIONS = ("none", "expected_average_only_in")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class TrainConfig:
     rescale_acts_by_decoder_norm: bool = True  # topk and batchtopk
     topk_threshold_lr: float = 0.01  # batchtopk
     apply_b_dec_to_input: bool = False
+    # "expected_average_only_in": inputs (and a transcoder's targets) scaled by one factor
+    # each, estimated on the first buffer so that their mean norm is sqrt(d); folded into the
+    # exported weights, so the dictionary reads and writes the site's own units.
+    normalize_activations: str = "none"
+    skip_connection: bool = False  # a skip-transcoder: + x @ w_skip, w_skip trained from 0
     decoder_init_norm: float | None = 0.1
     lr: float = 3e-4
     lr_warm_up_steps: int = 0
@@ -84,6 +90,8 @@ class TrainConfig:
 
         if self.architecture not in ARCHITECTURES:
             bad("architecture", f"must be one of {', '.join(ARCHITECTURES)}")
+        if self.normalize_activations not in NORMALIZATIONS:
+            bad("normalize_activations", f"must be one of {', '.join(NORMALIZATIONS)}")
         if self.jumprelu_sparsity_loss not in SPARSITY_LOSSES:
             bad("jumprelu_sparsity_loss", f"must be one of {', '.join(SPARSITY_LOSSES)}")
         for field in ("width", "total_steps", "dead_feature_window"):
@@ -116,6 +124,7 @@ class TrainParams(eqx.Module):
     w_dec: Float[Array, "latents d_out"]
     b_dec: Float[Array, " d_out"]
     threshold: Float[Array, " latents"] | None  # jumprelu
+    w_skip: Float[Array, "d_in d_out"] | None = None  # skip-transcoders
 
 
 class TrainState(eqx.Module):
@@ -127,6 +136,8 @@ class TrainState(eqx.Module):
     since_fired: Float[Array, " latents"]  # steps since each latent last fired
     fired: Float[Array, " latents"]  # rows on which each latent fired, in all
     topk_threshold: Float[Array, ""]  # batchtopk's inference threshold
+    input_scale: Float[Array, ""]  # normalize_activations: x is trained on as x * input_scale
+    target_scale: Float[Array, ""]  # and the target as target * target_scale
 
 
 def learning_rate(config: TrainConfig, step: Int[Array, ""] | int) -> Array:
@@ -179,7 +190,7 @@ def init_params(config: TrainConfig, d_in: int, d_out: int | None = None, *,
     """SAELens' initialisation: decoder rows drawn as `kaiming_uniform_` draws them, scaled to
     norm `decoder_init_norm`; the encoder their transpose (SAEs) or drawn alike
     (transcoders); biases zero, or `b_dec` given (e.g. `geometric_median` of a sample);
-    JumpReLU thresholds at `jumprelu_init_threshold`."""
+    JumpReLU thresholds at `jumprelu_init_threshold`; a skip connection at zero."""
     d_out = d_in if d_out is None else d_out
     enc_key, dec_key = jax.random.split(key)
     bound = (6 / d_out) ** 0.5  # kaiming_uniform_ on [latents, d_out]: fan_in d_out, gain sqrt 2
@@ -197,17 +208,26 @@ def init_params(config: TrainConfig, d_in: int, d_out: int | None = None, *,
                                                                              jnp.float32),
         threshold=(jnp.full(config.width, config.jumprelu_init_threshold, jnp.float32)
                    if config.architecture == "jumprelu" else None),
+        w_skip=jnp.zeros((d_in, d_out), jnp.float32) if config.skip_connection else None,
     )
 
 
-def init_state(config: TrainConfig, params: TrainParams) -> TrainState:
+def init_state(config: TrainConfig, params: TrainParams, *, input_scale: float = 1.0,
+               target_scale: float = 1.0) -> TrainState:
     width = params.w_enc.shape[1]
     if width != config.width:
         raise ValueError(f"the parameters have {width} latents; the config says width="
                          f"{config.width}")
     return TrainState(params, optimizer(config).init(params), jnp.zeros((), jnp.int32),
                       jnp.zeros(width, jnp.float32), jnp.zeros(width, jnp.float32),
-                      jnp.zeros((), jnp.float32))
+                      jnp.zeros((), jnp.float32), jnp.asarray(input_scale, jnp.float32),
+                      jnp.asarray(target_scale, jnp.float32))
+
+
+def norm_scaling_factor(rows: Float[np.ndarray, "rows d"]) -> float:
+    """SAELens' `expected_average_only_in` factor: sqrt(d) / the mean norm of `rows`."""
+    rows = np.asarray(rows, np.float64)
+    return float(rows.shape[-1] ** 0.5 / np.linalg.norm(rows, axis=-1).mean())
 
 
 def geometric_median(points: Float[Array, "rows d"], *, iterations: int = 100,
@@ -303,6 +323,8 @@ def _forward(params: TrainParams, x: Array, target: Array, config: TrainConfig,
         return (a / dec_norm if rescale else a) @ params.w_dec
 
     sae_out = decode(acts) + params.b_dec
+    if params.w_skip is not None:
+        sae_out = sae_out + x @ params.w_skip
     losses = {"mse_loss": ((sae_out - target) ** 2).sum(-1).mean()}
     if architecture == "relu":
         weighted = acts * dec_norm
@@ -351,7 +373,8 @@ def train_step(state: TrainState, x: Float[Array, "rows d_in"],
                ) -> tuple[TrainState, StepOutput]:
     """One step of SAELens' trainer on the rows `x` (an SAE reconstructs them; a transcoder
     predicts `target`)."""
-    target = x if target is None else target
+    x = x * state.input_scale
+    target = x if target is None else target * state.target_scale
     params = state.params
     if config.architecture == "jumprelu":
         # Projected before the step, not clamped in the graph: a clamp would zero the
@@ -373,7 +396,8 @@ def train_step(state: TrainState, x: Float[Array, "rows d_in"],
         topk_threshold = jnp.where(positive.any(),
                                    (1 - lr) * topk_threshold + lr * smallest, topk_threshold)
     new = TrainState(eqx.apply_updates(params, updates), opt_state, state.step + 1, since,
-                     state.fired + fired_now.sum(0), topk_threshold)
+                     state.fired + fired_now.sum(0), topk_threshold, state.input_scale,
+                     state.target_scale)
     return new, out
 
 
@@ -382,12 +406,21 @@ def to_dictionary(state: TrainState, config: TrainConfig, reads: Any, writes: An
     """The trained dictionary as a `SparseDictionary` for inference (what `splice`, `evaluate`
     and the loaders use). TopK's decoder norms are folded into the encoder, as SAELens does
     on saving: the same activations, unit decoder rows. BatchTopK infers with its learned
-    threshold (`activation="batchtopk"`); JumpReLU's threshold is the projected one."""
+    threshold (`activation="batchtopk"`); JumpReLU's threshold is the projected one. Input
+    normalisation is folded in: the dictionary reads and writes the site's own units."""
     p = state.params
-    w_enc, b_enc, w_dec = p.w_enc, p.b_enc, p.w_dec
+    w_enc, b_enc, w_dec, b_dec, w_skip = p.w_enc, p.b_enc, p.w_dec, p.b_dec, p.w_skip
     if config.architecture in ("topk", "batchtopk") and config.rescale_acts_by_decoder_norm:
         norm = jnp.linalg.norm(w_dec, axis=-1)
         w_enc, b_enc, w_dec = w_enc * norm, b_enc * norm, w_dec / norm[:, None]
+    into, out_of = state.input_scale, 1 / state.target_scale
+    if config.apply_b_dec_to_input and float(into * out_of) != 1.0:
+        raise ValueError("apply_b_dec_to_input needs one scale for the input and the target "
+                         "(an SAE), not a transcoder's two")
+    # pre = (s x - b_dec) W + b = (x - b_dec / s)(s W) + b; out = (f W_dec + b_dec) / s
+    w_enc, w_dec, b_dec = w_enc * into, w_dec * out_of, b_dec * out_of
+    if w_skip is not None:
+        w_skip = w_skip * into * out_of
     threshold, k = None, None
     if config.architecture == "jumprelu":
         threshold = jnp.maximum(p.threshold, 0)
@@ -396,49 +429,13 @@ def to_dictionary(state: TrainState, config: TrainConfig, reads: Any, writes: An
     elif config.architecture == "topk":
         k = int(config.k)
     return SparseDictionary(
-        w_enc=w_enc, b_enc=b_enc, w_dec=w_dec, b_dec=p.b_dec, threshold=threshold,
-        w_skip=None, activation=config.architecture, k=k, reads=reads,
+        w_enc=w_enc, b_enc=b_enc, w_dec=w_dec, b_dec=b_dec, threshold=threshold,
+        w_skip=w_skip, activation=config.architecture, k=k, reads=reads,
         writes=reads if writes is None else writes,
         subtract_decoder_bias=config.apply_b_dec_to_input, name=name, model_name=model_name)
 
 
-# --- The data path: activations streamed from the model into a shuffle buffer --------------
-
-@eqx.filter_jit
-def _activations(recorded: Any, tokens: Int[Array, "batch seq"], last: int
-                 ) -> dict[str, Array]:
-    """What `recorded`'s Records hold after block `last`: the blocks above it never run."""
-    padding = jnp.ones(tokens.shape, bool)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    records: dict[str, Any] = {}
-    x = recorded.embed(tokens, positions, padding, records)
-    for i, block in enumerate(recorded.blocks[:last + 1]):
-        x, _ = block(x, positions, padding, None, None, records, i)
-    return records
-
-
-def stream_activations(model: Any, windows: Any, points: Sequence[Any], *, sequences: int = 8,
-                       split: str = "train", skip: int = 0) -> Iterator[tuple[np.ndarray, ...]]:
-    """For each batch of `sequences` token windows of `windows` (`interp.corpus.TokenWindows`),
-    the activations at each hook point in `points`, `[rows, d]` float32, one row per token
-    after the BOS (which is left out: its activations are outliers no dictionary should
-    spend latents on). The forward stops after the last layer the points need; the first
-    `skip` batches are passed over without running it (a resumed run)."""
-    from ..capture import ActivationCache
-    from ..install import add_interventions
-    from ..interventions import Record
-
-    per_layer: dict[int, list[Any]] = {}
-    for point in points:
-        per_layer.setdefault(point.layer, []).append(Record(point.site))
-    recorded = add_interventions(model, per_layer)
-    last = max(point.layer for point in points)
-    for batch in itertools.islice(windows.batches(sequences, split), skip, None):
-        records = _activations(recorded, jnp.asarray(batch), last)
-        cache = ActivationCache(records, model.config, tuple(batch.shape))
-        yield tuple(np.asarray(cache[p.site, p.layer][:, 1:], np.float32).reshape(
-            -1, cache[p.site, p.layer].shape[-1]) for p in points)
-
+# --- The data path: activations (streamed or cached) into a shuffle buffer -----------------
 
 class ShuffleBuffer:
     """Rows from many contexts mixed before they reach a batch: `capacity` rows (memory:
@@ -529,16 +526,125 @@ class TrainLog:
     l0: list[float] = dataclasses.field(default_factory=list)
     explained_variance: list[float] = dataclasses.field(default_factory=list)
     dead_fraction: list[float] = dataclasses.field(default_factory=list)
-    seconds_model: float = 0.0
+    evaluations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    seconds_model: float = 0.0  # producing activations: the model's forward, or the cache
     seconds_step: float = 0.0
 
 
-def _step_metrics(x: Array, target: Array, out: StepOutput) -> tuple[float, float]:
+def training_curves_png(log: TrainLog) -> bytes:
+    """A PNG of the run's curves against training tokens: the loss terms, L0, explained
+    variance and dead fraction as logged, with the held-out evaluations as points."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    tokens = np.asarray(log.tokens, float)
+    for name in (log.losses[0] if log.losses else {}):
+        axes[0].plot(tokens, [terms[name] for terms in log.losses], label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_title("loss terms (train batches)")
+    if log.losses:
+        axes[0].legend(fontsize=7)
+    held = log.evaluations
+    for ax, key, held_key, title in (
+            (axes[1], "l0", "l0", "L0"),
+            (axes[2], "explained_variance", "explained_variance", "explained variance"),
+            (axes[3], "dead_fraction", "dead_fraction_held_out", "dead fraction")):
+        ax.plot(tokens, getattr(log, key), label="train: not fired in the window"
+                if key == "dead_fraction" else "train batches")
+        if held and held_key in held[0]:
+            ax.plot([e["tokens"] for e in held], [e[held_key] for e in held], "o-",
+                    label="held out: never fired" if key == "dead_fraction" else "held out")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    if held and "ce_loss_recovered" in held[0]:
+        axes[2].plot([e["tokens"] for e in held], [e["ce_loss_recovered"] for e in held],
+                     "s--", label="CE loss recovered (held out)")
+        axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("training tokens")
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=80)
+    plt.close(fig)
+    return out.getvalue()
+
+
+def _step_metrics(target: Array, out: StepOutput) -> tuple[float, float]:
     """L0 and explained variance of one step, as SAELens logs them."""
     l0 = float((out.feature_acts != 0).sum(-1).mean())
     residual = ((out.sae_out - target) ** 2).sum(-1).mean()
     variance = ((target - target.mean(0)) ** 2).sum(-1).mean()
     return l0, float(1 - residual / variance)
+
+
+def initial_state(config: TrainConfig, sample: Sequence[np.ndarray], *, seed: int,
+                  b_dec_init: str = "geometric_median") -> TrainState:
+    """The state `fit` starts from, given a sample of rows `(x,)` or `(x, target)`: the
+    normalisation factors estimated on it, `b_dec` at the (scaled) targets' geometric median
+    or mean (or zeros), the rest as `init_params` draws it from `seed`."""
+    into = out_of = 1.0
+    if config.normalize_activations == "expected_average_only_in":
+        into = out_of = norm_scaling_factor(sample[0])
+        if len(sample) > 1:
+            out_of = norm_scaling_factor(sample[-1])
+    targets = np.asarray(sample[-1], np.float32) * np.float32(out_of)
+    b_dec = None
+    if b_dec_init == "geometric_median":
+        b_dec = geometric_median(jnp.asarray(targets))
+    elif b_dec_init == "mean":
+        b_dec = jnp.asarray(targets.mean(0))
+    params = init_params(config, sample[0].shape[-1], sample[-1].shape[-1],
+                         key=jax.random.key(seed), b_dec=b_dec)
+    return init_state(config, params, input_scale=into, target_scale=out_of)
+
+
+def _axis(mesh: jax.sharding.Mesh, name: str) -> str | None:
+    return name if name in mesh.axis_names else None
+
+
+def check_mesh(config: TrainConfig, batch_rows: int, mesh: jax.sharding.Mesh) -> None:
+    """Refuse, in one sentence, a mesh the width or the batch does not divide."""
+    for axis, what, size in (("model", "width", config.width),
+                             ("data", "batch_rows", batch_rows)):
+        if axis in mesh.axis_names and size % mesh.shape[axis]:
+            raise ValueError(f"{what} {size} does not divide over the mesh's '{axis}' axis of "
+                             f"{mesh.shape[axis]} devices; pick a multiple of "
+                             f"{mesh.shape[axis]}")
+
+
+def shard_train_state(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """`state` placed on `mesh`: every latent axis (the parameters', Adam's moments', the
+    counters') split over the `model` axis, the rest replicated."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    model = _axis(mesh, "model")
+    specs = {"w_enc": P(None, model), "b_enc": P(model), "w_dec": P(model, None),
+             "b_dec": P(), "threshold": P(model), "w_skip": P()}
+
+    def place_params(params: TrainParams) -> TrainParams:
+        return TrainParams(**{
+            k: None if getattr(params, k) is None else jax.device_put(
+                getattr(params, k), NamedSharding(mesh, spec)) for k, spec in specs.items()})
+
+    def place(node: Any) -> Any:
+        if isinstance(node, TrainParams):
+            return place_params(node)
+        return jax.device_put(node, NamedSharding(mesh, P()))
+
+    latents = NamedSharding(mesh, P(model))
+    return TrainState(
+        place_params(state.params),
+        jax.tree_util.tree_map(place, state.opt_state,
+                               is_leaf=lambda n: isinstance(n, TrainParams)),
+        place(state.step), jax.device_put(state.since_fired, latents),
+        jax.device_put(state.fired, latents), place(state.topk_threshold),
+        place(state.input_scale), place(state.target_scale))
 
 
 class TrainingStopped(RuntimeError):
@@ -549,12 +655,20 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
         batch_rows: int = 4096, sequences: int = 8, buffer_rows: int = 2**17, seed: int = 0,
         b_dec_init: str = "geometric_median", log_every: int = 50,
         checkpoints: str | os.PathLike | None = None, checkpoint_every: int = 0,
+        mesh: jax.sharding.Mesh | None = None, evaluation: Any = None, eval_every: int = 0,
         show_progress: bool | None = None) -> tuple[TrainState, TrainLog]:
     """Train a dictionary reading hook point `reads` (writing `writes`: a transcoder) of
     `model` for `config.total_steps` steps of `batch_rows` rows, streamed from `windows`'
     train split through a `ShuffleBuffer` of `buffer_rows` rows; nothing is written to disk
     but checkpoints. `b_dec` starts at the geometric median (or the mean, or zeros) of the
-    first buffer's targets. The same arguments give bit-identical parameters.
+    first buffer's targets. The same arguments give bit-identical parameters. `windows` may
+    instead be a `CachedActivations` (`interp.features.activations`): the same rows read from disk,
+    the same parameters, no model run (`model` may be None).
+
+    With a `mesh`, each batch is split over its `data` axis and the dictionary's latents over
+    its `model` axis (`shard_train_state`): the parameters one device computes, to float
+    rounding. `evaluation(state, step)`, called every `eval_every` steps, returns a dict of
+    metrics for the log (e.g. `evaluate` on held-out windows).
 
     With `checkpoints` (a folder), the state, the buffer and the log are saved there every
     `checkpoint_every` steps (and when the run is interrupted: Ctrl-C, SIGTERM), and a run
@@ -574,7 +688,18 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
     if checkpoint_every and checkpoints is None:
         raise ValueError("checkpoint_every needs checkpoints= (the folder to write them to)")
+    if eval_every and evaluation is None:
+        raise ValueError("eval_every needs evaluation= (what to compute)")
+    if mesh is not None:
+        check_mesh(config, batch_rows, mesh)
+        # Sharding propagated by the compiler (Auto axes), whatever axis types it came with:
+        # explicit axes would make every top-k and contraction over the latents ask for an
+        # out_sharding.
+        mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names)
     points = [reads] if writes is None or writes == reads else [reads, writes]
+    cached = isinstance(windows, CachedActivations)
+    if cached:
+        windows.stream(points, skip=windows.meta["batches"])  # the points it holds: checked now
     folder = None if checkpoints is None else Path(checkpoints)
     run_key = None if folder is None else _run_key(
         config, reads, writes, batch_rows, sequences, buffer_rows, seed, b_dec_init, windows)
@@ -588,8 +713,13 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
             buffer.restore(buffer_meta, rows)
             log = TrainLog(**saved_log)
             first = int(state.step)
-    buffer.stream = _timed(stream_activations(model, windows, points, sequences=sequences,
-                                              skip=buffer.consumed), log)
+    if mesh is not None and state is not None:
+        state = shard_train_state(state, mesh)
+    rows_sharding = None if mesh is None else jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(_axis(mesh, "data"), None))
+    buffer.stream = _timed(
+        windows.stream(points, skip=buffer.consumed) if cached else stream_activations(
+            model, windows, points, sequences=sequences, skip=buffer.consumed), log)
     clock = time.perf_counter()
     steps = progress(range(first, config.total_steps), "training", unit="step",
                      show=show_progress, total=config.total_steps - first)
@@ -601,19 +731,14 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
             if batch is None:
                 raise ValueError(f"the corpus ran out after {step} of {config.total_steps} "
                                  f"steps of {batch_rows} rows: fewer steps or more text")
-            x = jnp.asarray(batch[0])
-            target = jnp.asarray(batch[-1])
+            x = jax.device_put(batch[0], rows_sharding)
+            target = jax.device_put(batch[-1], rows_sharding)
             if state is None:
-                # The targets waiting in the buffer: a sample of many contexts.
-                sample = buffer.held[-1] if buffer.held else batch[-1]
-                b_dec = None
-                if b_dec_init == "geometric_median":
-                    b_dec = geometric_median(jnp.asarray(sample))
-                elif b_dec_init == "mean":
-                    b_dec = jnp.asarray(sample.mean(0))
-                params = init_params(config, x.shape[-1], target.shape[-1],
-                                     key=jax.random.key(seed), b_dec=b_dec)
-                state = init_state(config, params)
+                # The rows waiting in the buffer: a sample of many contexts.
+                held = buffer.held if buffer.held and len(buffer.held[0]) else batch
+                state = initial_state(config, held, seed=seed, b_dec_init=b_dec_init)
+                if mesh is not None:
+                    state = shard_train_state(state, mesh)
             start = time.perf_counter()
             new, out = train_step(state, x, None if len(batch) == 1 else target, config)
             loss = float(out.loss)  # one number per step: the NaN check and the sync
@@ -627,7 +752,8 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
             state = new
             log.seconds_step += time.perf_counter() - start
             if (step + 1) % log_every == 0 or step + 1 == config.total_steps:
-                l0, explained = _step_metrics(x, target, out)
+                # in the units the step trained in (the targets scaled, as its output is)
+                l0, explained = _step_metrics(target * state.target_scale, out)
                 log.steps.append(step + 1)
                 log.tokens.append((step + 1) * batch_rows)
                 log.losses.append({k: float(v) for k, v in out.losses.items()})
@@ -640,6 +766,9 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
                     steps.set_postfix(l0=f"{l0:.1f}", ev=f"{explained:.3f}",
                                       dead=f"{log.dead_fraction[-1]:.3f}",
                                       tok_s=f"{done / (time.perf_counter() - clock):.0f}")
+            if eval_every and ((step + 1) % eval_every == 0 or step + 1 == config.total_steps):
+                log.evaluations.append({"step": step + 1, "tokens": (step + 1) * batch_rows,
+                                        **evaluation(state, step + 1)})
             if checkpoint_every and (step + 1) % checkpoint_every == 0:
                 _save_checkpoint(folder, state, buffer.state(), log, run_key)
     except KeyboardInterrupt:
@@ -654,7 +783,8 @@ def _run_key(config, reads, writes, batch_rows, sequences, buffer_rows, seed, b_
     """What a checkpoint must agree on to be resumed by this run."""
     import hashlib
 
-    digest = hashlib.sha256(np.ascontiguousarray(windows.train).tobytes()).hexdigest()
+    digest = windows.key if isinstance(windows, CachedActivations) else hashlib.sha256(
+        np.ascontiguousarray(windows.train).tobytes()).hexdigest()
     return {"config": dataclasses.asdict(config), "reads": str(reads),
             "writes": str(writes or reads), "batch_rows": batch_rows, "sequences": sequences,
             "buffer_rows": buffer_rows, "seed": seed, "b_dec_init": b_dec_init,
