@@ -74,6 +74,7 @@ SAELENS_RUN = textwrap.dedent("""
     steps, batch = len(order), order.shape[1]
     trainer = SAETrainer(SAETrainerConfig(
         total_training_samples=batch * steps, train_batch_size_samples=batch, lr=c["lr"],
+        lr_end=c["lr"],  # its constant schedule ignores lr_end: the decay runs from lr to 0
         lr_warm_up_steps=c["lr_warm_up_steps"], lr_decay_steps=c["lr_decay_steps"],
         dead_feature_window=c["dead_feature_window"]), sae, data_provider=iter(()))
     seconds = 0.0
@@ -203,18 +204,19 @@ def main(argv=None) -> None:
                    help="write our first seed's dictionaries here (DIR/topk, DIR/transcoder)")
     args = p.parse_args(argv)
     steps = -(-args.tokens // args.batch_rows)
-    common = dict(width=4096, total_steps=steps, lr=1e-3, lr_warm_up_steps=steps // 20,
-                  lr_decay_steps=steps // 5, dead_feature_window=100,
-                  normalize_activations="expected_average_only_in")
+    configs = Path(__file__).with_name("configs")  # what `gemma-eqx features train --config` reads
+
+    def config(name: str) -> TrainConfig:
+        return TrainConfig(**json.loads((configs / f"{name}.json").read_text()),
+                           total_steps=steps)
+
     specs = {
         "topk": dict(reads=HookPoint("resid_post", 6), writes=HookPoint("resid_post", 6),
-                     config=TrainConfig(architecture="topk", k=32, **common)),
+                     config=config("topk_resid_post_6")),
+        # JumpReLU's threshold starts where about 1% fire: Adam moves it about lr a step, and a
+        # short run cannot walk it far.
         "transcoder": dict(reads=HookPoint("mlp_in", 6), writes=HookPoint("mlp_out_normed", 6),
-                           # the threshold starts where ~1% fire (Adam moves it ~lr a
-                           # step: a short run cannot walk it far)
-                           config=TrainConfig(architecture="jumprelu", l0_coefficient=1.0,
-                                              sparsity_warm_up_steps=steps // 10,
-                                              jumprelu_init_threshold=0.45, **common)),
+                           config=config("jumprelu_transcoder_6")),
     }
     model, tokenizer = from_pretrained()
     windows = token_windows(tokenizer, read_corpus("shakespeare"), 128, seed=0)

@@ -702,3 +702,42 @@ def test_the_train_command_from_a_cache_with_evaluations_every_n_steps(tmp_path,
                           "12", "--out", str(tmp_path / "other")) == 2
     assert "was made from other windows" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_resampling_resets_only_dead_latents_toward_the_rows_reconstructed_worst():
+    config = TrainConfig(architecture="relu", width=2000, total_steps=10,
+                         dead_feature_window=2, resample_every=5)
+    x = jax.random.normal(jax.random.key(1), (8, 16)) * jnp.arange(1, 9)[:, None]
+    state = train.init_state(config, train.init_params(config, 16, key=jax.random.key(0)))
+    state, _ = train.train_step(state, x, None, config)  # Adam's moments now non-zero
+    dead = np.arange(2000) % 3 == 0
+    state = eqx.tree_at(lambda s: s.since_fired, state, jnp.where(dead, 3.0, 0.0))
+    new = train.resample_dead(state, x, None, config, jax.random.key(2))
+    old_p, new_p = state.params, new.params
+    # Live latents: bit for bit.
+    np.testing.assert_array_equal(np.asarray(new_p.w_dec)[~dead], np.asarray(old_p.w_dec)[~dead])
+    np.testing.assert_array_equal(np.asarray(new_p.w_enc)[:, ~dead],
+                                  np.asarray(old_p.w_enc)[:, ~dead])
+    np.testing.assert_array_equal(np.asarray(new_p.b_enc)[~dead], np.asarray(old_p.b_enc)[~dead])
+    # Dead ones: a unit decoder row along a row of the batch, the encoder column along it at
+    # 0.2 x the live columns' mean norm, bias 0, counters and Adam's moments at 0.
+    rows = np.asarray(x) / np.linalg.norm(np.asarray(x), axis=1, keepdims=True)
+    w_dec = np.asarray(new_p.w_dec)[dead]
+    drawn = np.abs(w_dec @ rows.T).argmax(1)
+    np.testing.assert_allclose(w_dec, rows[drawn], atol=1e-6)
+    live_norm = np.linalg.norm(np.asarray(old_p.w_enc)[:, ~dead], axis=0).mean()
+    np.testing.assert_allclose(np.asarray(new_p.w_enc)[:, dead].T, 0.2 * live_norm * rows[drawn],
+                               rtol=1e-5, atol=1e-7)
+    assert not np.asarray(new_p.b_enc)[dead].any() and not np.asarray(new.since_fired)[dead].any()
+    moments = [n for n in jax.tree_util.tree_leaves(
+        new.opt_state, is_leaf=lambda n: isinstance(n, TrainParams))
+        if isinstance(n, TrainParams)]
+    assert len(moments) == 2  # Adam's mu and nu
+    for m in moments:
+        assert not np.asarray(m.w_dec)[dead].any() and np.asarray(m.w_dec)[~dead].any()
+    # Rows are drawn in proportion to their squared error (667 draws: within 0.05 each).
+    _, out = train._forward(old_p, x, x, config, jnp.asarray(dead, jnp.float32),
+                            jnp.asarray(1.0))
+    error = np.asarray(((out.sae_out - x) ** 2).sum(-1))
+    np.testing.assert_allclose(np.bincount(drawn, minlength=8) / dead.sum(),
+                               error / error.sum(), atol=0.05)

@@ -82,6 +82,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     total_steps: int = 1000
     dead_feature_window: int = 1000
+    # Every N steps (0: never), latents dead by the window above are reset toward the rows
+    # reconstructed worst (Anthropic's resampling; the usual remedy for ReLU + L1).
+    resample_every: int = 0
 
     def __post_init__(self):
         def bad(field: str, why: str) -> None:
@@ -98,7 +101,8 @@ class TrainConfig:
             if isinstance(getattr(self, field), bool) or not isinstance(
                     getattr(self, field), int) or getattr(self, field) < 1:
                 bad(field, "must be a positive integer")
-        for field in ("lr_warm_up_steps", "lr_decay_steps", "sparsity_warm_up_steps"):
+        for field in ("lr_warm_up_steps", "lr_decay_steps", "sparsity_warm_up_steps",
+                      "resample_every"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
                 bad(field, "must be a non-negative integer")
         if self.lr_warm_up_steps + self.lr_decay_steps > self.total_steps:
@@ -314,7 +318,10 @@ def _forward(params: TrainParams, x: Array, target: Array, config: TrainConfig,
         acts = _jumprelu(config.jumprelu_bandwidth, config.jumprelu_ste_to_input, pre,
                          params.threshold)
     elif architecture == "topk":
-        acts = activate(pre, "topk", None, int(config.k))
+        values, indices = jax.lax.top_k(pre, int(config.k))
+        values = jax.nn.relu(values)
+        rows = jnp.arange(pre.shape[0])[:, None]
+        acts = jnp.zeros_like(pre).at[rows, indices].set(values)
     else:
         flat = jax.nn.relu(pre).reshape(-1)
         acts = activate(flat, "topk", None, int(config.k * pre.shape[0])).reshape(pre.shape)
@@ -322,7 +329,13 @@ def _forward(params: TrainParams, x: Array, target: Array, config: TrainConfig,
     def decode(a):
         return (a / dec_norm if rescale else a) @ params.w_dec
 
-    sae_out = decode(acts) + params.b_dec
+    if architecture == "topk":
+        # Only k decoder rows per row of the batch: gathered, not a dense [rows, latents] x
+        # [latents, d] product (k / latents of its work; the backward's scatter likewise).
+        coefficients = values / dec_norm[indices] if rescale else values
+        sae_out = jnp.einsum("rk,rkd->rd", coefficients, params.w_dec[indices]) + params.b_dec
+    else:
+        sae_out = decode(acts) + params.b_dec
     if params.w_skip is not None:
         sae_out = sae_out + x @ params.w_skip
     losses = {"mse_loss": ((sae_out - target) ** 2).sum(-1).mean()}
@@ -399,6 +412,56 @@ def train_step(state: TrainState, x: Float[Array, "rows d_in"],
                      state.fired + fired_now.sum(0), topk_threshold, state.input_scale,
                      state.target_scale)
     return new, out
+
+
+@eqx.filter_jit
+def resample_dead(state: TrainState, x: Float[Array, "rows d_in"],
+                  target: Float[Array, "rows d_out"] | None, config: TrainConfig,
+                  key: Array) -> TrainState:
+    """Anthropic's resampling ("Towards Monosemanticity", 2023) of the latents dead by
+    `config.dead_feature_window`: each draws a row of the batch with probability proportional
+    to its squared reconstruction error; its decoder row becomes that row's target, unit
+    norm, its encoder column that row's input at 0.2 x the mean norm of the live latents'
+    encoder columns, its encoder bias 0 (JumpReLU's threshold is kept); Adam's moments and the
+    counters of those latents restart at 0. Live latents are left bit for bit."""
+    x = x * state.input_scale
+    target = x if target is None else target * state.target_scale
+    dead = state.since_fired > config.dead_feature_window
+    params = state.params
+    _, out = _forward(params, x, target, config, dead.astype(x.dtype),
+                      sparsity_coefficient(config, state.step))
+    error = ((out.sae_out - target) ** 2).sum(-1)
+    rows = jax.random.categorical(key, jnp.log(jnp.maximum(error, 1e-30)),
+                                  shape=(config.width,))
+
+    def unit(v):
+        return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-8)
+
+    enc_norm = jnp.linalg.norm(params.w_enc, axis=0)
+    alive_norm = jnp.where(dead.any() & ~dead.all(),
+                           (enc_norm * ~dead).sum() / jnp.maximum((~dead).sum(), 1), 1.0)
+    new_dec = unit(target[rows])  # [latents, d_out]
+    new_enc = unit(x[rows]).T * 0.2 * alive_norm  # [d_in, latents]
+    reset = TrainParams(
+        w_enc=jnp.where(dead[None, :], new_enc, params.w_enc),
+        b_enc=jnp.where(dead, 0.0, params.b_enc),
+        w_dec=jnp.where(dead[:, None], new_dec, params.w_dec),
+        b_dec=params.b_dec, threshold=params.threshold, w_skip=params.w_skip)
+
+    def zero_dead(moments: Any) -> Any:
+        if not isinstance(moments, TrainParams):
+            return moments
+        return TrainParams(
+            w_enc=jnp.where(dead[None, :], 0.0, moments.w_enc),
+            b_enc=jnp.where(dead, 0.0, moments.b_enc),
+            w_dec=jnp.where(dead[:, None], 0.0, moments.w_dec), b_dec=moments.b_dec,
+            threshold=None if moments.threshold is None else jnp.where(
+                dead, 0.0, moments.threshold), w_skip=moments.w_skip)
+
+    opt_state = jax.tree_util.tree_map(zero_dead, state.opt_state,
+                                       is_leaf=lambda n: isinstance(n, TrainParams))
+    return TrainState(reset, opt_state, state.step, jnp.where(dead, 0.0, state.since_fired),
+                      state.fired, state.topk_threshold, state.input_scale, state.target_scale)
 
 
 def to_dictionary(state: TrainState, config: TrainConfig, reads: Any, writes: Any = None, *,
@@ -750,6 +813,9 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
                     + ("the last checkpoint is kept" if folder is not None else
                        "nothing was saved"))
             state = new
+            if config.resample_every and (step + 1) % config.resample_every == 0:
+                state = resample_dead(state, x, None if len(batch) == 1 else target, config,
+                                      jax.random.fold_in(jax.random.key(seed), step + 1))
             log.seconds_step += time.perf_counter() - start
             if (step + 1) % log_every == 0 or step + 1 == config.total_steps:
                 # in the units the step trained in (the targets scaled, as its output is)
