@@ -702,6 +702,11 @@ def test_the_train_command_from_a_cache_with_evaluations_every_n_steps(tmp_path,
                           "12", "--out", str(tmp_path / "other")) == 2
     assert "was made from other windows" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+    # A site the cache does not hold: refused by name.
+    assert _train_command(tmp_path, monkeypatch, "--site", "resid_post", "--layer", "1",
+                          "--cache", str(cache), "--out", str(tmp_path / "other")) == 2
+    assert ("holds mlp_in of layer 1, mlp_out_normed of layer 1, not resid_post of layer 1"
+            in capsys.readouterr().err)
 
 
 def test_resampling_resets_only_dead_latents_toward_the_rows_reconstructed_worst():

@@ -134,14 +134,21 @@ class CachedActivations:
                                              "batches", "windows_sha256")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
-    def stream(self, points: Sequence[HookPoint], skip: int = 0
-               ) -> Iterator[tuple[np.ndarray, ...]]:
-        """The rows of `points`, one forward pass's worth at a time, as
-        `stream_activations` yielded them; the first `skip` batches passed over."""
+    def check_points(self, points: Sequence[HookPoint]) -> None:
+        """Refuse, naming them, points this cache does not hold."""
         missing = [str(p) for p in points if p not in self.arrays]
         if missing:
             raise ValueError(f"activation cache {self.folder} holds "
                              f"{', '.join(map(str, self.points))}, not {', '.join(missing)}")
+
+    def stream(self, points: Sequence[HookPoint], skip: int = 0
+               ) -> Iterator[tuple[np.ndarray, ...]]:
+        """The rows of `points`, one forward pass's worth at a time, as
+        `stream_activations` yielded them; the first `skip` batches passed over."""
+        self.check_points(points)  # now, not at the first row
+        return self._rows(points, skip)
+
+    def _rows(self, points: Sequence[HookPoint], skip: int) -> Iterator[tuple[np.ndarray, ...]]:
         size = int(self.meta["rows_per_batch"])
         for batch in range(skip, int(self.meta["batches"])):
             yield tuple(np.array(self.arrays[p][batch * size:(batch + 1) * size])

@@ -252,7 +252,7 @@ def run_train(args: argparse.Namespace) -> int:
     cache = None
     if args.cache is not None:
         cache = open_activation_cache(args.cache)
-        cache.stream([reads, writes], skip=cache.meta["batches"])  # holds both points?
+        cache.check_points([reads, writes])
     model, tokenizer = from_pretrained(args.model)
     if not 0 <= args.layer < len(model.blocks):
         raise ValueError(f"--layer {args.layer}: {args.model} has layers 0..."

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from .activations import CachedActivations, stream_activations
+from .activations import CachedActivations, stream_activations, windows_digest
 from .dictionary import SparseDictionary, activate
 
 ARCHITECTURES = ("relu", "jumprelu", "topk", "batchtopk")
@@ -762,7 +762,7 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
     points = [reads] if writes is None or writes == reads else [reads, writes]
     cached = isinstance(windows, CachedActivations)
     if cached:
-        windows.stream(points, skip=windows.meta["batches"])  # the points it holds: checked now
+        windows.check_points(points)
     folder = None if checkpoints is None else Path(checkpoints)
     run_key = None if folder is None else _run_key(
         config, reads, writes, batch_rows, sequences, buffer_rows, seed, b_dec_init, windows)
@@ -847,10 +847,8 @@ def fit(model: Any, windows: Any, reads: Any, config: TrainConfig, *, writes: An
 def _run_key(config, reads, writes, batch_rows, sequences, buffer_rows, seed, b_dec_init,
              windows) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed by this run."""
-    import hashlib
-
-    digest = windows.key if isinstance(windows, CachedActivations) else hashlib.sha256(
-        np.ascontiguousarray(windows.train).tobytes()).hexdigest()
+    digest = windows.key if isinstance(windows, CachedActivations) else windows_digest(
+        windows.train)
     return {"config": dataclasses.asdict(config), "reads": str(reads),
             "writes": str(writes or reads), "batch_rows": batch_rows, "sequences": sequences,
             "buffer_rows": buffer_rows, "seed": seed, "b_dec_init": b_dec_init,
