@@ -77,9 +77,9 @@ def test_greedy_generation_matches_transformers(smollm2, hf_smollm2):
 
 def test_the_study_finds_smollm2s_induction_heads(smollm2, tmp_path, capsys):
     """`gemma-eqx induction --model smollm2-135m`: the whole study and its report on a Llama
-    architecture (the residual map at the first and last layer only, to save time).
-    Measured (seed 0): copying 0.03 -> 0.71, top heads (18, 6) and (17, 4) at 0.57, the
-    smallest breaking set [(18, 6), (17, 4), (17, 5), (6, 0)]."""
+    architecture (the residual map at the first and last layer only and 4 digit strings, not
+    8, to save time: 84 s, was 116). Measured (seed 0, 4 strings): copying 0.03 -> 0.59 (0.71
+    with 8), the same top heads (18, 6) and (17, 4), both in the smallest breaking set."""
     import json
 
     from gemma_eqx.cli import main
@@ -87,11 +87,11 @@ def test_the_study_finds_smollm2s_induction_heads(smollm2, tmp_path, capsys):
 
     out = tmp_path / "report"
     assert main(["induction", "--model", "smollm2-135m", "--out", str(out),
-                 "--residual-stride", "29"]) == 0
+                 "--residual-stride", "29", "--strings", "4"]) == 0
     assert {p.name for p in out.iterdir()} == set(REPORT_FILES)
     report = json.loads((out / "report.json").read_text())
     first, second = report["behaviour"]["repetitions"]["accuracy"]
-    assert first < 0.1 and second > 0.6
+    assert first < 0.1 and second > 0.5
     assert report["knockout"]["repetitions"]["accuracy"][1] < 0.2
     assert np.asarray(report["scores"]["induction"]).shape == (30, 9)
     top = [(h["layer"], h["head"]) for h in report["scores"]["ranked"][:2]]
