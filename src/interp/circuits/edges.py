@@ -21,6 +21,7 @@ is one compiled program (`vmap` over the weights, `lax.map` over chunks of them)
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import equinox as eqx
@@ -68,6 +69,21 @@ def _metric_mean(logits: Array, metric: Metric) -> Array:
     return metric(logits).mean()
 
 
+@dataclass(frozen=True)
+class _OnLogits:
+    """A user's `fn(logits) -> []` as a ScalarMetric's `fn`: equal for the same function, so
+    a compiled program is reused across calls."""
+
+    fn: Callable[[Array], Array]
+
+    def __call__(self, logits: Array, data: Any) -> Array:
+        return self.fn(logits)
+
+
+def _nothing(logits: Array) -> Array:
+    return jnp.zeros((), logits.dtype)
+
+
 def as_scalar_metric(model: Transformer, metric: Any, tokens: Int[Array, "batch seq"]
                      ) -> ScalarMetric:
     """A `patching.Metric` (its rows averaged) or a function of the full logits
@@ -78,7 +94,7 @@ def as_scalar_metric(model: Transformer, metric: Any, tokens: Int[Array, "batch 
         _check_metric(model, metric, tokens.shape[1])
         scalar = ScalarMetric(_metric_mean, metric.positions, metric)
     elif callable(metric):
-        scalar = ScalarMetric(lambda logits, _: metric(logits), None)
+        scalar = ScalarMetric(_OnLogits(metric), None)
     else:
         raise TypeError(f"metric must be an interp.patching.Metric or a function of the logits; "
                         f"got {type(metric).__name__}")
@@ -133,38 +149,61 @@ def _forward(model: Transformer, tokens: Array, padding_mask: Array, weights: Ar
     positions = jnp.maximum(jnp.cumsum(padding_mask, axis=1) - 1, 0)
 
     def mix(out: Array, base: Array, weight: Array) -> Array:
-        """`weight [n]` mixes of one sender's output `[b, s, d]` -> `[n, b, s, d]`."""
-        weight = weight.astype(out.dtype)[:, None, None, None]
-        if delta:
-            return out[None] + (weight - 1) * base[None]
-        return base[None] + weight * (out - base)[None]
-
-    def head_mix(out: Array, base: Array, weight: Array) -> Array:
-        """Sum over heads of each receiver's mix: out, base `[b, s, H, d]`, weight `[H, n]`."""
+        """Each receiver's mix of a stack of senders, summed over the stack: outputs `out`
+        and `base` `[m, ...]`, `weight` `[m, n]` -> `[n, ...]`."""
         weight = weight.astype(out.dtype)
         if delta:
-            return out.sum(2)[None] + jnp.einsum("hn,bshd->nbsd", weight - 1, base)
-        return base.sum(2)[None] + jnp.einsum("hn,bshd->nbsd", weight, out - base)
+            return out.sum(0)[None] + jnp.einsum("mn,m...->n...", weight - 1, base)
+        return base.sum(0)[None] + jnp.einsum("mn,m...->n...", weight, out - base)
 
+    layers = len(model.blocks)
+    heads_ids = np.stack([heads_of(la) for la in range(layers)])       # [layers, heads]
+    mlp_ids = np.asarray([mlp_of(la) for la in range(layers)])
+    post_norm = model.blocks[0].post_attention_norm
+    # Every layer's post-attention norm stacked (one module of [layers, ...] leaves), so a
+    # receiver's per-layer norms run as one vmapped call, not one call per earlier layer.
+    post_norms = None if post_norm is None else jax.tree.map(
+        lambda *leaves: jnp.stack(leaves), *(b.post_attention_norm for b in model.blocks))
+    b_o = None if model.blocks[0].attn.b_o is None else jnp.stack(
+        [b.attn.b_o for b in model.blocks])
     outputs_in = (model.embed(tokens, positions, padding_mask, {}) if embedding is None
                   else embedding)
     head_outs: list[Array] = []
     mlp_outs: list[Array] = []
+    base_heads = jnp.broadcast_to(patch.heads, (layers, *outputs_in.shape[:2],
+                                                *patch.heads.shape[3:]))
 
     def stream(receivers: np.ndarray, attention_layers: int, mlp_layers: int) -> Array:
         """The input `[n, b, s, d]` of each receiver of `receivers`."""
         weight = w[:, receivers]
-        x = mix(outputs_in, patch.input, weight[0])
-        for layer in range(attention_layers):
-            block = model.blocks[layer]
-            summed = head_mix(head_outs[layer], patch.heads[layer], weight[heads_of(layer)])
-            if block.attn.b_o is not None:
-                summed = summed + block.attn.b_o.astype(summed.dtype)
-            if block.post_attention_norm is not None:
-                summed = block.post_attention_norm(summed)
+        x = mix(outputs_in[None], patch.input[None], weight[:1])
+        if attention_layers:
+            a = attention_layers
+            # [n, layers, b, s, d]: each receiver's sum over each earlier layer's heads.
+            cur = jnp.stack(head_outs[:a])
+            base = base_heads[:a]
+            hw = weight[heads_ids[:a]].astype(cur.dtype)                  # [a, heads, n]
+            # Without a post-norm the layers' sums add up: summed in the einsum. (Summing an
+            # einsum's [n, layers, ...] output instead was miscompiled by XLA CPU (jax 0.10.2):
+            # one receiver group's inputs came out wrong under jit, right eagerly.)
+            out = "nlbsd" if post_norms is not None else "nbsd"
+            if delta:
+                summed = cur.sum((0, 3)) if out == "nbsd" else cur.sum(3)
+                summed = summed[None] + jnp.einsum(f"lhn,lbshd->{out}", hw - 1, base)
+            else:
+                summed = base.sum((0, 3)) if out == "nbsd" else base.sum(3)
+                summed = summed[None] + jnp.einsum(f"lhn,lbshd->{out}", hw, cur - base)
+            if b_o is not None:
+                bias = b_o[:a, None, None].astype(summed.dtype)
+                summed = summed + (bias.sum(0) if out == "nbsd" else bias)
+            if post_norms is not None:
+                norms = jax.tree.map(lambda leaf: leaf[:a], post_norms)
+                summed = jax.vmap(lambda norm, z: norm(z), in_axes=(0, 1), out_axes=1)(
+                    norms, summed).sum(1)
             x = x + summed
-        for layer in range(mlp_layers):
-            x = x + mix(mlp_outs[layer], patch.mlps[layer], weight[mlp_of(layer)])
+        if mlp_layers:
+            x = x + mix(jnp.stack(mlp_outs[:mlp_layers]), patch.mlps[:mlp_layers],
+                        weight[mlp_ids[:mlp_layers]])
         return x.astype(dtype)
 
     for layer, block in enumerate(model.blocks):
@@ -220,8 +259,7 @@ def sender_outputs(model: Transformer, tokens: Any, *, metric: Any = None,
     """Every sender's output on `tokens` (the unpatched model) and `metric` there (None
     without a metric)."""
     tokens, padding_mask = as_inputs(model, tokens, padding_mask)
-    scalar = as_scalar_metric(model, (lambda logits: logits.mean()) if metric is None
-                              else metric, tokens)
+    scalar = as_scalar_metric(model, _nothing if metric is None else metric, tokens)
     value, outputs = _plain(model, tokens, padding_mask, scalar)
     return (None if metric is None else value), outputs
 
