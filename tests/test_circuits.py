@@ -272,3 +272,29 @@ def test_composition_scores_equal_transformer_lens(tmp_path):
         assert ours.shape == ref[f"scores_{mode}"].shape == (layers, heads, layers, heads)
         np.testing.assert_allclose(ours, ref[f"scores_{mode}"], atol=1e-5, err_msg=mode)
         assert ref[f"scores_{mode}"].max() > 0.1
+
+
+def test_node_patching_is_activation_patching_of_the_node(gemma3_scores):
+    """Every edge out of a node patched is the node's output patched: each head's score
+    equals `patching.activation_patching` of `head_out` (clean run, corrupted values), and
+    each MLP's a patch of `mlp_out_normed` (an independent path: interventions on the model's
+    own forward). AtP's node scores (EAP summed over a node's edges) estimate them."""
+    from interp import patching
+    from interp.circuits.scores import node_patching
+
+    model, clean, corrupted, metric, exact = gemma3_scores
+    graph = exact.graph
+    nodes = node_patching(model, clean, corrupted, metric)
+    heads = patching.activation_patching(model, clean, corrupted, "head_out", metric,
+                                         per="layer_head")
+    mlps = patching.activation_patching(model, clean, corrupted, "mlp_out_normed", metric,
+                                        per="layer")
+    for s, sender in enumerate(graph.senders):
+        if sender.kind == "head":
+            expected = heads.values[sender.layer, sender.index] - heads.target
+        elif sender.kind == "mlp":
+            expected = mlps.values[sender.layer] - mlps.target
+        else:
+            expected = exact.corrupted - exact.clean  # the input patched: the corrupted run
+        assert abs(nodes[s] - expected) < 1e-5, (sender.name, nodes[s], expected)
+    assert np.abs(nodes).max() > 0.05

@@ -121,7 +121,8 @@ def edge_attribution(
                               None)
     elif over == "weights":
         # One compiled gradient, called at each point: any number of steps, one program.
-        grads = sum(_gradient_jit(model, clean, padding_mask, jnp.full((e,), (i + 0.5) / steps),
+        grads = sum(_gradient_jit(model, clean, padding_mask,
+                                  jnp.full((e,), (i + 0.5) / steps, jnp.float32),
                                   patch, False, scalar, None) for i in range(steps)) / steps
     else:
         if how != "corrupted":
@@ -170,4 +171,30 @@ def edge_patching(
                       time.perf_counter() - start)
 
 
-__all__ = ["METHODS", "EdgeScores", "edge_attribution", "edge_patching"]
+def node_patching(
+    model: Transformer,
+    clean: Any,
+    corrupted: Any,
+    metric: Any,
+    *,
+    how: str = "corrupted",
+    padding_mask: Any = None,
+    chunk: int = 8,
+) -> np.ndarray:
+    """The exact score of each sender (node): `metric` with every edge out of it patched (the
+    node's output replaced in every receiver's input), minus the clean metric; `[senders]`,
+    in `component_graph(model).senders` order. AtP's estimate of the same numbers is
+    `edge_attribution(..., method="eap").node_scores()`."""
+    clean, corrupted, padding_mask = check_pair(model, clean, corrupted, padding_mask)
+    scalar = as_scalar_metric(model, metric, clean)
+    graph = component_graph(model)
+    outgoing = graph.sender_edges()
+    weights = np.ones((len(outgoing) + 1, graph.num_edges), np.float32)
+    for s, edges in enumerate(outgoing):
+        weights[s, edges] = 0
+    values = circuit_metrics(model, clean, corrupted, scalar, weights, how=how,
+                             padding_mask=padding_mask, chunk=chunk)
+    return np.asarray(values[:-1] - values[-1], np.float64)
+
+
+__all__ = ["METHODS", "EdgeScores", "edge_attribution", "edge_patching", "node_patching"]
