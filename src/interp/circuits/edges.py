@@ -318,7 +318,7 @@ def circuit_metrics(
     *,
     how: str = "corrupted",
     padding_mask: Bool[Array, "batch seq"] | None = None,
-    chunk: int = 4,
+    chunk: int = 8,
 ) -> Float[np.ndarray, " circuits"]:
     """`metric` of each circuit (a row of `weights`: 1 on its edges, 0 elsewhere, or any value
     between) run on `clean`, every edge outside it carrying the `corrupted` run's sender

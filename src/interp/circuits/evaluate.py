@@ -63,7 +63,7 @@ class FaithfulnessCurve:
 
 def faithfulness_curve(model: Transformer, clean: Any, corrupted: Any, metric: Any,
                        scores: EdgeScores, sizes: Sequence[int], *, how: str = "corrupted",
-                       by: str = "magnitude", chunk: int = 4) -> FaithfulnessCurve:
+                       by: str = "magnitude", chunk: int = 8) -> FaithfulnessCurve:
     """The faithfulness of circuits made of the top `sizes` edges of `scores` (`by`
     "magnitude": largest |score| first; "value": the most negative first, the edges whose
     patching lowers the metric most), each run exactly in one program."""
