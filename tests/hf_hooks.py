@@ -42,10 +42,17 @@ def _record(hf, tokens):
     return out
 
 
-def edge_patched_metric(hf, clean, corrupted, sender: str, receiver: str, metric) -> float:
+def record_pair(hf, clean, corrupted) -> tuple[dict, dict]:
+    """What `edge_patched_metric` reads of the clean and the corrupted run (record once for
+    many edges)."""
+    return _record(hf, clean), _record(hf, corrupted)
+
+
+def edge_patched_metric(hf, clean, corrupted, sender: str, receiver: str, metric,
+                        records: tuple[dict, dict] | None = None) -> float:
     """`metric(hf, clean tokens)` with the one edge `sender -> receiver` patched (module
-    docstring)."""
-    a, b = _record(hf, clean), _record(hf, corrupted)
+    docstring); `records` from `record_pair`, or recorded here."""
+    a, b = records or record_pair(hf, clean, corrupted)
     layers = hf.model.layers
     gemma1 = not hasattr(layers[0], "post_feedforward_layernorm")
     hd = hf.config.head_dim

@@ -34,11 +34,11 @@ from gemma_eqx.model.modules import Transformer
 
 from .edges import (
     SenderOutputs,
+    _broadcast,
     _forward,
     as_scalar_metric,
     check_pair,
     circuit_metrics,
-    patch_outputs,
     sender_outputs,
 )
 from .graph import ComponentGraph, component_graph
@@ -106,15 +106,21 @@ def edge_attribution(
         raise ValueError(f"over must be 'weights' or 'inputs'; got {over!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if how not in ("corrupted", "mean"):
+        raise ValueError(f"how must be 'corrupted' or 'mean'; got {how!r}")
+    if over == "inputs" and how != "corrupted":
+        raise ValueError("EAP-IG over inputs interpolates between the clean and the corrupted "
+                         "input: how must be 'corrupted'")
     clean, corrupted, padding_mask = check_pair(model, clean, corrupted, padding_mask)
     scalar = as_scalar_metric(model, metric, clean)
     graph = component_graph(model)
     start = time.perf_counter()
     clean_value, clean_outputs = sender_outputs(model, clean, metric=scalar,
                                                 padding_mask=padding_mask)
-    corrupt_value, _ = sender_outputs(model, corrupted, metric=scalar,
-                                      padding_mask=padding_mask)
-    patch = patch_outputs(model, corrupted, clean, how, padding_mask)
+    corrupt_value, patch = sender_outputs(model, corrupted, metric=scalar,
+                                          padding_mask=padding_mask)
+    if how == "mean":
+        patch = _broadcast(patch.mean(), clean.shape[0])
     e = graph.num_edges
     if method == "eap":
         grads = _gradient_jit(model, clean, padding_mask, jnp.ones((e,)), patch, False, scalar,
@@ -125,9 +131,6 @@ def edge_attribution(
                                   jnp.full((e,), (i + 0.5) / steps, jnp.float32),
                                   patch, False, scalar, None) for i in range(steps)) / steps
     else:
-        if how != "corrupted":
-            raise ValueError("EAP-IG over inputs interpolates between the clean and the "
-                             "corrupted input: how must be 'corrupted'")
         difference = _difference(clean_outputs, patch)
         grads = sum(_gradient_jit(model, clean, padding_mask, jnp.ones((e,)), difference, True,
                                   scalar, patch.input + (i + 0.5) / steps * difference.input)
