@@ -49,8 +49,9 @@ METHODS = ("exact", "eap", "eap-ig")
 @dataclass(frozen=True)
 class EdgeScores:
     """A score per edge of `graph` (`scores[i]` for `graph.edges[i]`): the estimated change of
-    the metric when that edge alone is patched. `clean` and `corrupted` are the metric on
-    the two inputs; `seconds` what computing the scores took."""
+    the metric when that edge alone is patched. `clean` is the metric with no edge patched,
+    `corrupted` with every edge patched (the corrupted run, or every sender at its mean with
+    `how="mean"`); `seconds` what computing the scores took."""
 
     graph: ComponentGraph
     scores: np.ndarray
