@@ -50,8 +50,8 @@ METHODS = ("exact", "eap", "eap-ig")
 class EdgeScores:
     """A score per edge of `graph` (`scores[i]` for `graph.edges[i]`): the estimated change of
     the metric when that edge alone is patched. `clean` is the metric with no edge patched,
-    `corrupted` with every edge patched (the corrupted run, or every sender at its mean with
-    `how="mean"`); `seconds` what computing the scores took."""
+    `corrupted` the metric of the corrupted run (in `edge_patching` with `how="mean"`: of every
+    sender at its mean); `seconds` what computing the scores took."""
 
     graph: ComponentGraph
     scores: np.ndarray
