@@ -32,6 +32,7 @@ from gemma_eqx.model.modules import Transformer
 from .edges import (
     ScalarMetric,
     _forward,
+    _ids,
     as_scalar_metric,
     check_pair,
     patch_outputs,
@@ -97,14 +98,14 @@ def _receiver_order(graph: ComponentGraph) -> list[int]:
 def _senders_of(graph: ComponentGraph, receiver: int) -> list[int]:
     """The sender nodes a receiver belongs to (the query head; the key head's group; the
     MLP; none for the logits)."""
+    heads_of, mlp_of, _ = _ids(graph)
     r = graph.receivers[receiver]
-    base = 1 + r.layer * (graph.num_heads + 1)
     if r.kind == "q":
-        return [base + r.index]
+        return [int(heads_of(r.layer)[r.index])]
     if r.kind in ("k", "v"):
         group = graph.num_heads // graph.num_kv_heads
-        return [base + r.index * group + i for i in range(group)]
-    return [base + graph.num_heads] if r.kind == "mlp" else []
+        return [int(h) for h in heads_of(r.layer)[r.index * group:(r.index + 1) * group]]
+    return [mlp_of(r.layer)] if r.kind == "mlp" else []
 
 
 def acdc(
