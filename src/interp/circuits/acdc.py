@@ -138,7 +138,7 @@ def acdc(
         target, _ = sender_outputs(model, clean, metric=scalar, padding_mask=padding_mask)
         objective = ScalarMetric(_distance, scalar.positions, (scalar, target))
         name = "|metric - clean metric|"
-    patch = patch_outputs(model, corrupted, clean, how, padding_mask)
+    patch = patch_outputs(model, corrupted, clean, how, padding_mask, objective)
     kept = np.ones(graph.num_edges, bool) if start is None else \
         graph.circuit_weights(start).astype(bool)
     begin = time.perf_counter()

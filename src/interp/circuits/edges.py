@@ -298,12 +298,13 @@ def check_pair(model: Transformer, clean: Any, corrupted: Any, padding_mask: Any
 
 
 def patch_outputs(model: Transformer, corrupted: Any, clean: Array, how: str = "corrupted",
-                  padding_mask: Any = None) -> SenderOutputs:
+                  padding_mask: Any = None, metric: Any = None) -> SenderOutputs:
     """What a patched edge carries: the senders' outputs on `corrupted`, or their mean over it
-    (`how="mean"`, broadcast to `clean`'s batch)."""
+    (`how="mean"`, broadcast to `clean`'s batch). `metric`: the caller's, so that this run
+    shares the compiled program of its other plain runs."""
     if how not in ("corrupted", "mean"):
         raise ValueError(f"how must be 'corrupted' or 'mean'; got {how!r}")
-    _, outputs = sender_outputs(model, corrupted, padding_mask=padding_mask)
+    _, outputs = sender_outputs(model, corrupted, metric=metric, padding_mask=padding_mask)
     if how == "mean":
         outputs = _broadcast(outputs.mean(), clean.shape[0])
     return outputs
@@ -331,7 +332,7 @@ def circuit_metrics(
         raise ValueError(f"weights must have shape [circuits, {graph.num_edges}] (one value per "
                          f"edge of {graph}); got {tuple(weights.shape)}")
     scalar = as_scalar_metric(model, metric, clean)
-    patch = patch_outputs(model, corrupted, clean, how, padding_mask)
+    patch = patch_outputs(model, corrupted, clean, how, padding_mask, scalar)
     return np.asarray(_circuit_metrics_jit(model, clean, padding_mask, weights, patch, False,
                                            scalar, max(1, min(chunk, len(weights)))))
 

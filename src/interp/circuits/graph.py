@@ -23,7 +23,7 @@ MLP's output is `mlp_out_normed` (after its post-norm).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -203,10 +203,4 @@ def component_graph(model: Transformer) -> ComponentGraph:
     return ComponentGraph(layers, heads, kv, parallel, tuple(senders), tuple(receivers), edges)
 
 
-def layer_receivers(graph: ComponentGraph, layer: int, kinds: Sequence[str]) -> list[int]:
-    """Indices of the receivers of `layer` of the given kinds, in graph order."""
-    return [i for i, r in enumerate(graph.receivers) if r.layer == layer and r.kind in kinds]
-
-
-__all__ = ["ComponentGraph", "Receiver", "Sender", "component_graph", "layer_receivers",
-           "reaches"]
+__all__ = ["ComponentGraph", "Receiver", "Sender", "component_graph", "reaches"]
