@@ -1,9 +1,10 @@
 """Circuits on the real Gemma 3 270M (`interp.circuits`): edge attribution against exact edge
 patching on the induction task, their speed, the faithfulness of the circuits they rank, and
-ACDC.
+ACDC; and node attribution (AtP, AtP with the QK fix, AtP*) against exact node patching.
 
     python benchmarks/bench_circuits.py [--strings 4] [--steps 8] [--sample 300]
                                         [--acdc-start 120] [--threshold 0.02]
+                                        [--parts edges,nodes]
 
 The task: clean = BOS + A + A, corrupted = BOS + B + A (A, B random strings of 20 digits; numpy
 seed 0), `--strings` of them in a batch; the metric is the mean log-probability of the second
@@ -12,7 +13,9 @@ program compiled by an untimed first call; compile times printed apart). Exact e
 all 5,644 edges would take over an hour here, so it runs on `--sample` edges: the top half by
 |EAP-IG| and as many drawn at random from the rest; its time per edge gives the full sweep's.
 Spearman is reported on the whole sample and on its random part alone (unbiased for all
-edges). ACDC (KL objective) starts from the top `--acdc-start` edges of EAP-IG.
+edges). ACDC (KL objective) starts from the top `--acdc-start` edges of EAP-IG. Nodes: every
+receiver (127) and sender (91) patched exactly, against each estimate; AtP* estimates a
+magnitude, so every method is also ranked by |score| against |exact|.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,6 +36,7 @@ RESULTS = Path(__file__).parent / "results" / "circuits.json"
 def task(tokenizer, strings: int, period: int = 20, seed: int = 0):
     from interp.analyses import digit_ids
     from interp.patching import Metric
+    from interp.study.circuit import copied_logprob
 
     ids = np.asarray(digit_ids(tokenizer))
     rng = np.random.default_rng(seed)
@@ -42,14 +45,36 @@ def task(tokenizer, strings: int, period: int = 20, seed: int = 0):
     clean = np.concatenate([bos, ids[a], ids[a]], 1)
     corrupted = np.concatenate([bos, ids[b], ids[a]], 1)
     positions = tuple(range(period + 1, 2 * period))
-    metric = Metric(positions, _copied_logprob, jnp.asarray(clean[:, period + 2:]),
+    metric = Metric(positions, copied_logprob, jnp.asarray(clean[:, period + 2:]),
                     "mean log-prob of the copied digits")
     return clean, corrupted, metric
 
 
-def _copied_logprob(logits, targets):
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    return jnp.take_along_axis(lp, targets[..., None], -1)[..., 0].mean(-1)
+def nodes(model, clean, corrupted, metric, out: dict, timed) -> None:
+    """AtP, AtP with the QK fix, and AtP* against exact node patching, for receivers (query,
+    key, value, MLP inputs and the logits) and senders (input, heads, MLPs)."""
+    from interp import circuits
+
+    for kind in ("receivers", "senders"):
+        circuits.node_patching(model, clean, corrupted, metric, nodes=kind)  # compiles
+        exact = timed(f"exact_{kind}", lambda k=kind: circuits.node_patching(
+            model, clean, corrupted, metric, nodes=k))
+        for method in ("atp", "atp+qk", "atp*") if kind == "receivers" else ("atp", "atp*"):
+            circuits.node_attribution(model, clean, corrupted, metric, nodes=kind,
+                                      method=method)  # compiles
+            est = timed(f"{method}_{kind}", lambda k=kind, m=method: circuits.node_attribution(
+                model, clean, corrupted, metric, nodes=k, method=m))
+            # AtP* estimates a magnitude: every method is ranked on |score| against |exact|.
+            out[f"spearman_abs_{method}_{kind}"] = circuits.spearman(np.abs(est.scores),
+                                                                     np.abs(exact))
+            if method != "atp*":
+                out[f"spearman_{method}_{kind}"] = circuits.spearman(est.scores, exact)
+            top = set(np.argsort(-np.abs(exact))[:10])
+            out[f"top10_overlap_{method}_{kind}"] = len(top & set(
+                np.argsort(-np.abs(est.scores))[:10]))
+        order = np.argsort(-np.abs(exact))[:8]
+        names = [n.name for n in getattr(circuits.component_graph(model), kind)]
+        out[f"exact_top_{kind}"] = [(names[i], float(exact[i])) for i in order]
 
 
 def main(argv=None) -> None:
@@ -60,7 +85,11 @@ def main(argv=None) -> None:
     p.add_argument("--acdc-start", type=int, default=120)
     p.add_argument("--threshold", type=float, default=0.02)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--parts", default="edges,nodes",
+                   help="edges (EAP, EAP-IG, exact, faithfulness, ACDC), nodes (AtP, AtP*); "
+                   "results of parts not run are kept from the results file")
     args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
 
     from gemma_eqx import from_pretrained
     from interp import circuits
@@ -68,7 +97,8 @@ def main(argv=None) -> None:
     model, tokenizer = from_pretrained()
     clean, corrupted, metric = task(tokenizer, args.strings)
     graph = circuits.component_graph(model)
-    out: dict = {"graph": repr(graph), "strings": args.strings, "tokens": clean.shape[1]}
+    out: dict = json.loads(args.results.read_text()) if args.results.exists() else {}
+    out.update({"graph": repr(graph), "strings": args.strings, "tokens": clean.shape[1]})
 
     def timed(name, fn):
         start = time.perf_counter()
@@ -77,6 +107,20 @@ def main(argv=None) -> None:
         print(f"{name}: {out[f'seconds_{name}']:.1f} s", flush=True)
         return result
 
+    if "nodes" in parts:
+        nodes(model, clean, corrupted, metric, out, timed)
+        print(table([(f"{m} ({k})", f"{out[f'seconds_{m}_{k}']:.1f}",
+                      f"{out.get(f'spearman_{m}_{k}', float('nan')):.3f}",
+                      f"{out[f'spearman_abs_{m}_{k}']:.3f}", str(out[f"top10_overlap_{m}_{k}"]))
+                     for k in ("receivers", "senders")
+                     for m in (("atp", "atp+qk", "atp*") if k == "receivers" else ("atp", "atp*"))],
+                    ("method", "seconds", "Spearman", "Spearman of |score|", "top-10 shared")))
+        print(f"exact node patching: receivers {out['seconds_exact_receivers']:.0f} s, senders "
+              f"{out['seconds_exact_senders']:.0f} s")
+    if "edges" not in parts:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(out, indent=1) + "\n")
+        return
     timed("eap_cold", lambda: circuits.edge_attribution(model, clean, corrupted, metric,
                                                         method="eap"))
     eap = timed("eap", lambda: circuits.edge_attribution(model, clean, corrupted, metric,

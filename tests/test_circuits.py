@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -291,3 +292,138 @@ def test_node_patching_is_activation_patching_of_the_node(gemma3_scores):
             expected = exact.corrupted - exact.clean  # the input patched: the corrupted run
         assert abs(nodes[s] - expected) < 1e-5, (sender.name, nodes[s], expected)
     assert np.abs(nodes).max() > 0.05
+
+
+def _plain(model, tokens, metric, interventions) -> float:
+    """`metric` of the model's own forward with `interventions` ({layer: [...]})."""
+    from interp.install import add_interventions
+    from interp.patching import evaluate
+
+    return float(np.mean(np.asarray(evaluate(add_interventions(model, interventions), tokens,
+                                             metric))))
+
+
+def _receiver_patch(receiver, cache):
+    """The intervention on the model's own forward that gives `receiver` the corrupted run's
+    input: its q, k or v (one head) or the MLP's normed input, from the corrupted run."""
+    from interp.interventions import Replace
+
+    if receiver.kind == "mlp":
+        return Replace("mlp_in", value=cache["mlp_in", receiver.layer])
+    return Replace(receiver.kind, value=cache[receiver.kind, receiver.layer],
+                   heads=(receiver.index,))
+
+
+def test_receiver_patching_is_patching_the_receivers_input(gemma3_scores):
+    """Every edge into a receiver patched is its input taken from the corrupted run: each
+    query, key, value and MLP receiver's exact score equals the model's own forward with that
+    head's q (k, v) or the MLP's input replaced by the corrupted run's; the logits' is the
+    corrupted run's."""
+    from interp.capture import capture
+    from interp.circuits.scores import node_patching
+
+    model, clean, corrupted, metric, exact = gemma3_scores
+    graph = exact.graph
+    nodes = node_patching(model, clean, corrupted, metric, nodes="receivers")
+    _, cache = capture(model, corrupted, sites=["q", "k", "v", "mlp_in"])
+    for r, receiver in enumerate(graph.receivers):
+        if receiver.kind == "logits":
+            expected = exact.corrupted - exact.clean
+        else:
+            expected = _plain(model, clean, metric,
+                              {receiver.layer: [_receiver_patch(receiver, cache)]}) - exact.clean
+        assert abs(nodes[r] - expected) < 1e-5, (receiver.name, nodes[r], expected)
+    assert np.abs(nodes).max() > 0.05
+
+
+def test_atp_qk_fix_is_the_exact_patched_pattern_then_linear(gemma3_scores):
+    """AtP's QK fix for a query (key) receiver: the attention weights recomputed exactly with
+    the corrupted query (keys), then their effect to first order. Checked on the model's own
+    forward: the patched weights recorded with that q (k) replaced, and the central finite
+    difference of the metric along (patched - clean) weights added at that layer's pattern
+    (eps 1e-2), for a query and a key receiver of each layer. AtP's plain estimate of the same
+    nodes is different (its softmax is linear)."""
+    from interp.capture import capture
+    from interp.circuits.scores import node_attribution
+    from interp.install import add_interventions
+    from interp.interventions import Add, Record
+
+    model, clean, corrupted, metric, exact = gemma3_scores
+    graph, eps = exact.graph, 1e-2
+    fixed = node_attribution(model, clean, corrupted, metric, method="atp+qk")
+    plain = node_attribution(model, clean, corrupted, metric, method="atp")
+    _, cache = capture(model, corrupted, sites=["q", "k"])
+    _, base = capture(model, clean, sites=["pattern"])
+    checked = 0
+    for r, receiver in enumerate(graph.receivers):
+        if receiver.kind not in ("q", "k"):
+            assert fixed.scores[r] == pytest.approx(plain.scores[r], abs=1e-9), receiver.name
+            continue
+        if receiver.index != receiver.layer % 2:
+            continue  # a query head and a key head of each layer (the test's time)
+        la = receiver.layer
+        recorded = add_interventions(model, {la: [_receiver_patch(receiver, cache),
+                                                  Record("pattern")]})
+        out = recorded.forward(jnp.asarray(clean)).records[f"blocks.{la}.pattern"]
+        delta = jnp.asarray(out) - base["pattern", la]
+        values = [_plain(model, clean, metric, {la: [Add("pattern", value=sign * eps * delta)]})
+                  for sign in (1, -1)]
+        difference = (values[0] - values[1]) / (2 * eps)
+        assert fixed.scores[r] == pytest.approx(difference, rel=2e-2, abs=2e-4), receiver.name
+        checked += 1
+    assert checked == 2 * graph.num_layers
+    qk = [r for r, rec in enumerate(graph.receivers) if rec.kind in ("q", "k")]
+    assert np.abs(fixed.scores[qk] - plain.scores[qk]).max() > 1e-3
+
+
+def test_grad_drop_of_atp_star(gemma3_scores):
+    """GradDrop drops the gradient through one layer's outputs at a time: a node of the last
+    layer is unchanged by every drop but its own layer's (which zeroes it), so its AtP* score
+    is |its estimate| (L - 1 of L terms, over L - 1); the logits' L / (L - 1) times it; a node
+    of the first layer differs (its gradient crosses the later layers). Scores are >= 0."""
+    from interp.circuits.scores import node_attribution
+
+    model, clean, corrupted, metric, exact = gemma3_scores
+    graph, layers = exact.graph, exact.graph.num_layers
+    for nodes, fix in (("receivers", "atp+qk"), ("senders", "atp")):
+        star = node_attribution(model, clean, corrupted, metric, nodes=nodes, method="atp*")
+        one = node_attribution(model, clean, corrupted, metric, nodes=nodes, method=fix)
+        items = graph.receivers if nodes == "receivers" else graph.senders
+        assert (star.scores >= 0).all()
+        last = [i for i, n in enumerate(items) if n.layer == layers - 1]
+        first = [i for i, n in enumerate(items) if n.layer == 0]
+        np.testing.assert_allclose(star.scores[last], np.abs(one.scores[last]), rtol=1e-4,
+                                   atol=1e-7, err_msg=nodes)
+        assert np.abs(star.scores[first] - np.abs(one.scores[first])).max() > 1e-3, nodes
+        if nodes == "receivers":
+            assert star.scores[-1] == pytest.approx(
+                layers / (layers - 1) * abs(one.scores[-1]), rel=1e-4)
+    with pytest.raises(ValueError, match="method must be one of atp, atp\\+qk, atp\\*; got 'eap'"):
+        node_attribution(model, clean, corrupted, metric, method="eap")
+    with pytest.raises(ValueError, match="nodes must be 'senders' or 'receivers'; got 'heads'"):
+        node_attribution(model, clean, corrupted, metric, nodes="heads")
+
+
+def test_a_circuits_faithfulness_minimality_and_completeness(gemma3_scores):
+    """The whole graph as a circuit: faithfulness 1, complete (0 for every half removed),
+    and each edge's minimality is minus its exact edge-patching score over the model's
+    effect. Without its most important edge, a circuit's faithfulness drops by that edge's
+    share, and some half of it, removed, tells the circuit from the model (incomplete)."""
+    model, clean, corrupted, metric, exact = gemma3_scores
+    graph = exact.graph
+    gap = exact.clean - exact.corrupted
+    whole = circuits.evaluate_circuit(model, clean, corrupted, metric,
+                                      np.ones(graph.num_edges, bool), subsets=3)
+    assert whole.faithfulness == pytest.approx(1, abs=1e-5)
+    assert whole.completeness.max() < 1e-5
+    np.testing.assert_allclose(whole.minimality, -exact.scores / gap, atol=1e-4)
+    best = int(np.argmax(np.abs(exact.scores)))
+    mask = np.ones(graph.num_edges, bool)
+    mask[best] = False
+    part = circuits.evaluate_circuit(model, clean, corrupted, metric, mask, subsets=4)
+    assert part.faithfulness == pytest.approx(1 + exact.scores[best] / gap, abs=1e-4)
+    assert part.completeness.max() > 1e-2
+    assert all(best not in half and set(half) <= set(part.edges) for half in part.subsets)
+    with pytest.raises(ValueError, match="at least one edge"):
+        circuits.evaluate_circuit(model, clean, corrupted, metric, np.zeros(graph.num_edges,
+                                                                            bool))

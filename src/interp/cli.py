@@ -44,6 +44,10 @@ def add_induction_command(commands: Any) -> None:
                      "'attn_out/layer_{layer}_width_16k_l0_small')")
     cmd.add_argument("--latents", type=int, default=10, metavar="N",
                      help="how many latents experiment 8 ranks and ablates")
+    cmd.add_argument("--circuit", action="store_true",
+                     help="experiment 9: find the copying circuit automatically (EAP-IG over "
+                     "every edge of the component graph, ACDC, its key edges checked by path "
+                     "patching); about 5 minutes more on the 270M with 2 cores")
     cmd.add_argument("--out", default="induction-report", metavar="DIR",
                      help="the report's directory (created; the program's own files replaced)")
     cmd.add_argument("--distributed", action="store_true",
@@ -170,6 +174,7 @@ def run_induction(args: argparse.Namespace) -> int:
         model, tokenizer, digits=args.text, period=args.period, seed=args.seed, top=args.top,
         strings=args.strings, model_name=os.fspath(args.model), progress=say,
         residual_stride=args.residual_stride, dictionary=dictionary, latents=args.latents,
+        circuit=args.circuit,
     )
     say("writing the report")
     path = write_report(result, out)  # by process 0 alone in a multi-process cluster
@@ -199,6 +204,11 @@ def run_induction(args: argparse.Namespace) -> int:
         print(f"  features ({f.site} of layer {f.layer}): latents " + ", ".join(
             str(x.latent) for x in f.latents[:5]) + f"; all {len(f.latents)} ablated: log-prob "
             f"{f.baseline_logprob:.2f} -> {f.all_ablated_logprob:.2f}")
+    if result.circuit is not None:
+        c = result.circuit
+        print(f"  circuit: {len(c.circuit)} edges (faithfulness {c.circuit_faithfulness:.2f}); "
+              + "; ".join(f"{x.edge} {'holds' if x.holds else 'not confirmed'} by path "
+                          f"patching ({x.path_fraction:.2f})" for x in c.claims))
     print(f"  report: {path / 'report.html'}  ({time.perf_counter() - start:.1f}s in all)")
     return 0
 

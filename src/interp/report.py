@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,17 @@ FIGURES = {
     "the mean log-prob of A's digits over the second repetition after patching one head's "
     "output (left) or the residual stream entering a layer at one position (right), "
     "normalised so 0 is the corrupted run and 1 the clean run.",
+}
+
+# Written only when the study has the experiment (`--circuit`); removed from a directory whose
+# earlier report had it, when a report without it replaces that one.
+OPTIONAL_FIGURES = {
+    "circuit.png": "Experiment 9. Left: the circuit ACDC kept (layers across, each layer's "
+    "heads up the column and its MLP on top; the input at the left, the logits at the right), "
+    "an edge from its sender to the head, key/value group, MLP or logits that reads it, "
+    "coloured by what it feeds, its width by |EAP-IG|. Rings: the hand-found heads of "
+    "experiments 2-3 (red: induction, blue: previous-token). Right: the faithfulness of the "
+    "top-n edges by |EAP-IG| (0: the corrupted run, 1: the model), with ACDC's circuit.",
 }
 
 
@@ -201,6 +213,75 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_NODE = re.compile(r"^(?:a(\d+)\.(?:h(\d+)|kv(\d+))|m(\d+))")
+_KIND_COLOURS = {"q": "tab:blue", "k": "tab:orange", "v": "tab:green", "in": "tab:grey",
+                 "logits": "tab:red"}
+
+
+def _node_xy(name: str, c) -> tuple[float, float, str]:
+    """Where the drawing puts a sender or receiver of experiment 9, and its kind."""
+    if name == "input":
+        return -1.0, (c.heads - 1) / 2, "input"
+    if name == "logits":
+        return float(c.layers), (c.heads - 1) / 2, "logits"
+    kind = name[name.index("<") + 1:-1] if "<" in name else "out"
+    a, h, g, m = _NODE.match(name).groups()
+    if m is not None:
+        return float(m) + 0.25, float(c.heads), kind
+    # A head's inputs left of it: the query level with it, a key head's key above and value
+    # below the middle of its group's query heads.
+    if g is not None:
+        group = c.heads // c.kv_heads
+        middle = int(g) * group + (group - 1) / 2
+        return float(a) - 0.18, middle + (0.2 if kind == "k" else -0.2), kind
+    return float(a) - (0.3 if kind == "q" else 0.0), float(h), kind
+
+
+def plot_circuit(result: StudyResult, path: Path) -> None:
+    plt = _plt()
+    c = result.circuit
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5),
+                                      gridspec_kw={"width_ratios": [2.2, 1]})
+    for layer in range(c.layers):
+        left.scatter([layer] * c.heads, range(c.heads), s=25, c="#ccc", zorder=1)
+        left.scatter([layer + 0.25], [c.heads], s=40, marker="s", c="#ccc", zorder=1)
+    for heads, colour in ((c.induction_heads, "red"), (c.previous_token_heads, "blue")):
+        left.scatter([h[0] for h in heads], [h[1] for h in heads], s=160, facecolors="none",
+                     edgecolors=colour, linewidths=1.5, zorder=3)
+    biggest = max([abs(e.eap_ig) for e in c.circuit] + [1e-9])
+    for e in c.circuit:
+        x0, y0, _ = _node_xy(e.sender, c)
+        x1, y1, kind = _node_xy(e.receiver, c)
+        left.annotate("", (x1, y1), (x0, y0), arrowprops=dict(
+            arrowstyle="-|>", color=_KIND_COLOURS.get(kind, "black"), alpha=0.8,
+            lw=0.5 + 3 * abs(e.eap_ig) / biggest, shrinkA=3, shrinkB=3), zorder=2)
+    for kind, colour in _KIND_COLOURS.items():
+        left.plot([], [], color=colour, label={"in": "MLP input", "logits": "logits"}.get(
+            kind, f"{kind} input"))
+    left.legend(loc="upper left", fontsize=8, ncol=5)
+    left.set_xticks(range(-1, c.layers + 1),
+                    ["in"] + [str(i) for i in range(c.layers)] + ["logits"], fontsize=7)
+    left.set_yticks(list(range(c.heads)) + [c.heads],
+                    [f"h{i}" for i in range(c.heads)] + ["MLP"])
+    left.set_ylim(-0.8, c.heads + 1.8)
+    left.set_xlabel("layer")
+    left.set_title(f"ACDC's circuit: {len(c.circuit)} edges, faithfulness "
+                   f"{c.circuit_faithfulness:.2f}")
+    right.plot(c.sizes, c.faithfulness, "o-", label="top-n edges by |EAP-IG|")
+    if c.circuit:
+        right.plot([len(c.circuit)], [c.circuit_faithfulness], "r*", ms=12,
+                   label="ACDC's circuit")
+    right.axhline(1, color="grey", lw=0.8, ls="--")
+    right.set_xscale("log")
+    right.set_xlabel(f"edges kept (of {c.edges})")
+    right.set_ylabel("faithfulness")
+    right.set_title(f"area {c.area:.2f}")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def path_rows(result: StudyResult) -> list[list[str]]:
     """Experiment 6: world, what it restores, relative logit."""
     return [[w.world, w.description, f"{w.relative_logit:.2f}"]
@@ -244,6 +325,56 @@ repetition: <b>{f.baseline_logprob:.3f}</b> as is (accuracy {f.baseline_accuracy
 """
 
 
+def claim_rows(result: StudyResult) -> list[list[str]]:
+    """Experiment 9: per claim, the edge, the heads' hand-found ranks, path patching."""
+    if result.circuit is None:
+        return []
+    return [[x.edge + ("" if x.in_circuit else " (EAP-IG)"), f"{x.eap_ig:.3f}",
+             f"({x.sender[0]}, {x.sender[1]}): #{x.previous_token_rank} "
+             f"({x.previous_token_score:.2f})",
+             f"({x.receiver[0]}, {x.receiver[1]}): #{x.induction_rank} "
+             f"({x.induction_score:.2f})",
+             f"{x.path_fraction:.3f}", f"#{x.path_rank} of {x.path_senders}",
+             "holds" if x.holds else "not confirmed"] for x in result.circuit.claims]
+
+
+def _circuit_html(result: StudyResult, img) -> str:
+    c = result.circuit
+    if c is None:
+        return ""
+    from .study.circuit import HOLDS_FRACTION, HOLDS_RANK
+
+    top = [[f"{e.sender} -> {e.receiver}", f"{e.eap_ig:.3f}"] for e in c.top_edges[:10]]
+    kept = ", ".join(f"{e.sender} -> {e.receiver}" for e in c.circuit) or "none"
+    needed = sum(e.minimality > 0.01 for e in c.circuit)
+    worst = float(np.max(c.completeness)) if len(c.completeness) else float("nan")
+    return f"""<h2>9. The circuit, found automatically</h2>
+<p>Every edge of the component graph ({c.edges} edges: the input, each head and each MLP to
+each later query, key and value input, MLP input and the logits) scored by {html.escape(
+c.method)} in {c.eap_ig_seconds:.1f} s, on {c.strings} strings of BOS + A + A (clean) against
+BOS + B + A (corrupted). The metric, the mean log-prob of A's second copy, is {c.clean:.2f}
+clean and {c.corrupted:.2f} corrupted. Faithfulness: (metric of the circuit, every edge outside
+it carrying the corrupted input - corrupted) / (clean - corrupted). Top edges:</p>
+{_table(["edge", "EAP-IG"], top)}
+<p>ACDC (KL from the clean model, threshold {c.threshold}, exact at every step) from the top
+{c.start} edges: {c.acdc_runs} runs in {c.acdc_seconds:.0f} s kept <b>{len(c.circuit)}</b>
+edges, faithfulness <b>{c.circuit_faithfulness:.2f}</b>. Minimality: {needed} of its edges
+each carry more than 0.01 of the model's effect within it. Completeness: with a random half
+of the circuit removed from both, the circuit and the model differ by at most {worst:.3f}
+(of the model's effect; 0 = complete) over {len(c.completeness)} halves. The circuit:
+{html.escape(kept)}.</p>
+{img("circuit.png")}
+<p>Claims "head X feeds head Y through the key" (the circuit's edges into a key input; Y the
+query head of that key head's group with the highest induction score) checked by path
+patching: X's corrupted output reaching only Y's key, as a fraction of the model's clean -
+corrupted difference, ranked among every head below Y. A claim holds when that fraction is at
+least {HOLDS_FRACTION} and X ranks in the top {HOLDS_RANK}. Beside: X's rank by
+previous-token score and Y's by induction score (experiments 2-3).</p>
+{_table(["edge", "EAP-IG", "X: previous-token rank", "Y: induction rank", "path patching",
+         "rank", "claim"], claim_rows(result))}
+"""
+
+
 def summary_rows(result: StudyResult) -> list[list[str]]:
     """Per example: accuracy original / top heads knocked out / control knocked out."""
     return [[row.name, f"{row.original.accuracy:.2f}", f"{row.knocked.accuracy:.2f}",
@@ -264,8 +395,9 @@ code{background:#f2f2f2;padding:0 .2em}
 def render_html(result: StudyResult, directory: Path) -> str:
     def img(name: str) -> str:
         data = base64.b64encode((directory / name).read_bytes()).decode()
+        caption = FIGURES.get(name) or OPTIONAL_FIGURES[name]
         return (f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(FIGURES[name])}</figcaption></figure>")
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
     original, knocked = result.behaviour.repetitions, result.knockout.repetitions
     top = ", ".join(f"({layer}, {head})" for layer, head in result.knockout.heads)
@@ -342,7 +474,7 @@ A's digits over the second repetition, is {result.patching.clean:.2f} clean and
 {result.patching.corrupted:.2f} corrupted. Residual stream at layers
 {", ".join(map(str, result.patching.residual_layers))}.</p>
 {img("patching.png")}
-{_features_html(result)}<h2>Timings</h2>
+{_features_html(result)}{_circuit_html(result, img)}<h2>Timings</h2>
 {_table(["step", "seconds", "programs compiled", "from the compile cache", "compile seconds"],
         [[k, f"{v:.1f}", *_compiled(result.compilation.get(k))]
          for k, v in result.timings.items()])}
@@ -359,7 +491,7 @@ window.addEventListener("load", () => {{
 """
 
 
-REPORT_FILES = ("report.json", *FIGURES, "report.html")
+REPORT_FILES = ("report.json", *FIGURES, *OPTIONAL_FIGURES, "report.html")
 GENERATOR = "gemma-eqx induction"  # report.json's "generator": marks a directory as a report
 
 
@@ -402,6 +534,16 @@ def check_report_directory(out: str | os.PathLike) -> Path:
     return out
 
 
+def _earlier_circuit(directory: Path) -> bool:
+    """Whether the report in `directory` (if any) has experiment 9 (and so wrote
+    circuit.png)."""
+    try:
+        data = json.loads((directory / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("circuit") is not None
+
+
 def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
     """Write report.json, the figures and report.html into the directory `out`.
 
@@ -421,6 +563,7 @@ def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         with locked_directory(out):
             out = check_report_directory(out)  # another writer may have changed it meanwhile
+            had_circuit = _earlier_circuit(out)
             for name in REPORT_FILES:
                 remove_partials(out / name)  # what interrupted writes left
             payload = {"generator": GENERATOR, **result.to_json()}
@@ -431,12 +574,18 @@ def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
                 "attribution.png": lambda p: plot_attribution(result, p),
                 "path_analysis.png": lambda p: plot_path_analysis(result, p),
                 "patching.png": lambda p: plot_patching(result, p),
+                "circuit.png": lambda p: plot_circuit(result, p),
                 "report.html": lambda p: p.write_text(render_html(result, p.parent)),
                 "report.json": lambda p: p.write_text(json.dumps(payload, indent=1)),
             }
-            for name in (*FIGURES, "report.html", "report.json"):  # the marker goes last
+            optional = [name for name in OPTIONAL_FIGURES if result.circuit is not None]
+            for name in (*FIGURES, *optional, "report.html", "report.json"):  # marker last
                 with replace_file(out / name) as tmp:
                     writers[name](tmp)
+            if had_circuit and result.circuit is None:
+                # The earlier report's own figure (its report.json says it had the
+                # experiment): the new report does not show it.
+                (out / "circuit.png").unlink(missing_ok=True)
     except OSError as e:
         raise StorageError.writing(e, f"the report into {out}", "choose another output "
                                    "directory") from None

@@ -34,7 +34,7 @@ from gemma_eqx.model.modules import Transformer
 from gemma_eqx.model.sites import SiteHooks
 
 from ..capture import as_inputs
-from ..interventions import Record, Replace
+from ..interventions import Add, Record, Replace
 from ..patching import Metric, _check_metric
 from .graph import ComponentGraph, component_graph
 
@@ -131,15 +131,33 @@ def _ids(graph: ComponentGraph):
     return heads, mlp, receivers
 
 
+class Probe(eqx.Module):
+    """Handles on a `_forward` for gradients (AtP*): `pattern [layers, batch, heads, query,
+    key]` is added to every layer's attention weights (zeros: the gradient with respect to it
+    is the gradient with respect to the pattern); `keep [senders]` scales the gradient that
+    flows back through each sender's output (0: stopped, as GradDrop drops a layer; the
+    forward value is unchanged)."""
+
+    pattern: Float[Array, "layers batch heads query key"]
+    keep: Float[Array, " senders"]
+
+
+def _scale_gradient(x: Array, keep: Array) -> Array:
+    """`x` forward; its gradient scaled by `keep` backward."""
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + keep.astype(x.dtype) * (x - frozen)
+
+
 def _forward(model: Transformer, tokens: Array, padding_mask: Array, weights: Array,
              patch: SenderOutputs, delta: bool, metric: ScalarMetric,
-             embedding: Array | None = None) -> tuple[Array, SenderOutputs]:
+             embedding: Array | None = None, probe: Probe | None = None
+             ) -> tuple[Array, SenderOutputs]:
     """The metric of one circuit (`weights [edges]`) and what its senders output.
 
     `delta=False`: an edge's mix is `patch + w * (out - patch)`; `delta=True`: `patch` holds
     per-sender differences and the mix is `out + (w - 1) * patch` (integrated gradients over
     inputs: the gradient times a fixed difference). `embedding` replaces the input's
-    embedding (an interpolation between two inputs)."""
+    embedding (an interpolation between two inputs). `probe`: see `Probe`."""
     graph = component_graph(model)
     heads_of, mlp_of, receivers_of = _ids(graph)
     dtype = model.activation_dtype
@@ -219,18 +237,24 @@ def _forward(model: Transformer, tokens: Array, padding_mask: Array, weights: Ar
             keys, values = keys + attn.b_k.astype(dtype), values + attn.b_v.astype(dtype)
         if attn.query_norm is not None:
             queries, keys = attn.query_norm(queries), attn.key_norm(keys)
+        probes = () if probe is None else (Add("pattern", value=probe.pattern[layer]),)
         hooks = SiteHooks((Replace("q", value=attn.rope(queries, positions)),
                            Replace("k", value=attn.rope(keys, positions)),
-                           Replace("v", value=values), Record("head_out")))
+                           Replace("v", value=values), *probes, Record("head_out")))
         records: dict[str, Any] = {}
         # The projections of this first argument are replaced above (and never computed).
         attn(q_in[0], positions, padding_mask, hooks=hooks, records=records, layer=layer)
-        head_outs.append(records[f"blocks.{layer}.head_out"].astype(dtype))
+        head_out = records[f"blocks.{layer}.head_out"].astype(dtype)
+        if probe is not None:
+            head_out = _scale_gradient(head_out, probe.keep[heads_of(layer)][:, None])
+        head_outs.append(head_out)
         attention_layers = layer if block.parallel else layer + 1
         mlp_in = stream(receivers_of(layer, "mlp"), attention_layers, layer)[0]
         update = block.mlp(block.pre_ffw_norm(mlp_in))
         if block.post_ffw_norm is not None:
             update = block.post_ffw_norm(update)
+        if probe is not None:
+            update = _scale_gradient(update, probe.keep[mlp_of(layer)])
         mlp_outs.append(update.astype(dtype))
 
     final = stream(receivers_of(0, "logits"), len(model.blocks), len(model.blocks))[0]
@@ -273,16 +297,23 @@ def _broadcast(patch: SenderOutputs, batch: int) -> SenderOutputs:
                                                        *patch.mlps.shape[2:])))
 
 
-def _circuit_metrics(model, tokens, padding_mask, weights, patch, delta, metric, chunk):
+def _chunk_metrics(model, tokens, padding_mask, weights, patch, delta, metric):
     one = lambda w: _forward(model, tokens, padding_mask, w, patch, delta, metric)[0]  # noqa: E731
+    return jax.vmap(one)(weights)
+
+
+_chunk_metrics_jit = eqx.filter_jit(_chunk_metrics)
+
+
+def _circuit_metrics(model, tokens, padding_mask, weights, patch, delta, metric, chunk):
+    """Chunks of `chunk` circuits, each through one compiled program of that size: any number
+    of circuits (any call) reuses it."""
     c = weights.shape[0]
     padded = -(-c // chunk) * chunk
     weights = jnp.concatenate([weights, jnp.ones((padded - c, weights.shape[1]), weights.dtype)])
-    values = jax.lax.map(jax.vmap(one), weights.reshape(padded // chunk, chunk, -1))
-    return values.reshape(-1)[:c]
-
-
-_circuit_metrics_jit = eqx.filter_jit(_circuit_metrics)
+    values = [_chunk_metrics_jit(model, tokens, padding_mask, weights[i:i + chunk], patch,
+                                 delta, metric) for i in range(0, padded, chunk)]
+    return np.concatenate([np.asarray(v) for v in values])[:c]
 
 
 def check_pair(model: Transformer, clean: Any, corrupted: Any, padding_mask: Any = None
@@ -324,7 +355,7 @@ def circuit_metrics(
     """`metric` of each circuit (a row of `weights`: 1 on its edges, 0 elsewhere, or any value
     between) run on `clean`, every edge outside it carrying the `corrupted` run's sender
     output (`how="mean"`: the mean over `corrupted`). One compiled program; `chunk` circuits
-    at a time share each matmul."""
+    at a time share each matmul; every call with as many circuits or more reuses it."""
     clean, corrupted, padding_mask = check_pair(model, clean, corrupted, padding_mask)
     graph = component_graph(model)
     weights = jnp.asarray(weights, jnp.float32)
@@ -333,9 +364,9 @@ def circuit_metrics(
                          f"edge of {graph}); got {tuple(weights.shape)}")
     scalar = as_scalar_metric(model, metric, clean)
     patch = patch_outputs(model, corrupted, clean, how, padding_mask, scalar)
-    return np.asarray(_circuit_metrics_jit(model, clean, padding_mask, weights, patch, False,
-                                           scalar, max(1, min(chunk, len(weights)))))
+    return _circuit_metrics(model, clean, padding_mask, weights, patch, False, scalar,
+                            max(1, min(chunk, len(weights))))
 
 
-__all__ = ["ScalarMetric", "SenderOutputs", "as_scalar_metric", "check_pair",
+__all__ = ["Probe", "ScalarMetric", "SenderOutputs", "as_scalar_metric", "check_pair",
            "circuit_metrics", "patch_outputs", "sender_outputs"]

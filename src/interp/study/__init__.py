@@ -9,6 +9,9 @@ the heads' paths one kind at a time), `counterfactual_patching` (experiment 7: t
 values, pattern or output taken from another input) and `patching_maps` (clean -> corrupted
 activation patching of every head and of the residual stream). Each takes a `DigitTask`.
 
+With a dictionary, experiment 8 (`features`); with `circuit=True`, experiment 9 (`circuit`:
+the circuit found automatically, `interp.circuits`). Both modules are imported only when used.
+
 The package: `task` (the input and its checks), `experiments` (one function per experiment),
 `results` (their typed results), `run` (`run_study`, all of them in order).
 """
@@ -28,6 +31,9 @@ from .experiments import (
 from .results import (
     Attribution,
     Behaviour,
+    CircuitClaim,
+    CircuitEdge,
+    CircuitExperiment,
     CounterfactualPatch,
     CounterfactualPatching,
     DigitTask,
@@ -49,7 +55,8 @@ from .run import Progress, elapsed_printer, run_study
 from .task import CHANCE, check_digits, check_top, digit_task, nonrepeating_digits
 
 __all__ = [
-    "CHANCE", "PATH_WORLDS", "Attribution", "Behaviour", "CounterfactualPatch",
+    "CHANCE", "PATH_WORLDS", "Attribution", "Behaviour", "CircuitClaim", "CircuitEdge",
+    "CircuitExperiment", "CounterfactualPatch",
     "CounterfactualPatching", "DigitTask", "ExampleKnockout", "ExampleScores", "Head",
     "HeadScores", "Knockout", "MinimalSet", "PatchingMaps", "PathAnalysis", "Progress",
     "RankedHead", "Repetitions", "SearchStep", "StudyResult", "WorldScore", "attribution",

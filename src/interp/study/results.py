@@ -246,6 +246,75 @@ class FeatureExperiment:
 
 
 @dataclasses.dataclass(frozen=True)
+class CircuitEdge:
+    """An edge of experiment 9: its EAP-IG score (the estimated change of the metric when it
+    alone is patched) and, in the circuit, its minimality (F(circuit) - F(circuit without it),
+    F the metric normalised: 0 corrupted, 1 clean; NaN outside the circuit)."""
+
+    sender: str
+    receiver: str
+    eap_ig: float
+    minimality: float = float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class CircuitClaim:
+    """"Head `sender` feeds head `receiver` through the key", from an edge of the circuit,
+    checked by path patching: `path_fraction` is how much of the model's clean-corrupted
+    difference of the metric the sender's corrupted output moves when it reaches only the
+    receiver's key, `path_rank` its rank among the `path_senders` heads below the receiver.
+    The ranks of the two heads by the hand-found scores of experiments 2-3 stand beside."""
+
+    edge: str
+    sender: Head
+    receiver: Head
+    eap_ig: float
+    in_circuit: bool  # False: ACDC kept no key edge and this is EAP-IG's
+    previous_token_score: float
+    previous_token_rank: int
+    induction_score: float
+    induction_rank: int
+    path_fraction: float
+    path_rank: int
+    path_senders: int
+    holds: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CircuitExperiment:
+    """Experiment 9 (`--circuit`): EAP-IG over the component graph on BOS + A + A against
+    BOS + B + A (`strings` of them), the faithfulness of its top-n edges (`sizes`), ACDC's
+    circuit from the top `start` (KL `threshold`) with its faithfulness, minimality and
+    completeness (per random half of the circuit removed: |F(circuit) - F(model)|, 0 =
+    complete), and its key edges checked by path patching (`claims`)."""
+
+    strings: int
+    steps: int
+    layers: int
+    heads: int
+    kv_heads: int
+    edges: int
+    clean: float
+    corrupted: float
+    method: str
+    eap_ig_seconds: float
+    top_edges: tuple[CircuitEdge, ...]
+    sizes: tuple[int, ...]
+    faithfulness: np.ndarray
+    area: float
+    threshold: float
+    start: int
+    acdc_runs: int
+    acdc_seconds: float
+    circuit: tuple[CircuitEdge, ...]
+    circuit_faithfulness: float
+    completeness: np.ndarray
+    claims: tuple[CircuitClaim, ...]
+    induction_heads: tuple[Head, ...]  # hand-found (experiments 2-3), for the drawing
+    previous_token_heads: tuple[Head, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyResult:
     """Everything the report shows; `to_json()` gives what `report.json` holds."""
 
@@ -264,6 +333,7 @@ class StudyResult:
     # Per step: programs compiled (or loaded from the persistent cache), cache hits, seconds.
     compilation: Mapping[str, Mapping[str, int | float]] = dataclasses.field(default_factory=dict)
     features: FeatureExperiment | None = None  # experiment 8, with a dictionary
+    circuit: CircuitExperiment | None = None  # experiment 9, with --circuit
 
     def to_json(self) -> dict[str, Any]:
         return _rounded(self)

@@ -1,5 +1,5 @@
-"""`run_study`: experiments 1-7 in order, timed, their compilations counted, into one
-`StudyResult`."""
+"""`run_study`: experiments 1-7 (8 and 9 when asked) in order, timed, their compilations
+counted, into one `StudyResult`."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def run_study(
     verbose: bool = False,
     dictionary: Any = None,
     latents: int = 10,
+    circuit: bool = False,
 ) -> StudyResult:
     """Experiments 1-7 on BOS + random digit strings repeated twice, one function each.
 
@@ -73,6 +74,8 @@ def run_study(
     since the start (what `gemma-eqx induction` shows); `progress` receives the same lines.
     With `dictionary` (an SAE, or a function of a layer giving one: it gets the top induction
     head's layer), experiment 8 (`features.feature_experiment`) follows, on `latents` latents.
+    With `circuit`, experiment 9 (`circuit.circuit_experiment`): the circuit found by EAP-IG
+    and ACDC on the first 4 strings (or all, if fewer), its key edges checked by path patching.
     """
     say = progress or (elapsed_printer() if verbose else (lambda _: None))
     timings: dict[str, float] = {}
@@ -80,7 +83,8 @@ def run_study(
     compiles = CompileLog()
     compiles.start("capture")
     steps = iter(["scores", "knockout", "attribution", "search", "paths", "counterfactual",
-                  "patching"] + (["features"] if dictionary is not None else []))
+                  "patching"] + (["features"] if dictionary is not None else [])
+                 + (["circuit"] if circuit else []))
 
     def lap(name: str) -> None:
         nonlocal clock
@@ -144,8 +148,16 @@ def run_study(
                 f"second occurrence, each ablated")
             features = feature_experiment(model, task, dictionary, critical, count=latents)
             lap("features")
+        found = None
+        if circuit:
+            from .circuit import circuit_experiment
+
+            say("circuit: EAP-IG over every edge of the component graph, ACDC, path patching")
+            found = circuit_experiment(model, tokenizer, task, scores,
+                                       strings=min(4, strings), top=top, seed=seed)
+            lap("circuit")
     finally:
         compiles.close()
     return StudyResult(model_name, model.config.name, task, behaved, scores, knocked,
                        attributed, smallest, paths, counterfactual, maps, timings,
-                       compiles.as_dict(), features)
+                       compiles.as_dict(), features, found)
