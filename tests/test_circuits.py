@@ -427,3 +427,47 @@ def test_a_circuits_faithfulness_minimality_and_completeness(gemma3_scores):
     with pytest.raises(ValueError, match="at least one edge"):
         circuits.evaluate_circuit(model, clean, corrupted, metric, np.zeros(graph.num_edges,
                                                                             bool))
+
+
+def test_eap_equals_auto_circuits_on_gpt2(tmp_path):
+    """EAP of every edge of a tiny GPT-2 (LayerNorms and biases, all random) equals
+    auto-circuit 1.0.1's `mask_gradient_prune_scores` on the same weights, negated (its mask
+    is 1 where an edge is patched, ours 0), to 1e-5 (fixture from
+    `tests/data/make_auto_circuit_reference.py`; with `AUTO_CIRCUIT_PYTHON` set, rerun)."""
+    import json as _json
+    import sys
+
+    import jax.numpy as jnp_
+
+    from gemma_eqx.formats.hf import from_hf
+    from interp.patching import Metric
+    from interp.study.circuit import copied_logprob
+
+    data_dir = Path(__file__).parent / "data"
+    path = data_dir / "auto_circuit_reference.npz"
+    if os.environ.get("AUTO_CIRCUIT_PYTHON"):
+        path = tmp_path / "reference.npz"
+        subprocess.run([os.environ["AUTO_CIRCUIT_PYTHON"],
+                        str(data_dir / "make_auto_circuit_reference.py"), str(path)], check=True)
+    ref = np.load(path)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        **_json.loads(str(ref["config"])), attn_implementation="eager")).eval()
+    state = {k.split(":", 1)[1]: torch.tensor(ref[k]) for k in ref.files
+             if k.startswith("weight:")}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("attn.bias") for k in missing), missing
+    model = from_hf(hf)
+    seq = ref["clean"].shape[1]
+    metric = Metric((seq - 1,), copied_logprob, jnp_.asarray(ref["answers"][:, None]),
+                    "log-prob of the answer", data_are_token_ids=True)
+    ours = edge_attribution(model, ref["clean"], ref["corrupted"], metric, method="eap")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_vs_auto_circuit import ours_name
+
+    names = [f"{ours_name(s)}->{ours_name(d, receiver=True)}"
+             for s, d in zip(ref["sources"], ref["destinations"], strict=True)]
+    assert sorted(names) == sorted(ours.graph.edge_names())
+    index = {n: i for i, n in enumerate(ours.graph.edge_names())}
+    np.testing.assert_allclose(ours.scores[[index[n] for n in names]], -ref["scores"],
+                               atol=1e-5)
+    assert np.abs(ref["scores"]).max() > 0.05 and float(ref["hf_vs_tl_logits"]) < 1e-4

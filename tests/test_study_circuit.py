@@ -1,7 +1,8 @@
 """Experiment 9 of the study (`gemma-eqx induction --circuit`): on a tiny model trained to
 copy, whose induction head is known by construction (`induction_model`), the circuit found
 automatically reaches that head through its key from the previous-token heads, and path
-patching confirms it; the command writes the experiment and its figure into the report."""
+patching confirms it; the command writes the experiment, its figure and (with a transcoder)
+its attribution graph into the report."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
-from factories import CharTokenizer
+from factories import CharTokenizer, varied_model
 from gemma_eqx.cli import main
 from induction_model import BOS_ID, INDUCTION_HEAD, trained
 from interp.study import behaviour, digit_task, score_heads
 from interp.study.circuit import circuit_experiment
-from test_study_features import STUDY, model, tiny_pretrained  # noqa: F401 - fixtures
+from test_study_features import STUDY
 
 
 class _Tokenizer(CharTokenizer):
@@ -55,13 +57,51 @@ def test_the_circuit_found_is_the_induction_circuit_built_in():
         circuit_experiment(copier, tokenizer, task, scores, strings=5)
 
 
-@pytest.mark.usefixtures("tiny_pretrained")
-def test_the_command_adds_experiment_9_and_its_figure(tmp_path, capsys):
+def _transcoder_folder(target, root, layer, width=16):
+    """A JumpReLU transcoder in Gemma Scope 2's layout, from layer `layer`'s MLP input to its
+    output (after the post-norm)."""
+    d = target.config.embed_dim
+    rng = np.random.default_rng(layer)
+    folder = root / f"transcoder_layer_{layer}"
+    folder.mkdir(parents=True)
+    save_file({"w_enc": rng.normal(size=(d, width)).astype(np.float32) * 0.5,
+               "b_enc": rng.normal(size=width).astype(np.float32) * 0.1,
+               "w_dec": rng.normal(size=(width, d)).astype(np.float32) * 0.3,
+               "b_dec": rng.normal(size=d).astype(np.float32) * 0.1,
+               "threshold": np.abs(rng.normal(size=width)).astype(np.float32) * 0.3},
+              folder / "params.safetensors")
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "jump_relu",
+        "hf_hook_point_in": f"model.layers.{layer}.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": f"model.layers.{layer}.post_feedforward_layernorm.output"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return varied_model("gemma3")  # the model of test_study_features' command tests
+
+
+@pytest.fixture
+def tiny(tiny_model, monkeypatch):
+    """The command's model (a tiny Gemma 3) with a character tokenizer."""
+    import gemma_eqx.formats.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "from_pretrained",
+                        lambda name: (tiny_model, CharTokenizer()))
+    monkeypatch.setenv("GEMMA_EQX_NO_COMPILE_CACHE", "1")
+    return tiny_model
+
+
+def test_the_command_adds_experiment_9_and_its_figures(tmp_path, tiny, capsys):
     """`--circuit` adds the experiment to report.json and report.html, with circuit.png and
-    its time; a later report without it in the same directory removes that figure (its
-    own) and leaves a file it did not write."""
+    its time; `--transcoder` its attribution graph (graph.png, and graph.json in
+    circuit-tracer's schema). A later report without them in the same directory removes
+    those files (its own) and leaves a file it did not write."""
     out = tmp_path / "report"
-    assert main(["induction", *STUDY, "--circuit", "--out", str(out)]) == 0
+    folder = _transcoder_folder(tiny, tmp_path / "tc", 1)
+    assert main(["induction", *STUDY, "--circuit", "--transcoder", str(folder),
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     circuit = report["circuit"]
@@ -73,6 +113,17 @@ def test_the_command_adds_experiment_9_and_its_figure(tmp_path, capsys):
     assert "9. The circuit, found automatically" in page and 'alt="circuit.png"' in page
     assert "  circuit: " in printed
     assert np.isfinite(circuit["area"])
+    graph = circuit["graph"]
+    assert graph["layer"] == 1 and graph["active_features"] > 0
+    assert graph["reconstruction_error"] < 1e-4
+    assert len(graph["prompt"]) == 13  # BOS + 6 digits twice (the study's period)
+    data = json.loads((out / "graph.json").read_text())
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    assert data["metadata"]["prompt_tokens"] == graph["prompt"]
+    assert (out / "graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Attribution graph" in page and 'alt="graph.png"' in page
+    assert main(["induction", *STUDY, "--circuit", "--out", str(out)]) == 0
+    assert not (out / "graph.json").exists() and (out / "circuit.png").exists()
     (out / "notes.txt").write_text("mine")
     assert main(["induction", *STUDY, "--out", str(out)]) == 0
     assert json.loads((out / "report.json").read_text())["circuit"] is None

@@ -47,7 +47,12 @@ def add_induction_command(commands: Any) -> None:
     cmd.add_argument("--circuit", action="store_true",
                      help="experiment 9: find the copying circuit automatically (EAP-IG over "
                      "every edge of the component graph, ACDC, its key edges checked by path "
-                     "patching); about 5 minutes more on the 270M with 2 cores")
+                     "patching); about 6 minutes more on the 270M with 2 cores")
+    cmd.add_argument("--transcoder", default=None, metavar="DIR",
+                     help="with --circuit: a transcoder folder (reading mlp_in and writing "
+                     "mlp_out_normed of one layer); experiment 9 adds the attribution graph of "
+                     "the repeated digits over it (graph.png, and graph.json in "
+                     "circuit-tracer's format)")
     cmd.add_argument("--out", default="induction-report", metavar="DIR",
                      help="the report's directory (created; the program's own files replaced)")
     cmd.add_argument("--distributed", action="store_true",
@@ -143,6 +148,9 @@ def run_induction(args: argparse.Namespace) -> int:
             raise ValueError(f"{option} must be >= {least}; got {value}")
     check_seed(args.seed)
     template = _check_dictionary_options(args)
+    if args.transcoder is not None and not args.circuit:
+        raise ValueError("--transcoder draws experiment 9's attribution graph: it needs "
+                         "--circuit")
     out = Path(args.out)
     _check_out(out)
     _enable_compilation_cache()
@@ -170,11 +178,17 @@ def run_induction(args: argparse.Namespace) -> int:
             dictionary = load_at  # loaded once the top induction head's layer is known
         else:
             dictionary = load_at(0)  # loaded and checked before the study's work
+    transcoder = None
+    if args.transcoder is not None:
+        from .features import load_dictionary
+
+        say(f"loading the transcoder {args.transcoder}")
+        transcoder = load_dictionary(args.transcoder)
     result = run_study(
         model, tokenizer, digits=args.text, period=args.period, seed=args.seed, top=args.top,
         strings=args.strings, model_name=os.fspath(args.model), progress=say,
         residual_stride=args.residual_stride, dictionary=dictionary, latents=args.latents,
-        circuit=args.circuit,
+        circuit=args.circuit, transcoder=transcoder,
     )
     say("writing the report")
     path = write_report(result, out)  # by process 0 alone in a multi-process cluster

@@ -58,7 +58,13 @@ OPTIONAL_FIGURES = {
     "coloured by what it feeds, its width by |EAP-IG|. Rings: the hand-found heads of "
     "experiments 2-3 (red: induction, blue: previous-token). Right: the faithfulness of the "
     "top-n edges by |EAP-IG| (0: the corrupted run, 1: the model), with ACDC's circuit.",
+    "graph.png": "Experiment 9 with a transcoder: the attribution graph of the prompt "
+    "(positions across, layers up), pruned as circuit-tracer prunes: features (dots), error "
+    "nodes (squares), tokens and logits; an edge blue when it raises its target, red when it "
+    "lowers it. graph.json holds it in circuit-tracer's format (Neuronpedia's graph viewer "
+    "opens it).",
 }
+GRAPH_FILE = "graph.json"  # with a transcoder: circuit-tracer's graph file
 
 
 def _plt():
@@ -372,6 +378,28 @@ least {HOLDS_FRACTION} and X ranks in the top {HOLDS_RANK}. Beside: X's rank by
 previous-token score and Y's by induction score (experiments 2-3).</p>
 {_table(["edge", "EAP-IG", "X: previous-token rank", "Y: induction rank", "path patching",
          "rank", "claim"], claim_rows(result))}
+{_graph_html(c, img)}"""
+
+
+def _graph_html(c, img) -> str:
+    g = c.graph
+    if g is None:
+        return ""
+    targets = ", ".join(f"{html.escape(_label(t))} ({p:.2f})"
+                        for t, p in zip(g.logit_targets, g.logit_probabilities, strict=True))
+    top = [[str(pos), html.escape(_label(piece)), str(feature), f"{act:.2f}"]
+           for pos, piece, feature, act in g.top_features]
+    return f"""<h3>Attribution graph</h3>
+<p>The MLP of layer {g.layer} replaced by <code>{html.escape(g.transcoder)}</code> (every other
+MLP an error node per position), attention patterns and norm statistics frozen on
+<code>{html.escape("".join(_label(p) for p in g.prompt))}</code>: {g.active_features} active
+features; the edges plus their constants reproduce the model's values to
+{g.reconstruction_error:.1e}. Pruned as circuit-tracer prunes (0.8 of the influence in nodes,
+0.98 in edges): {g.kept_features} features, {g.kept_errors} error nodes, {g.kept_edges} edges.
+Logit targets: {targets}. <code>graph.json</code> beside this report is circuit-tracer's graph
+file. The most influential features:</p>
+{_table(["position", "token", "feature", "activation"], top)}
+{img("graph.png")}
 """
 
 
@@ -491,7 +519,7 @@ window.addEventListener("load", () => {{
 """
 
 
-REPORT_FILES = ("report.json", *FIGURES, *OPTIONAL_FIGURES, "report.html")
+REPORT_FILES = ("report.json", *FIGURES, *OPTIONAL_FIGURES, GRAPH_FILE, "report.html")
 GENERATOR = "gemma-eqx induction"  # report.json's "generator": marks a directory as a report
 
 
@@ -534,14 +562,26 @@ def check_report_directory(out: str | os.PathLike) -> Path:
     return out
 
 
-def _earlier_circuit(directory: Path) -> bool:
-    """Whether the report in `directory` (if any) has experiment 9 (and so wrote
-    circuit.png)."""
+def _earlier_optional_files(directory: Path) -> list[str]:
+    """The optional files the report in `directory` (if any) wrote: circuit.png with
+    experiment 9, graph.png and graph.json with its attribution graph."""
     try:
         data = json.loads((directory / "report.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("circuit") is not None
+        return []
+    circuit = data.get("circuit") if isinstance(data, dict) else None
+    if not isinstance(circuit, dict):
+        return []
+    return ["circuit.png"] + (["graph.png", GRAPH_FILE] if circuit.get("graph") else [])
+
+
+def _draw_graph(result: StudyResult, path: Path) -> None:
+    from .circuits import draw_graph
+
+    g = result.circuit.graph
+    draw_graph(g.pruned, path, prompt_tokens=[_label(p) for p in g.prompt],
+               logit_pieces=[_label(p) for p in g.logit_targets],
+               title=f"{g.transcoder} at layer {g.layer}")
 
 
 def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
@@ -563,7 +603,7 @@ def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         with locked_directory(out):
             out = check_report_directory(out)  # another writer may have changed it meanwhile
-            had_circuit = _earlier_circuit(out)
+            had = _earlier_optional_files(out)
             for name in REPORT_FILES:
                 remove_partials(out / name)  # what interrupted writes left
             payload = {"generator": GENERATOR, **result.to_json()}
@@ -575,17 +615,21 @@ def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
                 "path_analysis.png": lambda p: plot_path_analysis(result, p),
                 "patching.png": lambda p: plot_patching(result, p),
                 "circuit.png": lambda p: plot_circuit(result, p),
+                "graph.png": lambda p: _draw_graph(result, p),
+                GRAPH_FILE: lambda p: p.write_text(json.dumps(result.circuit.graph.file)),
                 "report.html": lambda p: p.write_text(render_html(result, p.parent)),
                 "report.json": lambda p: p.write_text(json.dumps(payload, indent=1)),
             }
-            optional = [name for name in OPTIONAL_FIGURES if result.circuit is not None]
+            graph = result.circuit is not None and result.circuit.graph is not None
+            optional = [name for name in ("circuit.png",) if result.circuit is not None]
+            optional += ["graph.png", GRAPH_FILE] if graph else []
             for name in (*FIGURES, *optional, "report.html", "report.json"):  # marker last
                 with replace_file(out / name) as tmp:
                     writers[name](tmp)
-            if had_circuit and result.circuit is None:
-                # The earlier report's own figure (its report.json says it had the
-                # experiment): the new report does not show it.
-                (out / "circuit.png").unlink(missing_ok=True)
+            for name in set(had) - set(optional):
+                # The earlier report's own files (its report.json says it had them): the new
+                # report does not show them.
+                (out / name).unlink(missing_ok=True)
     except OSError as e:
         raise StorageError.writing(e, f"the report into {out}", "choose another output "
                                    "directory") from None

@@ -81,7 +81,8 @@ class AttributionGraph:
         return "token" if i < f + e + self.positions else "logit"
 
 
-def _check_transcoders(model: Transformer, transcoders: Mapping[int, SparseDictionary]) -> None:
+def check_transcoders(model: Transformer, transcoders: Mapping[int, SparseDictionary]) -> None:
+    """Refuse, in one sentence, transcoders (by layer) a graph of `model` cannot use."""
     layers = len(model.blocks)
     for layer, t in transcoders.items():
         if not 0 <= layer < layers:
@@ -151,7 +152,7 @@ def attribution_graph(
     `logit_probability`, at most `max_logits`."""
     if not transcoders:
         raise ValueError("an attribution graph needs at least one transcoder (by layer)")
-    _check_transcoders(model, transcoders)
+    check_transcoders(model, transcoders)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or len(tokens) < 1:
         raise ValueError(f"an attribution graph reads one prompt: tokens of shape [seq]; got "
@@ -459,7 +460,7 @@ def draw_graph(pruned: PrunedGraph, path: str | os.PathLike, *,
     fig.tight_layout()
     path = Path(path)
     with replace_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return path
 

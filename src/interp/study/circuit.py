@@ -12,12 +12,16 @@ patching maps), with the mean log-prob of A's second copy as the metric:
    score), checked by path patching (`patching.path_patching`, Wang et al.): X's corrupted
    output reaching only Y's key. The claim holds when X's path alone moves the metric by at
    least `HOLDS_FRACTION` of the model's clean-corrupted difference and ranks among the
-   `HOLDS_RANK` largest of every head below Y.
+   `HOLDS_RANK` largest of every head below Y;
+5. with a transcoder (of one layer's MLP), the attribution graph (`interp.circuits.
+   attribution_graph`, circuit-tracer's) of BOS + the first string's first `GRAPH_PERIOD`
+   digits twice, pruned, as circuit-tracer's graph JSON.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +39,19 @@ from ..circuits import (
     ranked_edges,
 )
 from ..patching import Metric, path_patching
-from .results import CircuitClaim, CircuitEdge, CircuitExperiment, DigitTask, Head, HeadScores
+from .results import (
+    CircuitClaim,
+    CircuitEdge,
+    CircuitExperiment,
+    DigitTask,
+    GraphSummary,
+    Head,
+    HeadScores,
+)
 from .task import nonrepeating_digits, scored_positions
 
 HOLDS_FRACTION, HOLDS_RANK = 0.05, 3
+GRAPH_PERIOD = 8
 SIZES = (10, 20, 50, 100, 200, 500, 1000, 2000)
 
 
@@ -94,11 +107,13 @@ def circuit_experiment(
     top: int = 10,
     seed: int = 0,
     claims: int = 3,
+    transcoder: Any = None,
 ) -> CircuitExperiment:
     """Experiment 9 (module docstring) on the first `strings` strings: EAP-IG with `steps`
     points, ACDC with KL `threshold` from the top `start` edges, and path patching of up to
     `claims` key edges. `scores` (experiments 2-3) name the hand-found heads: the top `top` by
-    induction and by previous-token score."""
+    induction and by previous-token score. `transcoder`: a `SparseDictionary` reading `mlp_in`
+    and writing `mlp_out_normed` of one layer, for the attribution graph."""
     if steps < 1 or start < 1 or claims < 0 or not threshold >= 0:
         raise ValueError(f"the circuit experiment needs steps >= 1, start >= 1, claims >= 0 "
                          f"and threshold >= 0; got {steps}, {start}, {claims}, {threshold}")
@@ -154,6 +169,7 @@ def circuit_experiment(
             induction_rank=[(h.layer, h.head) for h in scores.ranked].index(y) + 1,
             path_fraction=fraction, path_rank=rank, path_senders=y[0] * model.config.num_heads,
             holds=fraction >= HOLDS_FRACTION and rank <= HOLDS_RANK))
+    drawn = None if transcoder is None else graph_summary(model, tokenizer, task, transcoder)
     return CircuitExperiment(
         strings=strings, steps=steps, layers=graph.num_layers, heads=graph.num_heads,
         kv_heads=graph.num_kv_heads, edges=graph.num_edges, clean=curve.clean,
@@ -165,7 +181,41 @@ def circuit_experiment(
         circuit_faithfulness=float("nan") if evaluation is None else evaluation.faithfulness,
         completeness=np.zeros(0) if evaluation is None else evaluation.completeness,
         claims=tuple(made), induction_heads=induction_heads,
-        previous_token_heads=tuple(previous[:top]))
+        previous_token_heads=tuple(previous[:top]), graph=drawn)
+
+
+def graph_summary(model: Transformer, tokenizer: TokenizerLike, task: DigitTask,
+                  transcoder: Any) -> GraphSummary:
+    """The attribution graph of BOS + the first string's first `GRAPH_PERIOD` digits twice,
+    over `transcoder`, pruned as circuit-tracer prunes."""
+    from ..circuits import attribution_graph, graph_json, prune
+
+    digits = task.tokens[0, 1:1 + min(GRAPH_PERIOD, task.period)]
+    tokens = np.concatenate([task.tokens[0, :1], digits, digits])
+    pieces = [tokenizer.id_to_piece(int(t)) for t in tokens]
+    layer = transcoder.reads.layer
+    graph = attribution_graph(model, tokens, {layer: transcoder})
+    pruned = prune(graph)
+    logit_pieces = [tokenizer.id_to_piece(int(t)) for t in graph.logit_tokens]
+    rows = np.flatnonzero(~np.isnan(graph.values))
+    error = graph.adjacency[rows].sum(1) + graph.constants[rows] - graph.values[rows]
+    f = len(graph.features)
+    kept = np.flatnonzero(pruned.node_mask[:f])
+    top = kept[np.argsort(pruned.cumulative[kept], kind="stable")][:10]
+    return GraphSummary(
+        transcoder=transcoder.name, layer=layer, prompt=tuple(pieces), active_features=f,
+        kept_features=len(kept),
+        kept_errors=int(pruned.node_mask[f:f + graph.num_layers * graph.positions].sum()),
+        kept_edges=int(pruned.edge_mask.sum()), logit_targets=tuple(logit_pieces),
+        logit_probabilities=tuple(float(p) for p in graph.logit_probabilities),
+        reconstruction_error=float(np.abs(error).max()) if len(rows) else 0.0,
+        top_features=tuple((int(graph.features[i][1]), pieces[int(graph.features[i][1])],
+                            int(graph.features[i][2]), float(graph.activations[i]))
+                           for i in top),
+        file=graph_json(pruned, slug="induction", scan=f"gemma-eqx-{transcoder.name}",
+                        prompt="".join(pieces), prompt_tokens=pieces,
+                        logit_pieces=logit_pieces),
+        pruned=pruned)
 
 
 def _ranked_heads(values: np.ndarray) -> list[Head]:
@@ -175,4 +225,4 @@ def _ranked_heads(values: np.ndarray) -> list[Head]:
     return [(int(i // heads), int(i % heads)) for i in flat]
 
 
-__all__: Sequence[str] = ["circuit_experiment", "circuit_task", "copied_logprob"]
+__all__: Sequence[str] = ["circuit_experiment", "circuit_task", "copied_logprob", "graph_summary"]

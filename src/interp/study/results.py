@@ -281,6 +281,29 @@ class CircuitClaim:
 
 
 @dataclasses.dataclass(frozen=True)
+class GraphSummary:
+    """Experiment 9's attribution graph (with `--transcoder`): the prompt (BOS + the first
+    string's first `period` digits twice), the transcoder's layer, how many features were
+    active and kept after pruning, the logit targets, how exactly the edges reproduce the
+    model's values, and the most influential features (position, token, feature,
+    activation). `file` is circuit-tracer's graph JSON (written as graph.json)."""
+
+    transcoder: str
+    layer: int
+    prompt: tuple[str, ...]
+    active_features: int
+    kept_features: int
+    kept_errors: int
+    kept_edges: int
+    logit_targets: tuple[str, ...]
+    logit_probabilities: tuple[float, ...]
+    reconstruction_error: float
+    top_features: tuple[tuple[int, str, int, float], ...]
+    file: dict = dataclasses.field(repr=False, metadata={"json": False})
+    pruned: Any = dataclasses.field(repr=False, metadata={"json": False})
+
+
+@dataclasses.dataclass(frozen=True)
 class CircuitExperiment:
     """Experiment 9 (`--circuit`): EAP-IG over the component graph on BOS + A + A against
     BOS + B + A (`strings` of them), the faithfulness of its top-n edges (`sizes`), ACDC's
@@ -312,6 +335,7 @@ class CircuitExperiment:
     claims: tuple[CircuitClaim, ...]
     induction_heads: tuple[Head, ...]  # hand-found (experiments 2-3), for the drawing
     previous_token_heads: tuple[Head, ...]
+    graph: GraphSummary | None = None  # with a transcoder
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,6 +61,7 @@ def run_study(
     dictionary: Any = None,
     latents: int = 10,
     circuit: bool = False,
+    transcoder: Any = None,
 ) -> StudyResult:
     """Experiments 1-7 on BOS + random digit strings repeated twice, one function each.
 
@@ -75,7 +76,8 @@ def run_study(
     With `dictionary` (an SAE, or a function of a layer giving one: it gets the top induction
     head's layer), experiment 8 (`features.feature_experiment`) follows, on `latents` latents.
     With `circuit`, experiment 9 (`circuit.circuit_experiment`): the circuit found by EAP-IG
-    and ACDC on the first 4 strings (or all, if fewer), its key edges checked by path patching.
+    and ACDC on the first 4 strings (or all, if fewer), its key edges checked by path patching;
+    with `transcoder` too (one layer's MLP), its attribution graph.
     """
     say = progress or (elapsed_printer() if verbose else (lambda _: None))
     timings: dict[str, float] = {}
@@ -98,6 +100,13 @@ def run_study(
             compiles.start(following)
 
     check_top(top, model)
+    if transcoder is not None:
+        if not circuit:
+            raise ValueError("a transcoder draws experiment 9's attribution graph: it needs "
+                             "circuit=True (--circuit)")
+        from ..circuits.attribution_graph import check_transcoders
+
+        check_transcoders(model, {transcoder.reads.layer: transcoder})  # before any work
     if dictionary is not None:
         from ..features import SparseDictionary, check_fits
 
@@ -154,7 +163,8 @@ def run_study(
 
             say("circuit: EAP-IG over every edge of the component graph, ACDC, path patching")
             found = circuit_experiment(model, tokenizer, task, scores,
-                                       strings=min(4, strings), top=top, seed=seed)
+                                       strings=min(4, strings), top=top, seed=seed,
+                                       transcoder=transcoder)
             lap("circuit")
     finally:
         compiles.close()
