@@ -519,7 +519,8 @@ window.addEventListener("load", () => {{
 """
 
 
-REPORT_FILES = ("report.json", *FIGURES, *OPTIONAL_FIGURES, GRAPH_FILE, "report.html")
+REPORT_FILES = ("report.json", *FIGURES, "report.html")  # what every report writes
+OPTIONAL_FILES = (*OPTIONAL_FIGURES, GRAPH_FILE)  # with experiment 9 (and its graph)
 GENERATOR = "gemma-eqx induction"  # report.json's "generator": marks a directory as a report
 
 
@@ -551,7 +552,8 @@ def check_report_directory(out: str | os.PathLike) -> Path:
         raise ValueError(f"output directory {out} exists and is not a directory")
     if out.is_dir() and not _is_report(out):
         foreign = sorted(p.name for p in out.iterdir() if not any(
-            p.name == name or is_partial(p.name, name) for name in REPORT_FILES))
+            p.name == name or is_partial(p.name, name)
+            for name in (*REPORT_FILES, *OPTIONAL_FILES)))
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
                                               else "")
@@ -604,7 +606,7 @@ def write_report(result: StudyResult, out: str | os.PathLike) -> Path:
         with locked_directory(out):
             out = check_report_directory(out)  # another writer may have changed it meanwhile
             had = _earlier_optional_files(out)
-            for name in REPORT_FILES:
+            for name in (*REPORT_FILES, *OPTIONAL_FILES):
                 remove_partials(out / name)  # what interrupted writes left
             payload = {"generator": GENERATOR, **result.to_json()}
             writers = {
