@@ -316,22 +316,26 @@ def _receiver_patch(receiver, cache):
 
 def test_receiver_patching_is_patching_the_receivers_input(gemma3_scores):
     """Every edge into a receiver patched is its input taken from the corrupted run: each
-    query, key, value and MLP receiver's exact score equals the model's own forward with that
-    head's q (k, v) or the MLP's input replaced by the corrupted run's; the logits' is the
-    corrupted run's."""
-    from interp.capture import capture
+    query, key, value and MLP receiver's exact score equals `patching.activation_patching`
+    of that head's q (k, v) or the MLP's `mlp_in` from the corrupted run (an independent
+    path: interventions on the model's own forward); the logits' is the corrupted run's."""
+    from interp import patching
     from interp.circuits.scores import node_patching
 
     model, clean, corrupted, metric, exact = gemma3_scores
     graph = exact.graph
     nodes = node_patching(model, clean, corrupted, metric, nodes="receivers")
-    _, cache = capture(model, corrupted, sites=["q", "k", "v", "mlp_in"])
+    sweeps = {site: patching.activation_patching(
+        model, clean, corrupted, site, metric, per="layer" if site == "mlp_in" else "layer_head")
+        for site in ("q", "k", "v", "mlp_in")}
     for r, receiver in enumerate(graph.receivers):
         if receiver.kind == "logits":
             expected = exact.corrupted - exact.clean
         else:
-            expected = _plain(model, clean, metric,
-                              {receiver.layer: [_receiver_patch(receiver, cache)]}) - exact.clean
+            sweep = sweeps["mlp_in" if receiver.kind == "mlp" else receiver.kind]
+            at = (receiver.layer,) if receiver.kind == "mlp" else (receiver.layer,
+                                                                     receiver.index)
+            expected = sweep.values[at] - sweep.target
         assert abs(nodes[r] - expected) < 1e-5, (receiver.name, nodes[r], expected)
     assert np.abs(nodes).max() > 0.05
 
