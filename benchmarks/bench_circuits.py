@@ -4,7 +4,7 @@ ACDC; and node attribution (AtP, AtP with the QK fix, AtP*) against exact node p
 
     python benchmarks/bench_circuits.py [--strings 4] [--steps 8] [--sample 300]
                                         [--acdc-start 120] [--threshold 0.02]
-                                        [--parts edges,nodes]
+                                        [--parts edges,nodes,random]
 
 The task: clean = BOS + A + A, corrupted = BOS + B + A (A, B random strings of 20 digits; numpy
 seed 0), `--strings` of them in a batch; the metric is the mean log-probability of the second
@@ -15,7 +15,8 @@ all 5,644 edges would take over an hour here, so it runs on `--sample` edges: th
 Spearman is reported on the whole sample and on its random part alone (unbiased for all
 edges). ACDC (KL objective) starts from the top `--acdc-start` edges of EAP-IG. Nodes: every
 receiver (127) and sender (91) patched exactly, against each estimate; AtP* estimates a
-magnitude, so every method is also ranked by |score| against |exact|.
+magnitude, so every method is also ranked by |score| against |exact|. Random: EAP and EAP-IG
+(over weights and over inputs) against exact patching of 120 edges drawn at random.
 """
 
 from __future__ import annotations
@@ -77,6 +78,30 @@ def nodes(model, clean, corrupted, metric, out: dict, timed) -> None:
         out[f"exact_top_{kind}"] = [(names[i], float(exact[i])) for i in order]
 
 
+def random_edges(model, clean, corrupted, metric, out: dict, count: int = 120) -> None:
+    """EAP, EAP-IG over weights and over inputs (8 steps) against exact patching of `count`
+    edges drawn at random (numpy seed 1): Spearman signed and of |score| (times include
+    compiling)."""
+    from interp import circuits
+
+    graph = circuits.component_graph(model)
+    sample = np.random.default_rng(1).choice(graph.num_edges, count, replace=False)
+    exact = circuits.edge_patching(model, clean, corrupted, metric, edges=sample.tolist())
+    rows = []
+    for name, options in (("eap", dict(method="eap")), ("eap_ig_weights", dict(steps=8)),
+                          ("eap_ig_inputs", dict(steps=8, over="inputs"))):
+        start = time.perf_counter()
+        scores = circuits.edge_attribution(model, clean, corrupted, metric, **options).scores
+        seconds = time.perf_counter() - start
+        signed = circuits.spearman(scores[sample], exact.scores[sample])
+        magnitude = circuits.spearman(np.abs(scores[sample]), np.abs(exact.scores[sample]))
+        out[f"random_{name}"] = {"seconds": seconds, "spearman": signed,
+                                 "spearman_abs": magnitude}
+        rows.append((name, f"{seconds:.1f}", f"{signed:.3f}", f"{magnitude:.3f}"))
+    print(f"{count} random edges against exact patching:")
+    print(table(rows, ("method", "seconds (with compiling)", "Spearman", "Spearman of |score|")))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--strings", type=int, default=4)
@@ -85,8 +110,9 @@ def main(argv=None) -> None:
     p.add_argument("--acdc-start", type=int, default=120)
     p.add_argument("--threshold", type=float, default=0.02)
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--parts", default="edges,nodes",
-                   help="edges (EAP, EAP-IG, exact, faithfulness, ACDC), nodes (AtP, AtP*); "
+    p.add_argument("--parts", default="edges,nodes,random",
+                   help="edges (EAP, EAP-IG, exact, faithfulness, ACDC), nodes (AtP, AtP*), "
+                   "random (every estimate against exact patching of 120 random edges); "
                    "results of parts not run are kept from the results file")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -117,6 +143,8 @@ def main(argv=None) -> None:
                     ("method", "seconds", "Spearman", "Spearman of |score|", "top-10 shared")))
         print(f"exact node patching: receivers {out['seconds_exact_receivers']:.0f} s, senders "
               f"{out['seconds_exact_senders']:.0f} s")
+    if "random" in parts:
+        random_edges(model, clean, corrupted, metric, out)
     if "edges" not in parts:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(out, indent=1) + "\n")
