@@ -30,6 +30,7 @@ import numpy as np
 from gemma_eqx.core.text import TokenizerLike
 from gemma_eqx.model.modules import Transformer
 
+from .. import analyses
 from ..circuits import (
     acdc,
     component_graph,
@@ -145,7 +146,8 @@ def circuit_experiment(
     from_circuit = [int(e) for e in order if found.kept[e] and is_key_edge(int(e))]
     chosen = (from_circuit or [int(e) for e in order if is_key_edge(int(e))])[:claims]
     induction_heads = tuple(scores.top(top))
-    previous = _ranked_heads(scores.previous_token)
+    previous = [(la, h) for la, h, _ in analyses.rank_heads(
+        jnp.asarray(scores.previous_token))]
     paths: dict[Head, tuple[np.ndarray, float, float]] = {}
     made = []
     for e in chosen:
@@ -216,13 +218,6 @@ def graph_summary(model: Transformer, tokenizer: TokenizerLike, task: DigitTask,
                         prompt="".join(pieces), prompt_tokens=pieces,
                         logit_pieces=logit_pieces),
         pruned=pruned)
-
-
-def _ranked_heads(values: np.ndarray) -> list[Head]:
-    """Every (layer, head) of `values [layers, heads]`, highest first."""
-    flat = np.argsort(-np.asarray(values).ravel(), kind="stable")
-    heads = values.shape[1]
-    return [(int(i // heads), int(i % heads)) for i in flat]
 
 
 __all__: Sequence[str] = ["circuit_experiment", "circuit_task", "copied_logprob", "graph_summary"]
