@@ -11,13 +11,16 @@ Neuronpedia's graph viewer opens) and drawn.
 6). Prints the graph's size, its time (cold: the first call compiles the backward pass), how
 exactly its edges reproduce the model's values, and the most influential features; writes
 `results/attribution_graph.json` (the summary), `results/graph-induction.json` and
-`results/graph-induction.png`.
+`results/graph-induction.png`. With CIRCUIT_TRACER_PYTHON (the python of circuit-tracer 0.5.0's
+own environment, `benchmarks/circuit_tracer_graph.py`) it also prunes the same graph with
+circuit-tracer's `prune_graph` and prints how many nodes and edges the two keep differently.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,6 +75,8 @@ def main(argv=None) -> None:
            "json_links": len(summary.file["links"]),
            "top_features": [[p, piece, f, round(a, 3)]
                             for p, piece, f, a in summary.top_features]}
+    if os.environ.get("CIRCUIT_TRACER_PYTHON"):
+        out["circuit_tracer"] = _against_circuit_tracer(pruned, pieces, summary)
     (args.results / "attribution_graph.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"{out['tokens']} tokens, {out['active_features']} active features at layer "
           f"{args.layer}, {out['nodes']} nodes; {seconds[0]:.1f} s cold, {seconds[1]:.1f} s warm")
@@ -84,6 +89,30 @@ def main(argv=None) -> None:
         summary.logit_targets, summary.logit_probabilities, strict=True)))
     print("most influential features (position, token, feature, activation):",
           out["top_features"])
+    if "circuit_tracer" in out:
+        print("against circuit-tracer 0.5.0's prune_graph:", out["circuit_tracer"])
+
+
+def _against_circuit_tracer(pruned, pieces, summary) -> dict:
+    """Nodes and edges kept differently by circuit-tracer's own pruning of the same graph (in
+    float32, as it computes), and the largest difference of cumulative influence."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "data"))
+    from make_circuit_tracer_reference import circuit_tracer, graph_arrays
+
+    graph = pruned.graph
+    theirs = json.loads(circuit_tracer(graph_arrays(
+        graph, slug="induction", scan="transcoder", prompt="".join(pieces),
+        prompt_pieces=pieces, logit_pieces=list(summary.logit_targets)),
+        os.environ["CIRCUIT_TRACER_PYTHON"]))
+    edges = np.zeros_like(pruned.edge_mask)
+    if theirs["edge_mask"]:
+        edges[tuple(np.asarray(theirs["edge_mask"]).T)] = True
+    return {"nodes_differing": int((pruned.node_mask != np.asarray(theirs["node_mask"])).sum()),
+            "edges_differing": int((pruned.edge_mask != edges).sum()),
+            "nodes_kept": int(pruned.node_mask.sum()), "edges_kept": int(pruned.edge_mask.sum()),
+            "max_cumulative_difference": float(np.abs(
+                pruned.cumulative - np.asarray(theirs["cumulative"])).max())}
+
 
 if __name__ == "__main__":
     main()

@@ -367,3 +367,30 @@ def write_safetensors(path: Path, header: dict, data: bytes) -> Path:
     raw = json.dumps(header).encode()
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
     return path
+
+
+def tiny_transcoder(model: Transformer, layer: int, seed: int, width: int = 24,
+                    reads: str = "mlp_in"):
+    """A random JumpReLU transcoder of `model`'s MLP at `layer` (`reads` -> mlp_out_normed)."""
+    from interp.features import HookPoint, SparseDictionary
+
+    rng = np.random.default_rng(seed)
+    d = model.config.embed_dim
+    a = {k: jnp.asarray(v, jnp.float32) for k, v in dict(
+        w_enc=rng.normal(size=(d, width)) * 0.5, b_enc=rng.normal(size=width) * 0.1,
+        w_dec=rng.normal(size=(width, d)) * 0.3, b_dec=rng.normal(size=d) * 0.1,
+        threshold=np.abs(rng.normal(size=width)) * 0.3).items()}
+    return SparseDictionary(a["w_enc"], a["b_enc"], a["w_dec"], a["b_dec"], a["threshold"],
+                            None, "jumprelu", None, HookPoint(reads, layer),
+                            HookPoint("mlp_out_normed", layer), name=f"transcoder-{layer}")
+
+
+def tiny_attribution_graph():
+    """`(model, graph)`: the attribution graph of 9 random tokens through a tiny Gemma 3 (GQA,
+    QK-norm, post-norms, local layers) with random transcoders at layers 0 and 2."""
+    from interp.circuits import attribution_graph
+
+    model = random_model(tiny_config("gemma3"))
+    tokens = np.random.default_rng(0).integers(3, 100, 9)
+    return model, attribution_graph(model, tokens, {0: tiny_transcoder(model, 0, 0),
+                                                    2: tiny_transcoder(model, 2, 1)})

@@ -8,36 +8,17 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from factories import random_model, tiny_config
+from factories import tiny_attribution_graph, tiny_transcoder
 from interp.circuits import attribution_graph, draw_graph, graph_json, prune, write_graph_json
 from interp.circuits.attribution_graph import _influence, _normalised
-from interp.features import HookPoint, SparseDictionary
-
-WIDTH = 24
-
-
-def _transcoder(model, layer, seed, reads="mlp_in"):
-    rng = np.random.default_rng(seed)
-    d = model.config.embed_dim
-    a = {k: jnp.asarray(v, jnp.float32) for k, v in dict(
-        w_enc=rng.normal(size=(d, WIDTH)) * 0.5, b_enc=rng.normal(size=WIDTH) * 0.1,
-        w_dec=rng.normal(size=(WIDTH, d)) * 0.3, b_dec=rng.normal(size=d) * 0.1,
-        threshold=np.abs(rng.normal(size=WIDTH)) * 0.3).items()}
-    return SparseDictionary(a["w_enc"], a["b_enc"], a["w_dec"], a["b_dec"], a["threshold"],
-                            None, "jumprelu", None, HookPoint(reads, layer),
-                            HookPoint("mlp_out_normed", layer), name=f"transcoder-{layer}")
 
 
 @pytest.fixture(scope="module")
 def graph():
-    model = random_model(tiny_config("gemma3"))  # GQA, QK-norm, post-norms, local layers
-    tokens = np.random.default_rng(0).integers(3, 100, 9)
-    return model, attribution_graph(model, tokens, {0: _transcoder(model, 0, 0),
-                                                    2: _transcoder(model, 2, 1)})
+    return tiny_attribution_graph()
 
 
 def test_edges_plus_constants_are_the_models_own_values(graph):
@@ -130,10 +111,74 @@ def test_bad_input_is_refused_in_one_sentence(graph):
     tokens = np.arange(3, 12)
     with pytest.raises(ValueError, match="must read mlp_in and write mlp_out_normed of layer "
                        "1; it reads resid_mid of layer 1"):
-        attribution_graph(model, tokens, {1: _transcoder(model, 1, 0, reads="resid_mid")})
+        attribution_graph(model, tokens, {1: tiny_transcoder(model, 1, 0, reads="resid_mid")})
     with pytest.raises(ValueError, match="at least one transcoder"):
         attribution_graph(model, tokens, {})
     with pytest.raises(ValueError, match="the model has layers 0 to 2"):
-        attribution_graph(model, tokens, {5: _transcoder(model, 5, 0)})
+        attribution_graph(model, tokens, {5: tiny_transcoder(model, 5, 0)})
     with pytest.raises(ValueError, match=r"one prompt: tokens of shape \[seq\]"):
-        attribution_graph(model, tokens[None], {0: _transcoder(model, 0, 0)})
+        attribution_graph(model, tokens[None], {0: tiny_transcoder(model, 0, 0)})
+
+
+def test_pruning_and_graph_file_are_circuit_tracers(graph, tmp_path):
+    """circuit-tracer 0.5.0's own `prune_graph` and graph-file builder, on this graph (fixture
+    from `tests/data/make_circuit_tracer_reference.py`; with CIRCUIT_TRACER_PYTHON set, rerun):
+    the same nodes and edges kept, the same cumulative influence, the same file."""
+    import dataclasses
+    import os
+    import sys
+    from pathlib import Path
+
+    data_dir = Path(__file__).parent / "data"
+    sys.path.insert(0, str(data_dir))
+    from make_circuit_tracer_reference import circuit_tracer, graph_arrays
+
+    _, g = graph
+    ref = dict(np.load(data_dir / "circuit_tracer_reference.npz"))
+    if os.environ.get("CIRCUIT_TRACER_PYTHON"):
+        ref["circuit_tracer"] = circuit_tracer(graph_arrays(
+            g, slug="tiny", scan="tiny-transcoders", prompt="a prompt",
+            prompt_pieces=[f"t{t}" for t in g.tokens],
+            logit_pieces=[f"t{t}" for t in g.logit_tokens]), os.environ["CIRCUIT_TRACER_PYTHON"])
+    # The fixture's graph is the one this code builds (its adjacency stored as float32).
+    np.testing.assert_array_equal(ref["features"], g.features)
+    np.testing.assert_array_equal(ref["logit_tokens"], g.logit_tokens)
+    np.testing.assert_allclose(ref["adjacency"], g.adjacency, rtol=1e-6, atol=1e-7)
+    expected = json.loads(str(ref["circuit_tracer"]))
+    # circuit-tracer prunes in float32 and keeps a node at influence >= a threshold: compare
+    # on its float32 adjacency, so that no node sits on the other side of a rounding.
+    g32 = dataclasses.replace(g, adjacency=ref["adjacency"].astype(np.float64))
+    pruned = prune(g32, 0.8, 0.98)
+    np.testing.assert_array_equal(pruned.node_mask, expected["node_mask"])
+    assert sorted(map(tuple, np.argwhere(pruned.edge_mask).tolist())) == sorted(
+        map(tuple, expected["edge_mask"]))
+    np.testing.assert_allclose(pruned.cumulative, expected["cumulative"], atol=1e-5)
+    ours = graph_json(pruned, slug="tiny", scan="tiny-transcoders", prompt="a prompt",
+                      prompt_tokens=[f"t{t}" for t in g.tokens],
+                      logit_pieces=[f"t{t}" for t in g.logit_tokens])
+    theirs = expected["graph"]
+    assert ours["metadata"] == theirs["metadata"] and ours["qParams"] == theirs["qParams"]
+    # One deliberate difference: circuit-tracer names the error node of layer l at position p
+    # "0_l_p", the id of feature l of layer 0 at p; here it is "l_-1_p", so ids stay unique
+    # (the viewer keys nodes by id). On this graph theirs collide.
+    def theirs_id(node_id: str) -> str:
+        layer, feature, pos = node_id.split("_")
+        return f"0_{layer}_{pos}" if feature == "-1" else node_id
+
+    ids = [n["node_id"] for n in ours["nodes"]]
+    assert len(set(ids)) == len(ids)
+    assert len({n["node_id"] for n in theirs["nodes"]}) < len(theirs["nodes"])
+    assert [theirs_id(i) for i in ids] == [n["node_id"] for n in theirs["nodes"]]
+    for node, other in zip(ours["nodes"], theirs["nodes"], strict=True):
+        node = {**node, "node_id": theirs_id(node["node_id"])}
+        assert set(node) == set(other), node["node_id"]
+        for key, value in node.items():
+            if isinstance(value, float):  # float32 there (influence, activation, prob)
+                assert value == pytest.approx(other[key], rel=1e-5, abs=1e-6), (node, key)
+            else:
+                assert value == other[key], (node["node_id"], key, value, other[key])
+    assert [(theirs_id(x["source"]), theirs_id(x["target"])) for x in ours["links"]] == [
+        (x["source"], x["target"]) for x in theirs["links"]]
+    np.testing.assert_allclose([x["weight"] for x in ours["links"]],
+                               [x["weight"] for x in theirs["links"]], rtol=1e-6, atol=1e-7)
+    assert len(ours["links"]) > 100 and 10 < len(ours["nodes"]) < len(g.adjacency)

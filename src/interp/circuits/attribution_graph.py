@@ -342,9 +342,12 @@ def _node_json(graph: AttributionGraph, i: int, cumulative: float, pieces: Seque
                 "jsNodeId": f"{layer}_{feature}-0", "activation": float(graph.activations[i])}
     if kind == "error":
         layer, pos = divmod(i - f, s)
+        # circuit-tracer 0.5.0 names this node f"0_{layer}_{pos}", which is also the id of
+        # feature `layer` of layer 0 at `pos`: the viewer keys nodes by id, so one would
+        # replace the other. Feature -1 is never a feature's.
         return {**base, "node_id": f"{layer}_-1_{pos}", "feature": -1, "layer": str(layer),
                 "ctx_idx": pos, "feature_type": "mlp reconstruction error",
-                "jsNodeId": f"{layer}_-1-{pos}"}
+                "jsNodeId": f"{layer}_{pos}-0"}
     if kind == "token":
         pos = i - f - layers * s
         vocab = int(graph.tokens[pos])
