@@ -133,6 +133,20 @@ def test_streamed_target_logprobs_equal_the_log_softmax_of_the_logits(family):
         np.testing.assert_array_equal(argmax, np.asarray(logits).argmax(-1))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_logits_are_those_columns_of_the_logits(family):
+    """A few tokens' logits from the final stream equal those columns of the full logits,
+    soft-cap included (the study's path analysis reads the ten digits' this way)."""
+    model = model_of(family)
+    logits, cache = interp.capture(model, CLEAN, sites=["final_norm_out"])
+    ids = np.array([5, 0, 9, 5, model.config.vocab_size - 1])
+    got = model.token_logits(cache["final_norm_out"], jnp.asarray(ids))
+    np.testing.assert_allclose(got, np.asarray(logits)[..., ids], rtol=1e-6, atol=1e-6)
+    knocked = interp.scale(model, "logits", 0.5)
+    with pytest.raises(ValueError, match="cannot apply the intervention on the logits"):
+        knocked.token_logits(cache["final_norm_out"], jnp.asarray(ids))
+
+
 def test_logit_difference_against_numpy():
     """(`mean_logprob` is checked against numpy in the sweep test.)"""
     family = "gemma2"

@@ -741,6 +741,18 @@ class Transformer(Module):
         logprob = target - (top + jnp.log(total))
         return logprob.reshape(lead), arg.reshape(lead) if argmax else None
 
+    def token_logits(
+        self, normed: Float[Array, "*rows embed"], ids: Int[Array, " n"]
+    ) -> Float[Array, "*rows n"]:
+        """The logits of tokens `ids` alone (soft-capped, as `readout` gives them) from the
+        final norm's output (`final_stream`): a few tokens' logits without the vocabulary's
+        projection. Not for a model with an intervention on its `logits` site."""
+        if self.hooks.wants("logits"):
+            raise ValueError("token_logits cannot apply the intervention on the logits site; "
+                             "use readout")
+        x = _at_least_f32(normed)
+        return self._softcap(x @ self.embedder.output_table[ids].astype(x.dtype).T)
+
     def forward(
         self,
         tokens: Int[Array, "batch seq"],

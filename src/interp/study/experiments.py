@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -13,8 +13,7 @@ from gemma_eqx.core.multihost import to_host
 from gemma_eqx.core.text import TokenizerLike
 from gemma_eqx.model.modules import Transformer
 
-from .. import analyses, examples, patching
-from ..capture import run
+from .. import analyses, examples, patching, staged
 from ..surgery import forward_with_records, knock_out, knockout_mask, record_attention
 from ..worlds import Worlds, knock_out_in, linearize, rewire
 from .results import (
@@ -176,13 +175,17 @@ def path_analysis(
     m = linearize(m, worlds, "mlp", {w: ablated for w in names if w != "original"},
                   {w: ablated for w in names[:4]})
     scored = scored_positions(task)
-    at = jnp.broadcast_to(jnp.asarray(scored), (worlds.rows, len(scored)))
-    logits = run(m, worlds.tokens(task.tokens), logits_at=at).astype(jnp.float32)
-    logits = worlds.split(logits)  # [W, S, scored, vocab]
-    ids = jnp.asarray(analyses.digit_ids(tokenizer))
-    targets = jnp.asarray(task.tokens[:, scored + 1])
+    ids = np.asarray(analyses.digit_ids(tokenizer))
+    # Every target is a digit, and the score reads only the ten digits' logits: project
+    # onto those ten rows of the vocabulary, not all of it.
+    logits = _token_logits(m, jnp.asarray(worlds.tokens(task.tokens)), jnp.asarray(scored),
+                           jnp.asarray(ids))
+    logits = worlds.split(logits)  # [W, S, scored, 10]
+    digit_of = np.full(int(ids.max()) + 1, -1)
+    digit_of[ids] = np.arange(10)
+    targets = jnp.asarray(digit_of[task.tokens[:, scored + 1]])
     correct = jnp.take_along_axis(logits, targets[None, :, :, None], axis=-1)[..., 0]
-    relative = to_host(correct - logits[..., ids].mean(axis=-1))  # [W, S, scored]
+    relative = to_host(correct - logits.mean(axis=-1))  # [W, S, scored]
     per_position = np.full((len(names), task.tokens.shape[1] - 1), np.nan)
     per_position[:, scored] = relative.mean(axis=1)
     return PathAnalysis(
@@ -191,6 +194,27 @@ def path_analysis(
                      for w, (name, text) in enumerate(PATH_WORLDS)),
         per_position=per_position,
     )
+
+
+class _TokenLogits(eqx.Module):
+    """A `staged.scored_forward` score: the logits of tokens `ids` from the final stream."""
+
+    ids: Array
+    can_stream = True
+
+    def stream_score(self, model: Transformer, normed: Array) -> Array:
+        return model.token_logits(normed, self.ids)
+
+
+@eqx.filter_jit
+def _token_logits(
+    model: Transformer, tokens: Array, positions: Array, ids: Array
+) -> Float[Array, "batch k n"]:
+    """Logits of tokens `ids` at `positions` (the same for every row) of `model` with its
+    interventions, from one forward pass."""
+    mask = jnp.ones(tokens.shape, bool)
+    return staged.scored_forward(model, tokens, mask, positions, _TokenLogits(ids))[0].astype(
+        jnp.float32)
 
 
 def _per_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
@@ -241,10 +265,9 @@ def counterfactual_patching(
                 weight[w * worlds.batch:(w + 1) * worlds.batch, :, layer_heads] = 1
             m = rewire(m, worlds, site, taking, layers=[layer], weight=jnp.asarray(weight))
     scored = scored_positions(task)
-    at = jnp.broadcast_to(jnp.asarray(scored), (worlds.rows, len(scored)))
-    logits = run(m, tokens, logits_at=at)
     # Every target below is a digit: the digits' probabilities and the argmax say it all.
-    digit_probs, argmax = (to_host(a) for a in _digit_summary(logits, jnp.asarray(ids)))
+    digit_probs, argmax = (to_host(a) for a in _digit_summary(
+        m, jnp.asarray(tokens), jnp.asarray(scored), jnp.asarray(ids)))
     digit_probs, argmax = worlds.split(digit_probs), worlds.split(argmax)  # [W, S, scored...]
     digit_of = np.full(int(ids.max()) + 1, -1)
     digit_of[ids] = np.arange(10)
@@ -274,14 +297,27 @@ def counterfactual_patching(
         tuple(patches))
 
 
-@jax.jit
+class _DigitSummary(eqx.Module):
+    """A `staged.scored_forward` score: the probabilities of tokens `ids` and the argmax
+    token, with the vocabulary streamed (`Transformer.target_logprobs`)."""
+
+    ids: Array
+    can_stream = True
+
+    def stream_score(self, model: Transformer, normed: Array) -> tuple[Array, Array]:
+        first = jnp.broadcast_to(self.ids[0], normed.shape[:-1])
+        logprob, argmax = model.target_logprobs(normed, first)
+        logits = model.token_logits(normed, self.ids)
+        return jnp.exp(logits - (logits[..., :1] - logprob[..., None])), argmax
+
+
+@eqx.filter_jit
 def _digit_summary(
-    logits: Float[Array, "rows k vocab"], ids: Array
+    model: Transformer, tokens: Array, positions: Array, ids: Array
 ) -> tuple[Float[Array, "rows k 10"], Array]:
-    """Probabilities of the ten digits and the argmax token at each scored position."""
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    return jnp.exp(logits[..., ids] - lse), jnp.argmax(logits, axis=-1)
+    """Probabilities of the ten digits and the argmax token at each of `positions`."""
+    mask = jnp.ones(tokens.shape, bool)
+    return staged.scored_forward(model, tokens, mask, positions, _DigitSummary(ids))[0]
 
 
 def every_nth_layer(num_layers: int, stride: int = 3) -> list[int]:
