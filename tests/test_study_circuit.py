@@ -93,6 +93,8 @@ def tiny(tiny_model, monkeypatch):
     return tiny_model
 
 
+@pytest.mark.slow  # the whole command on a tiny model: ~18 s of tracing some 300 programs;
+# the experiment itself stays in the quick loop (the test above)
 def test_the_command_adds_experiment_9_and_its_figures(tmp_path, tiny, capsys, monkeypatch):
     """`--circuit` adds the experiment to report.json and report.html, with circuit.png and
     its time; `--transcoder` its attribution graph (graph.png, and graph.json in
