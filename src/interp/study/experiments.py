@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -178,12 +179,10 @@ def path_analysis(
     ids = np.asarray(analyses.digit_ids(tokenizer))
     # Every target is a digit, and the score reads only the ten digits' logits: project
     # onto those ten rows of the vocabulary, not all of it.
-    logits = _token_logits(m, jnp.asarray(worlds.tokens(task.tokens)), jnp.asarray(scored),
-                           jnp.asarray(ids))
+    logits = _read_at(m, jnp.asarray(worlds.tokens(task.tokens)), jnp.asarray(scored),
+                      _TokenLogits(jnp.asarray(ids))).astype(jnp.float32)
     logits = worlds.split(logits)  # [W, S, scored, 10]
-    digit_of = np.full(int(ids.max()) + 1, -1)
-    digit_of[ids] = np.arange(10)
-    targets = jnp.asarray(digit_of[task.tokens[:, scored + 1]])
+    targets = jnp.asarray(_digit_index(ids)[task.tokens[:, scored + 1]])
     correct = jnp.take_along_axis(logits, targets[None, :, :, None], axis=-1)[..., 0]
     relative = to_host(correct - logits.mean(axis=-1))  # [W, S, scored]
     per_position = np.full((len(names), task.tokens.shape[1] - 1), np.nan)
@@ -197,7 +196,7 @@ def path_analysis(
 
 
 class _TokenLogits(eqx.Module):
-    """A `staged.scored_forward` score: the logits of tokens `ids` from the final stream."""
+    """A `_read_at` score: the logits of tokens `ids` from the final stream."""
 
     ids: Array
     can_stream = True
@@ -207,14 +206,18 @@ class _TokenLogits(eqx.Module):
 
 
 @eqx.filter_jit
-def _token_logits(
-    model: Transformer, tokens: Array, positions: Array, ids: Array
-) -> Float[Array, "batch k n"]:
-    """Logits of tokens `ids` at `positions` (the same for every row) of `model` with its
-    interventions, from one forward pass."""
-    mask = jnp.ones(tokens.shape, bool)
-    return staged.scored_forward(model, tokens, mask, positions, _TokenLogits(ids))[0].astype(
-        jnp.float32)
+def _read_at(model: Transformer, tokens: Array, positions: Array, score: eqx.Module) -> Any:
+    """`score` (a `staged.scored_forward` score) at `positions` (the same for every row) of
+    `model` with its interventions, from one forward pass."""
+    return staged.scored_forward(model, tokens, jnp.ones(tokens.shape, bool), positions,
+                                 score)[0]
+
+
+def _digit_index(ids: np.ndarray) -> np.ndarray:
+    """`index[token]`: which of the ten digits `ids` the token is (-1: none)."""
+    index = np.full(int(ids.max()) + 1, -1)
+    index[ids] = np.arange(len(ids))
+    return index
 
 
 def _per_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
@@ -266,11 +269,10 @@ def counterfactual_patching(
             m = rewire(m, worlds, site, taking, layers=[layer], weight=jnp.asarray(weight))
     scored = scored_positions(task)
     # Every target below is a digit: the digits' probabilities and the argmax say it all.
-    digit_probs, argmax = (to_host(a) for a in _digit_summary(
-        m, jnp.asarray(tokens), jnp.asarray(scored), jnp.asarray(ids)))
+    digit_probs, argmax = (to_host(a) for a in _read_at(
+        m, jnp.asarray(tokens), jnp.asarray(scored), _DigitSummary(jnp.asarray(ids))))
     digit_probs, argmax = worlds.split(digit_probs), worlds.split(argmax)  # [W, S, scored...]
-    digit_of = np.full(int(ids.max()) + 1, -1)
-    digit_of[ids] = np.arange(10)
+    digit_of = _digit_index(ids)
 
     # What an induction head at position q copies: the token after the earlier occurrence,
     # at q - P + 1, of the input whose values it reads.
@@ -298,8 +300,8 @@ def counterfactual_patching(
 
 
 class _DigitSummary(eqx.Module):
-    """A `staged.scored_forward` score: the probabilities of tokens `ids` and the argmax
-    token, with the vocabulary streamed (`Transformer.target_logprobs`)."""
+    """A `_read_at` score: the probabilities of tokens `ids` and the argmax token, with the
+    vocabulary streamed (`Transformer.target_logprobs`)."""
 
     ids: Array
     can_stream = True
@@ -309,15 +311,6 @@ class _DigitSummary(eqx.Module):
         logprob, argmax = model.target_logprobs(normed, first)
         logits = model.token_logits(normed, self.ids)
         return jnp.exp(logits - (logits[..., :1] - logprob[..., None])), argmax
-
-
-@eqx.filter_jit
-def _digit_summary(
-    model: Transformer, tokens: Array, positions: Array, ids: Array
-) -> tuple[Float[Array, "rows k 10"], Array]:
-    """Probabilities of the ten digits and the argmax token at each of `positions`."""
-    mask = jnp.ones(tokens.shape, bool)
-    return staged.scored_forward(model, tokens, mask, positions, _DigitSummary(ids))[0]
 
 
 def every_nth_layer(num_layers: int, stride: int = 3) -> list[int]:
